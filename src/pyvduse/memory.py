@@ -1,0 +1,184 @@
+"""Driver-visible memory: IOVA to mapped-memory translation.
+
+The virtio driver hands the device I/O virtual addresses (IOVAs). VDUSE lets
+userspace map them through ``VDUSE_IOTLB_GET_FD``: each IOTLB entry names a
+file, an offset in it, an inclusive IOVA range and access rights. This module
+caches those mappings as :class:`Region` objects and turns ``(iova, length)``
+into memoryviews, refusing anything outside a mapping or against its rights.
+
+Contract for callers: only touch the bytes a descriptor describes. Parts of a
+VDUSE mapping that the kernel has not backed raise SIGBUS when touched, so this
+module never prefaults and never reads beyond a requested range.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyvduse.errors import MemoryAccessError
+from pyvduse.uapi.vduse import VDUSE_ACCESS_RO, VDUSE_ACCESS_WO
+
+_IOVA_END = 1 << 64
+
+
+@dataclass(frozen=True)
+class IotlbEntry:
+    """One answer of ``VDUSE_IOTLB_GET_FD``: ``fd`` maps IOVAs ``start..last`` from ``offset``.
+
+    The receiver owns ``fd`` and must close it.
+    """
+
+    fd: int
+    start: int
+    last: int
+    offset: int
+    perm: int
+
+
+IotlbResolver = Callable[[int], IotlbEntry]
+"""Returns the IOTLB entry that covers an IOVA; raises :class:`MemoryAccessError` if none does."""
+
+
+class GuestMemory(Protocol):
+    """What the virtqueue and device code need from driver memory."""
+
+    def segments(self, addr: int, length: int, write: bool) -> list[memoryview]:
+        """Return views covering ``[addr, addr+length)``, split at mapping borders.
+
+        ``write`` asks for rights to write (device-writable buffers); otherwise
+        read rights are required. Raises :class:`MemoryAccessError`.
+        """
+        ...
+
+    def contiguous(self, addr: int, length: int, write: bool) -> memoryview:
+        """Return one view of ``[addr, addr+length)``; raise if it spans mappings."""
+        ...
+
+
+class Region:
+    """One mmap'ed IOTLB entry."""
+
+    __slots__ = ("_map", "last", "perm", "start", "view")
+
+    def __init__(self, entry: IotlbEntry) -> None:
+        page = mmap.ALLOCATIONGRANULARITY
+        aligned = entry.offset - entry.offset % page
+        skew = entry.offset - aligned
+        size = entry.last - entry.start + 1
+        prot = 0
+        if entry.perm & VDUSE_ACCESS_RO:
+            prot |= mmap.PROT_READ
+        if entry.perm & VDUSE_ACCESS_WO:
+            prot |= mmap.PROT_WRITE | mmap.PROT_READ
+        if not prot:
+            raise MemoryAccessError(f"IOTLB entry {entry.start:#x} has no access rights")
+        try:
+            self._map = mmap.mmap(entry.fd, skew + size, flags=mmap.MAP_SHARED, prot=prot,
+                                  offset=aligned)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise MemoryAccessError(
+                f"cannot map IOVA {entry.start:#x}-{entry.last:#x}: {exc}") from exc
+        self.start = entry.start
+        self.last = entry.last
+        self.perm = entry.perm
+        self.view = memoryview(self._map)[skew:]
+
+    def release(self) -> None:
+        """Drop the mapping; views handed out earlier keep it alive until released."""
+        self.view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with it
+
+
+class IotlbMemory:
+    """A :class:`GuestMemory` filled lazily from an :data:`IotlbResolver`.
+
+    Thread-safe: queues translate concurrently; :meth:`invalidate` may run
+    from the control thread, but only while no queue is running (the device
+    stops queues before it drops mappings).
+    """
+
+    def __init__(self, resolve: IotlbResolver) -> None:
+        self._resolve = resolve
+        self._lock = threading.Lock()
+        # (sorted starts, regions): swapped as one object so lock-free readers see a pair.
+        self._table: tuple[list[int], list[Region]] = ([], [])
+
+    def _find(self, addr: int) -> Region | None:
+        starts, regions = self._table
+        index = bisect.bisect_right(starts, addr) - 1
+        if index >= 0 and addr <= regions[index].last:
+            return regions[index]
+        return None
+
+    def _lookup(self, addr: int) -> Region:
+        return self._find(addr) or self._fault(addr)
+
+    def _fault(self, addr: int) -> Region:
+        with self._lock:
+            found = self._find(addr)
+            if found is not None:
+                return found
+            entry = self._resolve(addr)
+            try:
+                if not entry.start <= addr <= entry.last:
+                    raise MemoryAccessError(
+                        f"IOTLB entry {entry.start:#x}-{entry.last:#x} does not cover {addr:#x}")
+                region = Region(entry)
+            finally:
+                os.close(entry.fd)
+            # Entries never overlap; drop any stale one that would, to stay sorted.
+            keep = [r for r in self._table[1] if r.last < region.start or r.start > region.last]
+            keep.append(region)
+            keep.sort(key=lambda r: r.start)
+            self._table = ([r.start for r in keep], keep)
+            return region
+
+    @staticmethod
+    def _check(addr: int, length: int) -> None:
+        if length < 0 or addr < 0 or addr + length > _IOVA_END:
+            raise MemoryAccessError(f"invalid IOVA range {addr:#x}+{length:#x}")
+
+    def segments(self, addr: int, length: int, write: bool) -> list[memoryview]:
+        self._check(addr, length)
+        need = VDUSE_ACCESS_WO if write else VDUSE_ACCESS_RO
+        out: list[memoryview] = []
+        while length > 0:
+            region = self._lookup(addr)
+            if not region.perm & need:
+                raise MemoryAccessError(
+                    f"IOVA {addr:#x} is not {'writable' if write else 'readable'}")
+            begin = addr - region.start
+            take = min(length, region.last - addr + 1)
+            out.append(region.view[begin:begin + take])
+            addr += take
+            length -= take
+        return out
+
+    def contiguous(self, addr: int, length: int, write: bool) -> memoryview:
+        self._check(addr, length)
+        region = self._lookup(addr)
+        need = VDUSE_ACCESS_WO if write else VDUSE_ACCESS_RO
+        if not region.perm & need:
+            raise MemoryAccessError(f"IOVA {addr:#x} is not {'writable' if write else 'readable'}")
+        if addr + length - 1 > region.last:
+            raise MemoryAccessError(
+                f"IOVA range {addr:#x}+{length:#x} crosses the end of its mapping")
+        begin = addr - region.start
+        return region.view[begin:begin + length]
+
+    def invalidate(self) -> None:
+        """Forget every mapping (on ``UPDATE_IOTLB`` and on reset)."""
+        with self._lock:
+            regions = self._table[1]
+            self._table = ([], [])
+        for region in regions:
+            region.release()

@@ -1,0 +1,270 @@
+"""Split virtqueue, device side (virtio 1.x section 2.7), over a :class:`GuestMemory`.
+
+Pure ring logic: no file descriptors, no threads. The caller pops descriptor
+chains, hands them to a device, pushes completions and asks whether the driver
+wants an interrupt. Every index, length, flag and address that the driver
+supplies is checked: a malformed chain raises :class:`ChainError` (the caller
+completes it with length 0 and carries on); a malformed ring (the avail index
+jumping by more than the ring size) raises :class:`RingError`, after which the
+queue must be reset.
+
+Byte order: rings are little-endian and this module reads them through native
+``memoryview.cast`` views, so it requires a little-endian host (checked at import).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from pyvduse.errors import MemoryAccessError, RingError
+from pyvduse.memory import GuestMemory
+from pyvduse.uapi.virtio import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    vring_avail_size,
+    vring_desc,
+    vring_desc_table_size,
+    vring_used_size,
+)
+
+if sys.byteorder != "little":  # pragma: no cover - every supported VDUSE host is LE
+    raise ImportError("pyvduse's split ring needs a little-endian host")
+
+MAX_QUEUE_SIZE = 32768  # virtio 1.x limit for split rings
+MAX_CHAIN_BYTES = 0xFFFFFFFF  # the used element's length is a le32
+
+_unpack_desc = vring_desc.unpack_from
+_DESC_SIZE = vring_desc.size
+
+# A locked read-modify-write is a full barrier on every architecture CPython runs on;
+# acquiring and releasing a lock gives the store->load ordering EVENT_IDX needs.
+_barrier_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """Order every earlier store before every later load."""
+    with _barrier_lock:
+        pass
+
+
+class ChainError(Exception):
+    """A descriptor chain is malformed. ``head`` is its head index (valid, so it can be completed)."""
+
+    def __init__(self, head: int, reason: str) -> None:
+        self.head = head
+        self.reason = reason
+        super().__init__(f"descriptor chain {head}: {reason}")
+
+
+@dataclass(slots=True)
+class Chain:
+    """A popped descriptor chain: device-readable then device-writable buffers."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """The spec's ``vring_need_event``: did ``old..new`` (16-bit, wrapping) pass ``event_idx``?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def is_valid_queue_size(size: int) -> bool:
+    """Split rings need a power-of-two size in 1..32768."""
+    return 0 < size <= MAX_QUEUE_SIZE and size & (size - 1) == 0
+
+
+class SplitQueue:
+    """Device side of one split virtqueue.
+
+    ``last_avail_idx`` is the next avail-ring slot to consume and ``used_idx``
+    the next used-ring slot to fill; both are free-running 16-bit counters and
+    together are the queue's whole persistent state.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        if not is_valid_queue_size(size):
+            raise RingError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        try:
+            self._desc = memory.contiguous(desc_addr, vring_desc_table_size(size), write=False)
+            avail = memory.contiguous(avail_addr, vring_avail_size(size), write=False)
+            used = memory.contiguous(used_addr, vring_used_size(size), write=True)
+        except MemoryAccessError as exc:
+            raise RingError(f"cannot map the rings: {exc}") from exc
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise RingError("ring addresses are misaligned")
+        self.memory = memory
+        self.size = size
+        self._mask = size - 1
+        self.event_idx = event_idx
+        self.indirect = indirect
+        # avail: flags, idx, ring[size], used_event  (u16 each)
+        self._avail16 = avail.cast("H")
+        # used: flags, idx (u16), ring[size] of {u32 id, u32 len}, avail_event (u16)
+        self._used16 = used.cast("H")
+        self._used32 = used[: 4 + 8 * size].cast("I")
+        self._used_event_slot = 2 + size
+        self._avail_event_slot = 2 + 4 * size
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = self._used16[1] if used_idx is None else used_idx & 0xFFFF
+        self._signalled_used = self.used_idx
+        self.broken = False
+
+    # -- consuming ------------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        """The driver's current avail index."""
+        return self._avail16[1]
+
+    def pending(self) -> int:
+        """Number of chains the driver has made available and we have not popped.
+
+        Raises :class:`RingError` (and marks the queue broken) if the driver
+        moved its index by more than the ring size.
+        """
+        count = (self._avail16[1] - self.last_avail_idx) & 0xFFFF
+        if count > self.size:
+            self.broken = True
+            raise RingError(
+                f"avail index moved from {self.last_avail_idx} to {self._avail16[1]}, "
+                f"more than the queue size {self.size}")
+        return count
+
+    def pop(self) -> Chain:
+        """Pop the next available chain (the caller checked :meth:`pending`).
+
+        Raises :class:`ChainError` for a malformed chain whose head is valid (it is
+        consumed; complete it) and :class:`RingError` for an out-of-range head
+        (consumed too, but it cannot be completed).
+        """
+        head = self._avail16[2 + (self.last_avail_idx & self._mask)]
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if head >= self.size:
+            raise RingError(f"avail ring names descriptor {head}, beyond the queue size {self.size}")
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Chain:
+        chain = Chain(head)
+        readable = chain.readable
+        writable = chain.writable
+        memory = self.memory
+        table = self._desc
+        table_len = self.size
+        index = head
+        budget = self.size  # descriptors a chain may hold: catches loops
+        in_indirect = False
+        seen_writable = False
+        total = 0
+        while True:
+            addr, length, flags, nxt = _unpack_desc(table, index * _DESC_SIZE)
+            if flags & VRING_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise ChainError(head, "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
+                if in_indirect:
+                    raise ChainError(head, "nested indirect descriptor")
+                if flags & VRING_DESC_F_NEXT:
+                    raise ChainError(head, "indirect descriptor with the NEXT flag")
+                if length == 0 or length % _DESC_SIZE:
+                    raise ChainError(head, f"indirect table length {length} is not a multiple of 16")
+                try:
+                    table = memory.contiguous(addr, length, write=False)
+                except MemoryAccessError as exc:
+                    raise ChainError(head, f"indirect table: {exc}") from exc
+                table_len = length // _DESC_SIZE
+                budget = table_len
+                index = 0
+                in_indirect = True
+                continue
+            budget -= 1
+            if budget < 0:
+                raise ChainError(head, "descriptor chain loops or is longer than allowed")
+            if flags & VRING_DESC_F_WRITE:
+                seen_writable = True
+                if length:
+                    try:
+                        writable += memory.segments(addr, length, True)
+                    except MemoryAccessError as exc:
+                        raise ChainError(head, str(exc)) from exc
+            else:
+                if seen_writable:
+                    raise ChainError(head, "device-readable descriptor after a writable one")
+                if length:
+                    try:
+                        readable += memory.segments(addr, length, False)
+                    except MemoryAccessError as exc:
+                        raise ChainError(head, str(exc)) from exc
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise ChainError(head, "chain describes more than 4 GiB")
+            if not flags & VRING_DESC_F_NEXT:
+                return chain
+            if nxt >= table_len:
+                raise ChainError(head, f"next index {nxt} beyond the table of {table_len}")
+            index = nxt
+
+    # -- completing -----------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Fill the next used element; visible to the driver after :meth:`publish`."""
+        slot = 1 + 2 * (self.used_idx & self._mask)
+        used32 = self._used32
+        used32[slot] = head
+        used32[slot + 1] = written
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> None:
+        """Make every pushed element visible by storing the used index."""
+        # Stores are not reordered with earlier stores on x86 and CPython's
+        # bytecode boundaries do not reorder them either: elements land first.
+        self._used16[1] = self.used_idx
+
+    def needs_interrupt(self) -> bool:
+        """After :meth:`publish`: does the driver want to be told? Resets the tracker."""
+        if self.used_idx == self._signalled_used:
+            return False
+        if self.event_idx:
+            full_barrier()
+            old = self._signalled_used
+            self._signalled_used = self.used_idx
+            return vring_need_event(self._avail16[self._used_event_slot], self.used_idx, old)
+        self._signalled_used = self.used_idx
+        return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    # -- kick suppression -----------------------------------------------------------
+
+    def disable_kicks(self) -> None:
+        """Ask the driver not to kick while we drain (a hint; kicks may still come)."""
+        if not self.event_idx:
+            self._used16[0] = VRING_USED_F_NO_NOTIFY
+
+    def enable_kicks(self) -> bool:
+        """Ask for a kick on the next buffer; return True if work arrived meanwhile."""
+        if self.event_idx:
+            self._used16[self._avail_event_slot] = self.last_avail_idx
+        else:
+            self._used16[0] = 0
+        full_barrier()
+        return self._avail16[1] != self.last_avail_idx
+
+    def release(self) -> None:
+        """Drop the ring views (before the memory they point into is unmapped)."""
+        for view in (self._avail16, self._used16, self._used32, self._desc):
+            view.release()
