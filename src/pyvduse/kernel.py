@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyvduse.errors import KernelError, MemoryAccessError, VduseUnavailableError
+from pyvduse.errors import ConfigError, KernelError, MemoryAccessError, VduseUnavailableError
 from pyvduse.memory import IotlbEntry
 from pyvduse.uapi import vduse as u
 
@@ -98,7 +98,8 @@ class VduseKernel(Protocol):
 def _name_bytes(name: str) -> bytes:
     raw = name.encode()
     if not raw or len(raw) >= u.VDUSE_NAME_MAX or b"/" in raw or b"\0" in raw:
-        raise ValueError(f"invalid VDUSE device name {name!r}")
+        raise ConfigError(
+            f"invalid device name {name!r}: 1 to {u.VDUSE_NAME_MAX - 1} bytes, no '/'")
     return raw
 
 
