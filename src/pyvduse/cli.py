@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="number of request queues (default: %(default)s)")
     serve.add_argument("--queue-size", type=_positive_int, default=DEFAULT_QUEUE_SIZE,
                        metavar="N", help="entries per queue, a power of two (default: %(default)s)")
-    serve.add_argument("--logical-block-size", type=_positive_int, default=512, metavar="N",
-                       help="logical block size in bytes (default: %(default)s)")
+    serve.add_argument("--logical-block-size", type=_positive_int, metavar="N",
+                       help="logical block size in bytes (default: the backend's preferred "
+                       "block size, 512 for files and memory)")
     serve.add_argument("--serial", default="", help="serial number, up to 20 bytes")
     serve.add_argument("--readonly", action="store_true", help="export read-only")
     serve.add_argument("--attach", choices=("virtio", "vhost", "none"), default="virtio",
@@ -124,7 +125,9 @@ def serve(args: argparse.Namespace) -> int:
     backend = open_backend(args.backend, args.options)
     try:
         config = BlkConfig.for_backend(
-            backend, logical_block_size=args.logical_block_size, num_queues=args.num_queues,
+            backend,
+            logical_block_size=args.logical_block_size or max(512, backend.preferred_block_size),
+            num_queues=args.num_queues,
             queue_size=args.queue_size, serial=args.serial, readonly=args.readonly)
     except BaseException:
         backend.close()

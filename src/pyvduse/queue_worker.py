@@ -51,7 +51,8 @@ class QueueWorker:
     def stop(self) -> None:
         """Stop after the request being served; idempotent."""
         self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
+        if self._stop_fd >= 0:  # a second stop() finds the fd closed
+            os.eventfd_write(self._stop_fd, 1)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
         if self._stop_fd >= 0:

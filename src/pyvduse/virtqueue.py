@@ -53,7 +53,7 @@ def full_barrier() -> None:
 
 
 class ChainError(Exception):
-    """A descriptor chain is malformed. ``head`` is its head index (valid, so it can be completed)."""
+    """A descriptor chain is malformed; ``head`` is valid, so the chain can be completed."""
 
     def __init__(self, head: int, reason: str) -> None:
         self.head = head
@@ -158,7 +158,8 @@ class SplitQueue:
         head = self._avail16[2 + (self.last_avail_idx & self._mask)]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head >= self.size:
-            raise RingError(f"avail ring names descriptor {head}, beyond the queue size {self.size}")
+            raise RingError(
+                f"avail ring names descriptor {head}, beyond the queue size {self.size}")
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
@@ -177,13 +178,13 @@ class SplitQueue:
             addr, length, flags, nxt = _unpack_desc(table, index * _DESC_SIZE)
             if flags & VRING_DESC_F_INDIRECT:
                 if not self.indirect:
-                    raise ChainError(head, "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
+                    raise ChainError(head, "indirect descriptor, INDIRECT_DESC not negotiated")
                 if in_indirect:
                     raise ChainError(head, "nested indirect descriptor")
                 if flags & VRING_DESC_F_NEXT:
                     raise ChainError(head, "indirect descriptor with the NEXT flag")
                 if length == 0 or length % _DESC_SIZE:
-                    raise ChainError(head, f"indirect table length {length} is not a multiple of 16")
+                    raise ChainError(head, f"indirect table length {length} is not n * 16")
                 try:
                     table = memory.contiguous(addr, length, write=False)
                 except MemoryAccessError as exc:

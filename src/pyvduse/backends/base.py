@@ -47,7 +47,7 @@ class Backend:
         """Make every completed write durable (implement if writes can be volatile)."""
 
     def discard(self, offset: int, length: int) -> None:
-        """Let the storage forget ``length`` bytes at ``offset`` (their content is then undefined)."""
+        """Forget ``length`` bytes at ``offset`` (their content is then undefined)."""
         raise NotImplementedError
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:

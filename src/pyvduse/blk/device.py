@@ -6,7 +6,6 @@ from pyvduse.backends.base import Backend
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.handler import BlkHandler
 from pyvduse.uapi.virtio import VIRTIO_ID_BLOCK
-from pyvduse.virtqueue import Chain
 
 
 class BlkDevice:

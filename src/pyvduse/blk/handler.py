@@ -13,8 +13,8 @@ import time
 
 from pyvduse.backends.base import Backend
 from pyvduse.blk.config import MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, BlkConfig
-from pyvduse.errors import BackendError
 from pyvduse.blk.segments import fill, split_back, split_front, total_length
+from pyvduse.errors import BackendError
 from pyvduse.uapi import virtio as v
 from pyvduse.virtqueue import Chain
 
@@ -58,7 +58,7 @@ class BlkHandler:
         self._sector_mask = config.sectors_per_block - 1
         self._serial = config.serial.encode()[: v.VIRTIO_BLK_ID_BYTES].ljust(
             v.VIRTIO_BLK_ID_BYTES, b"\0")
-        self._last_error_log = 0.0
+        self._last_error_log = float("-inf")  # the first error is always reported
         self._errors_since_log = 0
 
     def handle(self, chain: Chain) -> int:

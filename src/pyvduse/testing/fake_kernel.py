@@ -168,8 +168,8 @@ class FakeChannel:
             self._next_id += 1
             request = bytearray(u.VDUSE_DEV_REQUEST_SIZE)
             u.vduse_dev_request_header.pack_into(request, 0, req_type, request_id)
-            request[u.VDUSE_REQUEST_PAYLOAD_OFFSET:u.VDUSE_REQUEST_PAYLOAD_OFFSET + len(payload)] = (
-                payload)
+            start = u.VDUSE_REQUEST_PAYLOAD_OFFSET
+            request[start:start + len(payload)] = payload
             self._pending.append(bytes(request))
             os.eventfd_write(self._ready_fd, 1)
         with self._response_cond:

@@ -53,7 +53,8 @@ class DriverMemory:
         self.fd = os.memfd_create("pyvduse-driver-memory", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self._next = base
-        self.entries: list[tuple[int, int, int, int]] = [(base, base + size - 1, 0, VDUSE_ACCESS_RW)]
+        self.entries: list[tuple[int, int, int, int]] = [
+            (base, base + size - 1, 0, VDUSE_ACCESS_RW)]
         self.faults = 0
 
     def split_entries(self, granule: int) -> None:

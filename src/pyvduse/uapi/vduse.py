@@ -61,7 +61,8 @@ vduse_dev_status = struct.Struct("=B")  # struct vduse_dev_status.status
 vduse_iova_range = struct.Struct("=QQ")  # struct vduse_iova_range {start; last}
 
 # struct vduse_dev_response { u32 request_id; u32 result; u32 reserved[4]; union {
-#   struct vduse_vq_state { u32 index; union { split {u16 avail_index}; packed } } ; u32 padding[32] } }
+#   struct vduse_vq_state { u32 index; union { split {u16 avail_index}; packed } };
+#   u32 padding[32] } }
 VDUSE_DEV_RESPONSE_SIZE = 152
 vduse_dev_response_header = struct.Struct("=II16x")
 vduse_vq_state_split = struct.Struct("=IH")  # index, split.avail_index (offset 24)

@@ -1,0 +1,52 @@
+"""Storage backends and the registry the command line picks them from.
+
+``pyvduse serve NAME key=value ...`` becomes ``open_backend(NAME, [...])``:
+the name selects an entry of :data:`BACKENDS`, whose ``from_options`` reads
+the options and rejects unknown ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Protocol
+
+from pyvduse.backends.base import Backend
+from pyvduse.backends.file import FileBackend
+from pyvduse.backends.memory import MemoryBackend
+from pyvduse.backends.null import NullBackend
+from pyvduse.backends.options import BackendOptions
+from pyvduse.errors import ConfigError
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendFactory",
+    "BackendOptions",
+    "FileBackend",
+    "MemoryBackend",
+    "NullBackend",
+    "open_backend",
+]
+
+
+class BackendFactory(Protocol):
+    """What the registry holds: a backend class (or anything) with ``from_options``."""
+
+    def from_options(self, options: BackendOptions) -> Backend:
+        """Build a backend from ``options``, calling ``options.finish()``; may raise ConfigError."""
+        ...
+
+
+#: Built-in backends by command-line name; the values are the backend classes.
+BACKENDS: Mapping[str, BackendFactory] = MappingProxyType({
+    cls.name: cls for cls in (FileBackend, MemoryBackend, NullBackend)
+})
+
+
+def open_backend(name: str, args: Sequence[str]) -> Backend:
+    """Build backend ``name`` from its ``key=value`` ``args``; any bad input is a ConfigError."""
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
+    return factory.from_options(BackendOptions.parse(args, backend=name))

@@ -1,0 +1,104 @@
+"""The ``memory`` backend: a RAM disk in an anonymous private mapping.
+
+The mapping is sparse: pages cost memory only once written, so ``size=1G``
+is free until the guest fills it, and discarding whole pages gives their
+memory back. Contents vanish when the daemon exits. Options: ``size=``
+(required).
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Self
+
+from pyvduse.backends.base import ZERO_CHUNK, Backend
+from pyvduse.backends.options import BackendOptions, check_disk_size
+from pyvduse.errors import ConfigError
+
+# Linux's MAP_NORESERVE (Python exposes it only from 3.13): do not reserve swap
+# for the whole disk up front, so a large RAM disk maps even under strict
+# overcommit accounting heuristics.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_PAGE = mmap.PAGESIZE
+_ZEROES = memoryview(ZERO_CHUNK)
+#: Ranges at least this long are zeroed by dropping their whole pages.
+MADVISE_THRESHOLD = 64 * 1024
+
+
+class MemoryBackend(Backend):
+    """``size`` bytes of anonymous memory.
+
+    Reads and writes are slice copies between the request's memoryviews and
+    the mapping. Thread-safe by construction: requests from different queues
+    touch disjoint slices (the driver never has overlapping requests in
+    flight), and the mapping itself never moves. There is nothing to flush,
+    so :meth:`flush` is deliberately not defined.
+    """
+
+    name = "memory"
+
+    def __init__(self, size: int) -> None:
+        self._size = check_disk_size(self.name, size)
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+        except (OSError, OverflowError) as exc:
+            raise ConfigError(f"backend 'memory': cannot map {size} bytes: {exc}") from None
+        self._view = memoryview(self._map)
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Self:
+        """Build from ``size=`` (required); unknown options are a :class:`ConfigError`."""
+        size = options.size("size")
+        options.finish()
+        return cls(size)
+
+    def size(self) -> int:
+        """The configured size in bytes."""
+        return self._size
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        """Copy ``len(buf)`` bytes at ``offset`` into ``buf``."""
+        buf[:] = self._view[offset : offset + len(buf)]
+
+    def write(self, offset: int, buf: memoryview) -> None:
+        """Copy ``buf`` to ``offset``."""
+        self._view[offset : offset + len(buf)] = buf
+
+    def discard(self, offset: int, length: int) -> None:
+        """Zero the range (giving whole pages back); discarded data reads as zeroes."""
+        self._zero(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Zero the range; pages are given back whatever ``may_unmap`` says (reads are zeroes)."""
+        self._zero(offset, length)
+
+    def close(self) -> None:
+        """Unmap the memory; the backend is unusable afterwards."""
+        self._view.release()
+        self._map.close()
+
+    def _zero(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` zero.
+
+        Long ranges drop their whole pages with ``MADV_DONTNEED`` (a private
+        anonymous page reads as zero afterwards and no longer costs memory);
+        the partial pages at either end, and short ranges, are zeroed by
+        slice assignment.
+        """
+        end = offset + length
+        first_page = -(-offset // _PAGE) * _PAGE
+        last_page = end // _PAGE * _PAGE
+        if length < MADVISE_THRESHOLD or last_page <= first_page:
+            _fill_zero(self._view, offset, end)
+            return
+        _fill_zero(self._view, offset, first_page)
+        self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+        _fill_zero(self._view, last_page, end)
+
+
+def _fill_zero(view: memoryview, start: int, end: int) -> None:
+    """Zero ``view[start:end]`` by slice assignment from the shared zero buffer."""
+    while start < end:
+        n = min(len(_ZEROES), end - start)
+        view[start : start + n] = _ZEROES[:n]
+        start += n
