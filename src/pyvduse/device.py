@@ -70,6 +70,8 @@ class VduseDevice:
         self.driver_features = 0
         self.workers: dict[int, QueueWorker] = {}
         self.driver_ok = threading.Event()
+        #: Requests served per queue since creation (updated when a queue stops).
+        self.served: dict[int, int] = {}
         self._channel: VduseChannel | None = None
         self._memory: IotlbMemory | None = None
         self._kick_fds: dict[int, int] = {}
@@ -116,6 +118,9 @@ class VduseDevice:
         if self._created:
             self._created = False
             self.kernel.destroy_device(self.name)
+            log.info("%s: destroyed; served %d requests (%s)", self.name,
+                     sum(self.served.values()),
+                     ", ".join(f"vq{i} {n}" for i, n in sorted(self.served.items())) or "none")
 
     @property
     def channel(self) -> VduseChannel:
@@ -276,8 +281,9 @@ class VduseDevice:
         """Stop and drain every queue worker, then drop kick fds and mappings."""
         with self._lock:
             workers, self.workers = self.workers, {}
-            for worker in workers.values():
+            for index, worker in workers.items():
                 worker.stop()
+                self.served[index] = self.served.get(index, 0) + worker.requests
             for worker in workers.values():
                 worker.queue.release()
             for index, fd in self._kick_fds.items():

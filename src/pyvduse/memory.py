@@ -136,11 +136,16 @@ class IotlbMemory:
             finally:
                 os.close(entry.fd)
             # Entries never overlap; drop any stale one that would, to stay sorted.
-            keep = [r for r in self._table[1] if r.last < region.start or r.start > region.last]
+            keep: list[Region] = []
+            stale: list[Region] = []
+            for old in self._table[1]:
+                (keep if old.last < region.start or old.start > region.last else stale).append(old)
             keep.append(region)
             keep.sort(key=lambda r: r.start)
             self._table = ([r.start for r in keep], keep)
-            return region
+        for old in stale:
+            old.release()
+        return region
 
     @staticmethod
     def _check(addr: int, length: int) -> None:

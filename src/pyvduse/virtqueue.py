@@ -185,6 +185,10 @@ class SplitQueue:
                     raise ChainError(head, "indirect descriptor with the NEXT flag")
                 if length == 0 or length % _DESC_SIZE:
                     raise ChainError(head, f"indirect table length {length} is not n * 16")
+                if length // _DESC_SIZE > self.size:
+                    # virtio 1.x 2.7.5.3.1: no chain may be longer than the queue size.
+                    raise ChainError(head, f"indirect table of {length // _DESC_SIZE} "
+                                     f"descriptors exceeds the queue size {self.size}")
                 try:
                     table = memory.contiguous(addr, length, write=False)
                 except MemoryAccessError as exc:

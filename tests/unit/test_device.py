@@ -1,0 +1,648 @@
+"""VduseDevice (lifecycle, control loop, queue workers) over FakeVduse with a BlkDevice."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pyvduse.backends.base import Backend
+from pyvduse.blk import BlkConfig, BlkDevice
+from pyvduse.device import VduseDevice
+from pyvduse.errors import KernelError, PyvduseError
+from pyvduse.kernel import DeviceSpec
+from pyvduse.queue_worker import QueueWorker
+from pyvduse.testing import DriverMemory, FakeChannel, FakeVduse, MockSplitRing
+from pyvduse.testing.mock_driver import Buffer
+from pyvduse.uapi import vduse as u
+from pyvduse.uapi import virtio as v
+from pyvduse.virtqueue import SplitQueue
+
+MiB = 1 << 20
+OK, IOERR = v.VIRTIO_BLK_S_OK, v.VIRTIO_BLK_S_IOERR
+ACK, DRIVER = v.VIRTIO_CONFIG_S_ACKNOWLEDGE, v.VIRTIO_CONFIG_S_DRIVER
+FEATURES_OK, DRIVER_OK = v.VIRTIO_CONFIG_S_FEATURES_OK, v.VIRTIO_CONFIG_S_DRIVER_OK
+RESULT_OK, RESULT_FAILED = u.VDUSE_REQ_RESULT_OK, u.VDUSE_REQ_RESULT_FAILED
+
+
+class Ram(Backend):
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.flushes = 0
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
+
+    def write(self, offset: int, buf: memoryview) -> None:
+        self.data[offset:offset + len(buf)] = buf
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 13 + seed * 101 + (i >> 9)) & 0xFF for i in range(n))
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.001)
+
+
+def wait_used_idx(ring: MockSplitRing, n: int) -> None:
+    """Wait until the device has published used index ``n`` (without consuming anything)."""
+    wait_until(lambda: ring.used_idx() == n, what=f"used index {n}")
+
+
+def thread_names(prefix: str) -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(prefix))
+
+
+@dataclass
+class Req:
+    queue: int
+    head: int
+    status: Buffer
+    data_in: Buffer | None
+
+
+class Rig:
+    """A created device on a fake kernel, plus the driver-side helpers to use it."""
+
+    def __init__(self, name: str = "t0", num_queues: int = 2, queue_size: int = 256,
+                 fake: FakeVduse | None = None) -> None:
+        self.name = name
+        self.backend = Ram(4 * MiB)
+        self.config = BlkConfig.for_backend(self.backend, num_queues=num_queues,
+                                            queue_size=queue_size, serial="dev-serial")
+        self.fake = fake or FakeVduse(DriverMemory(size=32 * MiB))
+        self.mem = self.fake.memory
+        self.dev = VduseDevice(name, BlkDevice(self.backend, self.config), kernel=self.fake)
+        self.dev.create()
+        self.ch: FakeChannel = self.fake.channels[name]
+
+    @property
+    def offered(self) -> int:
+        return self.config.features
+
+    def close(self) -> None:
+        self.dev.destroy()
+        self.mem.close()
+
+    def ring(self, q: int) -> MockSplitRing:
+        return self.ch.rings[q]
+
+    def submit(self, q: int, req_type: int, sector: int = 0, data: bytes = b"", in_len: int = 0,
+               *, publish: bool = True, indirect: bool = False) -> Req:
+        bufs = [self.mem.buffer(v.virtio_blk_outhdr.pack(req_type, 0, sector))]
+        if data:
+            bufs.append(self.mem.buffer(data))
+        data_in = self.mem.buffer(in_len, writable=True) if in_len else None
+        if data_in:
+            bufs.append(data_in)
+        status = self.mem.buffer(b"\xff", writable=True)
+        head = self.ring(q).add_chain([*bufs, status], indirect=indirect, publish=publish)
+        return Req(q, head, status, data_in)
+
+    def status(self, req: Req) -> int:
+        return self.mem.read(req.status.addr, 1)[0]
+
+    def data(self, req: Req) -> bytes:
+        assert req.data_in is not None
+        return self.mem.read(req.data_in.addr, req.data_in.length)
+
+    def run(self, q: int, req_type: int, sector: int = 0, data: bytes = b"",
+            in_len: int = 0) -> tuple[int, bytes, int]:
+        """One request, kicked and waited for: (status, data-in, used length)."""
+        req = self.submit(q, req_type, sector, data, in_len)
+        self.ch.kick(q)
+        (done,) = self.ch.wait_used(q, 1)
+        assert done[0] == req.head
+        return self.status(req), self.data(req) if req.data_in else b"", done[1]
+
+    def batch(self, q: int, reqs: list[tuple[int, int, bytes, int]],
+              indirect: bool = False) -> list[Req]:
+        """Publish many chains with one avail-index store and one kick."""
+        out = [self.submit(q, t, s, d, n, publish=False, indirect=indirect)
+               for t, s, d, n in reqs]
+        self.ring(q).publish([r.head for r in out])
+        self.ch.kick(q)
+        return out
+
+    def wait_irq(self, q: int, count: int) -> None:
+        """Like an interrupt-driven driver: wait for interrupt number ``count`` of queue ``q``.
+
+        Completions must not be consumed before (``take_used`` re-arms ``used_event``, which
+        can legitimately make the device skip an interrupt for completions already seen).
+        """
+        wait_until(lambda: self.ch.irqs[q] >= count, what=f"interrupt {count} on queue {q}")
+        assert self.ch.irqs[q] == count
+
+    def vq_state(self, index: int) -> tuple[int, int]:
+        """GET_VQ_STATE: (result, avail index)."""
+        response = self.ch.send(u.VDUSE_GET_VQ_STATE, u.vduse_vq_state_index.pack(index))
+        _, result = u.vduse_dev_response_header.unpack_from(response)
+        got_index, avail = u.vduse_vq_state_split.unpack_from(response,
+                                                              u.VDUSE_REQUEST_PAYLOAD_OFFSET)
+        if result == RESULT_OK:
+            assert got_index == index
+        return result, avail
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+    assert thread_names("t0-") == []
+
+
+@pytest.fixture
+def running(rig: Rig) -> Rig:
+    assert rig.ch.start() == RESULT_OK
+    return rig
+
+
+# -- create / start ---------------------------------------------------------------------------
+
+
+def test_create_sets_up_every_queue(rig: Rig) -> None:
+    spec = rig.fake.devices["t0"]
+    assert (spec.name, spec.device_id, spec.vq_num) == ("t0", v.VIRTIO_ID_BLOCK, 2)
+    assert spec.features == rig.offered
+    assert spec.config == rig.config.config_space()
+    assert rig.ch.max_sizes == {0: 256, 1: 256}
+    assert thread_names("t0-") == ["t0-control"]
+    assert rig.dev.workers == {}
+    assert not rig.dev.driver_ok.is_set()
+
+
+def test_driver_ok_starts_one_worker_per_queue(running: Rig) -> None:
+    dev = running.dev
+    assert dev.driver_ok.is_set()
+    assert dev.status == ACK | DRIVER | FEATURES_OK | DRIVER_OK
+    assert dev.driver_features == running.offered
+    assert sorted(dev.workers) == [0, 1]
+    assert thread_names("t0-") == ["t0-control", "t0-vq0", "t0-vq1"]
+    assert sorted(running.ch.kick_fds) == [0, 1]
+    for index, worker in dev.workers.items():
+        assert worker.queue.size == 256
+        assert worker.queue.event_idx and worker.queue.indirect
+        assert running.ch.kick_fds[index] >= 0
+
+
+def bring_up_to_features(ch: FakeChannel, features: int) -> int:
+    ch.driver_features = features
+    assert ch.set_status(ACK) == RESULT_OK
+    assert ch.set_status(ACK | DRIVER) == RESULT_OK
+    return ch.set_status(ACK | DRIVER | FEATURES_OK)
+
+
+@pytest.mark.parametrize("extra", [v.VIRTIO_BLK_F_CONFIG_WCE, v.VIRTIO_F_RING_PACKED,
+                                   v.VIRTIO_BLK_F_RO, 63])
+def test_features_not_offered_are_refused(rig: Rig, extra: int) -> None:
+    assert not rig.offered & bit(extra)
+    assert bring_up_to_features(rig.ch, rig.offered | bit(extra)) == RESULT_FAILED
+    assert rig.dev.status == ACK | DRIVER
+    assert rig.dev.driver_features == 0
+    # the driver may reset and try again with what was offered
+    assert rig.ch.reset() == RESULT_OK
+    assert rig.ch.start() == RESULT_OK
+    assert rig.dev.driver_features == rig.offered
+
+
+@pytest.mark.parametrize("missing", [v.VIRTIO_F_VERSION_1, v.VIRTIO_F_ACCESS_PLATFORM])
+def test_mandatory_features(rig: Rig, missing: int) -> None:
+    assert rig.ch.start(features=rig.offered & ~bit(missing)) == RESULT_FAILED
+    assert not rig.dev.status & FEATURES_OK
+    assert rig.dev.workers == {}
+
+
+def test_minimal_feature_set_is_accepted(rig: Rig) -> None:
+    minimal = bit(v.VIRTIO_F_VERSION_1) | bit(v.VIRTIO_F_ACCESS_PLATFORM)
+    assert rig.ch.start(features=minimal) == RESULT_OK
+    for worker in rig.dev.workers.values():
+        assert not worker.queue.event_idx and not worker.queue.indirect
+    assert rig.run(0, v.VIRTIO_BLK_T_GET_ID, in_len=20)[:2] == (OK, b"dev-serial" + bytes(10))
+
+
+def test_driver_ok_with_an_unusable_ring_fails_cleanly(rig: Rig) -> None:
+    ch = rig.ch
+    assert bring_up_to_features(ch, rig.offered) == RESULT_OK
+    ch.setup_queue(0)
+    ch.setup_queue(1).desc_addr += 8  # misaligned: queue 1 cannot start after queue 0 did
+    assert ch.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK) == RESULT_FAILED
+    assert rig.dev.workers == {}
+    assert not rig.dev.driver_ok.is_set()
+    assert rig.dev.status == ACK | DRIVER | FEATURES_OK
+    wait_until(lambda: thread_names("t0-vq") == [], what="queue threads to end")
+    assert ch.reset() == RESULT_OK
+    assert ch.start() == RESULT_OK
+    assert rig.run(1, v.VIRTIO_BLK_T_FLUSH)[0] == OK
+
+
+# -- I/O --------------------------------------------------------------------------------------
+
+
+def test_io_on_two_queues_with_many_requests_in_flight(running: Rig) -> None:
+    r, block, per_queue = running, 4096, 64
+    payload = {(q, i): pattern(block, q * per_queue + i) for q in (0, 1) for i in range(per_queue)}
+
+    def sector(q: int, i: int) -> int:
+        return (q * per_queue + i) * (block // 512)
+
+    writes = {q: r.batch(q, [(v.VIRTIO_BLK_T_OUT, sector(q, i), payload[q, i], 0)
+                             for i in range(per_queue)], indirect=bool(q))
+              for q in (0, 1)}
+    for q in (0, 1):
+        r.wait_irq(q, 1)  # one batch (one avail-index store), used_event armed: one interrupt
+        done = r.ch.wait_used(q, per_queue, timeout=0)
+        assert done == [(req.head, 1) for req in writes[q]]  # in order, status byte only
+        assert all(r.status(req) == OK for req in writes[q])
+    for (q, i), data in payload.items():
+        assert r.backend.data[sector(q, i) * 512:][:block] == data
+
+    # read back crosswise: queue 0 reads what queue 1 wrote and vice versa
+    reads = {q: r.batch(q, [(v.VIRTIO_BLK_T_IN, sector(1 - q, i), b"", block)
+                            for i in range(per_queue)])
+             for q in (0, 1)}
+    for q in (0, 1):
+        r.wait_irq(q, 2)
+        done = r.ch.wait_used(q, per_queue, timeout=0)
+        assert done == [(req.head, block + 1) for req in reads[q]]
+        for i, req in enumerate(reads[q]):
+            assert (r.status(req), r.data(req)) == (OK, payload[1 - q, i])
+    assert r.ch.irqs == [2, 2]
+    assert all(w.requests == 2 * per_queue and w.bad_chains == 0
+               for w in r.dev.workers.values())
+    assert r.vq_state(0) == (RESULT_OK, 2 * per_queue)
+
+
+def test_interrupts_never_exceed_batches(running: Rig) -> None:
+    # A polling driver (wait_used re-arms used_event as it consumes): at most one interrupt
+    # per batch; possibly fewer, when the driver saw the completions first.
+    r = running
+    for round_ in range(1, 6):
+        r.batch(0, [(v.VIRTIO_BLK_T_FLUSH, 0, b"", 0)] * round_)
+        assert len(r.ch.wait_used(0, round_)) == round_
+        assert r.ch.irqs[0] <= round_
+    assert r.backend.flushes == 15
+    assert r.ch.irqs[1] == 0
+    assert r.dev.workers[0].requests == 15
+
+
+def test_one_interrupt_per_batch_for_an_interrupt_driven_driver(running: Rig) -> None:
+    r = running
+    for round_ in range(1, 6):
+        reqs = r.batch(1, [(v.VIRTIO_BLK_T_GET_ID, 0, b"", 20)] * (3 * round_))
+        r.wait_irq(1, round_)
+        assert r.ch.wait_used(1, len(reqs), timeout=0) == [(req.head, 21) for req in reqs]
+    assert r.ch.irqs == [0, 5]
+
+
+def test_event_idx_suppresses_interrupts(running: Rig) -> None:
+    r = running
+    ring = r.ring(0)
+    # the driver never advances used_event (it stays 0): only the first completion interrupts
+    for n in range(1, 11):
+        r.submit(0, v.VIRTIO_BLK_T_FLUSH)
+        r.ch.kick(0)
+        wait_used_idx(ring, n)
+        r.wait_irq(0, 1)  # the device interrupts after publishing: wait for it, if it comes
+    ring.set_used_event(11)  # interrupt me when used passes 11, i.e. at the 12th completion
+    for n in range(11, 14):
+        r.submit(0, v.VIRTIO_BLK_T_FLUSH)
+        r.ch.kick(0)
+        wait_used_idx(ring, n)
+        r.wait_irq(0, 1 if n < 12 else 2)
+    # and the device asked for a kick at the next buffer
+    wait_until(lambda: ring.avail_event() == 13, what="avail_event 13")
+    assert r.backend.flushes == 13
+
+
+def test_no_interrupt_flag_without_event_idx(rig: Rig) -> None:
+    assert rig.ch.start(features=rig.offered & ~bit(v.VIRTIO_RING_F_EVENT_IDX)) == RESULT_OK
+    ring = rig.ring(0)
+    ring.set_avail_flags(v.VRING_AVAIL_F_NO_INTERRUPT)
+    for n in range(1, 4):
+        rig.submit(0, v.VIRTIO_BLK_T_FLUSH)
+        rig.ch.kick(0)
+        wait_used_idx(ring, n)
+    assert rig.ch.irqs[0] == 0
+    assert len(ring.take_used()) == 3
+    ring.set_avail_flags(0)
+    req = rig.submit(0, v.VIRTIO_BLK_T_FLUSH)
+    rig.ch.kick(0)
+    rig.wait_irq(0, 1)
+    assert ring.take_used() == [(req.head, 1)]
+    wait_until(lambda: ring.used_flags() == 0, what="kicks re-enabled after the drain")
+
+
+def test_work_queued_before_driver_ok_is_served(rig: Rig) -> None:
+    ch = rig.ch
+    assert bring_up_to_features(ch, rig.offered) == RESULT_OK
+    ch.setup_queue(0)
+    ch.setup_queue(1)
+    req = rig.submit(1, v.VIRTIO_BLK_T_GET_ID, in_len=20)  # no kick: no kick fd yet
+    assert ch.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK) == RESULT_OK
+    assert ch.wait_used(1, 1) == [(req.head, 21)]
+    assert rig.data(req) == b"dev-serial" + bytes(10)
+
+
+# -- control messages -------------------------------------------------------------------------
+
+
+def test_get_vq_state_returns_last_avail_idx(running: Rig) -> None:
+    r = running
+    assert r.vq_state(0) == (RESULT_OK, 0)
+    for _ in range(5):
+        r.run(0, v.VIRTIO_BLK_T_FLUSH)
+    r.batch(1, [(v.VIRTIO_BLK_T_FLUSH, 0, b"", 0)] * 3)
+    r.ch.wait_used(1, 3)
+    assert r.vq_state(0) == (RESULT_OK, 5)
+    assert r.vq_state(1) == (RESULT_OK, 3)
+    assert r.vq_state(2)[0] == RESULT_FAILED
+    assert r.vq_state(0xFFFF_FFFF)[0] == RESULT_FAILED
+
+
+def test_get_vq_state_before_driver_ok_asks_the_kernel(rig: Rig) -> None:
+    assert rig.vq_state(1) == (RESULT_OK, 0)
+
+
+@pytest.mark.parametrize("req_type", [3, 4, 5, 99, 0xFFFF_FFFF])
+def test_unknown_control_message_is_refused(rig: Rig, req_type: int) -> None:
+    response = rig.ch.send(req_type, b"\x01" * 16)
+    assert len(response) == u.VDUSE_DEV_RESPONSE_SIZE
+    request_id, result = u.vduse_dev_response_header.unpack_from(response)
+    assert result == RESULT_FAILED
+    assert request_id == rig.ch._next_id - 1
+    assert response[8:] == bytes(u.VDUSE_DEV_RESPONSE_SIZE - 8)
+    # the loop is still alive
+    assert rig.ch.set_status(ACK) == RESULT_OK
+
+
+def test_handle_request_never_raises(rig: Rig) -> None:
+    request = bytearray(u.VDUSE_DEV_REQUEST_SIZE)
+    u.vduse_dev_request_header.pack_into(request, 0, u.VDUSE_UPDATE_IOTLB, 77)
+    response = rig.dev.handle_request(bytes(request[:26]))  # truncated payload
+    assert u.vduse_dev_response_header.unpack_from(response) == (77, RESULT_FAILED)
+
+
+def test_reset_stops_workers_and_drops_kick_fds(running: Rig) -> None:
+    r = running
+    assert r.run(0, v.VIRTIO_BLK_T_OUT, 0, pattern(512, 1))[0] == OK
+    kick_fds = dict(r.ch.kick_fds)
+    assert r.ch.set_status(0) == RESULT_OK  # the raw message: the fake forgets nothing itself
+    assert r.dev.workers == {}
+    assert r.dev.status == 0 and r.dev.driver_features == 0
+    assert not r.dev.driver_ok.is_set()
+    assert r.ch.kick_fds == {}  # the device deassigned them
+    for fd in kick_fds.values():
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+    assert thread_names("t0-") == ["t0-control"]
+
+
+def test_start_after_reset(running: Rig) -> None:
+    r = running
+    data = pattern(4096, 2)
+    assert r.run(1, v.VIRTIO_BLK_T_OUT, 8, data)[0] == OK
+    old_rings = dict(r.ch.rings)
+    assert r.ch.reset() == RESULT_OK
+    assert r.ch.start() == RESULT_OK  # re-attach: new rings at new addresses
+    assert r.ring(0).desc_addr != old_rings[0].desc_addr
+    assert sorted(r.dev.workers) == [0, 1]
+    assert r.vq_state(1) == (RESULT_OK, 0)
+    assert r.run(0, v.VIRTIO_BLK_T_IN, 8, in_len=4096) == (OK, data, 4097)
+    assert r.run(1, v.VIRTIO_BLK_T_IN, 8, in_len=4096) == (OK, data, 4097)
+
+
+def test_update_iotlb_while_running_keeps_ring_positions(running: Rig) -> None:
+    r = running
+    for i in range(5):
+        r.run(0, v.VIRTIO_BLK_T_OUT, 8 * i, pattern(4096, i))
+    for _ in range(3):
+        r.run(1, v.VIRTIO_BLK_T_FLUSH)
+    old_workers = dict(r.dev.workers)
+    # the "VMM" remaps memory: now one IOTLB entry per page, so buffers straddle entries
+    r.mem.split_entries(4096)
+    faults = r.mem.faults
+    response = r.ch.send(u.VDUSE_UPDATE_IOTLB, u.vduse_iova_range.pack(0, 2**64 - 1))
+    assert u.vduse_dev_response_header.unpack_from(response)[1] == RESULT_OK
+    assert sorted(r.dev.workers) == [0, 1]
+    for q, expected in ((0, 5), (1, 3)):
+        worker = r.dev.workers[q]
+        assert worker is not old_workers[q]
+        assert (worker.queue.last_avail_idx, worker.queue.used_idx) == (expected, expected)
+    assert thread_names("t0-vq") == ["t0-vq0", "t0-vq1"]
+    for i in range(5):
+        status, data, written = r.run(0, v.VIRTIO_BLK_T_IN, 8 * i, in_len=4096)
+        assert (status, data, written) == (OK, pattern(4096, i), 4097)
+    assert r.run(1, v.VIRTIO_BLK_T_OUT, 80, pattern(8192, 9))[0] == OK
+    assert r.backend.data[80 * 512:80 * 512 + 8192] == pattern(8192, 9)
+    assert r.mem.faults > faults + 3  # everything was mapped again, page by page
+    assert r.vq_state(0) == (RESULT_OK, 10)
+    assert r.vq_state(1) == (RESULT_OK, 4)
+
+
+def test_update_iotlb_before_driver_ok(rig: Rig) -> None:
+    response = rig.ch.send(u.VDUSE_UPDATE_IOTLB, u.vduse_iova_range.pack(0, 2**64 - 1))
+    assert u.vduse_dev_response_header.unpack_from(response)[1] == RESULT_OK
+    assert rig.dev.workers == {}
+    assert rig.ch.start() == RESULT_OK
+
+
+def test_update_config(running: Rig) -> None:
+    r = running
+    r.dev.update_config(0, (123).to_bytes(8, "little"))
+    assert r.ch.config[:8] == (123).to_bytes(8, "little")
+    assert r.ch.config[8:] == r.config.config_space()[8:]
+    assert r.ch.config_irqs == 1
+    assert r.ch.reset() == RESULT_OK
+    r.dev.update_config(0, (456).to_bytes(8, "little"))
+    assert r.ch.config_irqs == 1  # no interrupt before DRIVER_OK
+
+
+# -- bad rings --------------------------------------------------------------------------------
+
+
+def test_malformed_chain_is_completed_with_zero_length(running: Rig) -> None:
+    r = running
+    ring = r.ring(0)
+    hdr = r.mem.buffer(v.virtio_blk_outhdr.pack(v.VIRTIO_BLK_T_FLUSH, 0, 0))
+    bad = ring.add_chain([hdr, r.mem.buffer(1, writable=True)], publish=False)
+    ring.write_desc(bad + 1, hdr.addr, 16, v.VRING_DESC_F_NEXT, bad)  # loops back to the head
+    ring.publish([bad])
+    good = r.submit(0, v.VIRTIO_BLK_T_GET_ID, in_len=20)
+    r.ch.kick(0)
+    assert r.ch.wait_used(0, 2) == [(bad, 0), (good.head, 21)]
+    assert r.status(good) == OK
+    assert r.dev.workers[0].bad_chains == 1
+    for _ in range(3):  # the queue carries on
+        assert r.run(0, v.VIRTIO_BLK_T_FLUSH) == (OK, b"", 1)
+    assert r.backend.flushes == 3
+
+
+def test_out_of_range_head_is_skipped(running: Rig) -> None:
+    r = running
+    ring = r.ring(0)
+    ring.publish([ring.size + 5])
+    req = r.submit(0, v.VIRTIO_BLK_T_FLUSH)
+    r.ch.kick(0)
+    assert r.ch.wait_used(0, 1) == [(req.head, 1)]
+    assert r.vq_state(0) == (RESULT_OK, 2)
+    assert r.dev.workers[0].bad_chains == 1
+    assert r.run(0, v.VIRTIO_BLK_T_FLUSH)[0] == OK
+
+
+def test_avail_index_jump_breaks_only_that_queue(running: Rig) -> None:
+    r = running
+    ring0 = r.ring(0)
+    ring0.publish([], avail_idx=ring0.avail_idx + ring0.size + 1)
+    r.ch.kick(0)
+    wait_until(lambda: thread_names("t0-vq") == ["t0-vq1"], what="queue 0 to stop")
+    assert r.dev.workers[0].queue.broken
+    reqs = r.batch(1, [(v.VIRTIO_BLK_T_OUT, 8 * i, pattern(4096, i), 0) for i in range(32)])
+    assert r.ch.wait_used(1, 32) == [(req.head, 1) for req in reqs]
+    assert r.vq_state(0) == (RESULT_OK, 0)
+    # a reset repairs it
+    assert r.ch.reset() == RESULT_OK
+    assert r.ch.start() == RESULT_OK
+    assert r.run(0, v.VIRTIO_BLK_T_IN, 8 * 31, in_len=4096) == (OK, pattern(4096, 31), 4097)
+
+
+# -- destroy / unwinding ----------------------------------------------------------------------
+
+
+class RecordingVduse(FakeVduse):
+    def __init__(self) -> None:
+        super().__init__(DriverMemory(size=32 * MiB))
+        self.events: list[tuple[str, bool]] = []
+
+    def destroy_device(self, name: str) -> None:
+        channel = self.channels.get(name)
+        self.events.append(("destroy_device", channel is not None and channel.is_open))
+        super().destroy_device(name)
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_destroy_closes_the_channel_before_destroying(started: bool) -> None:
+    fake = RecordingVduse()
+    r = Rig("d0", fake=fake)
+    try:
+        if started:
+            assert r.ch.start() == RESULT_OK
+            assert r.run(0, v.VIRTIO_BLK_T_FLUSH)[0] == OK
+        r.dev.destroy()
+        assert fake.events == [("destroy_device", False)]
+        assert fake.destroyed == ["d0"]
+        assert not r.ch.is_open
+        assert "d0" not in fake.devices
+        assert r.ch.kick_fds == {}
+        assert thread_names("d0-") == []
+        with pytest.raises(PyvduseError):
+            r.dev.channel  # noqa: B018
+        r.dev.destroy()  # idempotent
+        assert fake.destroyed == ["d0"]
+        assert len(fake.events) == 1
+    finally:
+        r.mem.close()
+
+
+class FailingSetup(FakeVduse):
+    """vq_setup of queue ``fail_at`` fails as the kernel would (EINVAL)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(DriverMemory(size=MiB))
+        self.fail_at = fail_at
+
+    def open_device(self, name: str) -> FakeChannel:
+        channel = super().open_device(name)
+        real = channel.vq_setup
+
+        def vq_setup(index: int, max_size: int) -> None:
+            if index == self.fail_at:
+                raise KernelError(name, "VDUSE_VQ_SETUP", errno.EINVAL)
+            real(index, max_size)
+
+        channel.vq_setup = vq_setup  # type: ignore[method-assign]
+        return channel
+
+
+def test_create_failure_unwinds() -> None:
+    before = set(threading.enumerate())
+    fake = FailingSetup(fail_at=1)
+    backend = Ram(MiB)
+    dev = VduseDevice("f0", BlkDevice(backend, BlkConfig.for_backend(backend, num_queues=2)),
+                      kernel=fake)
+    try:
+        with pytest.raises(KernelError, match="VDUSE_VQ_SETUP"):
+            dev.create()
+        assert fake.destroyed == ["f0"]
+        assert fake.devices == {}
+        assert not fake.channels["f0"].is_open
+        assert set(threading.enumerate()) == before
+        assert thread_names("f0-") == []
+        dev.destroy()  # nothing left to do
+        assert fake.destroyed == ["f0"]
+    finally:
+        fake.memory.close()
+
+
+def test_create_failure_when_the_kernel_refuses_the_device() -> None:
+    fake = FakeVduse(DriverMemory(size=MiB))
+    fake.devices["dup"] = DeviceSpec("dup", 2, 0, 1, b"")  # the name exists already
+    backend = Ram(MiB)
+    dev = VduseDevice("dup", BlkDevice(backend, BlkConfig.for_backend(backend)), kernel=fake)
+    try:
+        with pytest.raises(KernelError) as info:
+            dev.create()
+        assert info.value.errno == errno.EEXIST
+        assert fake.destroyed == []  # not ours to destroy
+        assert "dup" not in fake.channels
+        assert thread_names("dup-") == []
+    finally:
+        fake.memory.close()
+
+
+# -- the queue worker on its own --------------------------------------------------------------
+
+
+def test_queue_worker_stop_is_idempotent() -> None:
+    dmem = DriverMemory(size=MiB)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        ring = MockSplitRing(dmem, 8)
+        gmem = dmem.guest_memory()
+        queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
+                           event_idx=True, indirect=True)
+        started = QueueWorker("w-started", queue, lambda chain: 0, kick, lambda: None)
+        started.start()
+        started.stop()
+        started.stop()  # documented as idempotent
+        never = QueueWorker("w-never", queue, lambda chain: 0, kick, lambda: None)
+        never.stop()
+        never.stop()
+        assert thread_names("w-") == []
+        queue.release()
+        gmem.invalidate()
+    finally:
+        os.close(kick)
+        dmem.close()
