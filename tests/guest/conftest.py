@@ -55,6 +55,15 @@ class Daemon:
             raise AssertionError(f"{self.name}: daemon did not exit within {STOP_TIMEOUT}s\n"
                                  f"{self.log.read_text()}") from None
 
+    def wait(self) -> int:
+        """Wait for a daemon expected to exit by itself; return its exit status."""
+        try:
+            return self.proc.wait(START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"{self.name}: daemon did not exit by itself:\n"
+                                 f"{self.output()}") from None
+
     def output(self) -> str:
         """What the daemon wrote to stderr so far."""
         return self.log.read_text()
