@@ -148,13 +148,21 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(level: str) -> None:
+    """Send the library's log records to stderr, one ``pyvduse: ...`` line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "pyvduse: %(threadName)s %(name)s: %(message)s" if level == "debug"
+        else "pyvduse: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(getattr(logging, level.upper()))
+    log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyvduse`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="pyvduse: %(message)s" if args.log_level != "debug"
-                        else "pyvduse: %(threadName)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    _setup_logging(args.log_level)
     try:
         return serve(args)
     except PyvduseError as exc:

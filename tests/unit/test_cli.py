@@ -1,0 +1,129 @@
+"""The pyvduse command line: option errors, backend errors, and a full serve cycle on the fake kernel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyvduse import cli
+from pyvduse.errors import VduseUnavailableError
+from pyvduse.kernel import DeviceSpec, LinuxVduse
+from pyvduse.testing import FakeVduse
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as exit_:
+        status = int(exit_.code or 0)
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--bogus", "memory"],
+    ["serve", "--num-queues", "zero", "memory"],
+    ["serve", "--queue-size", "-4", "memory"],
+    ["serve", "--attach", "sideways", "memory"],
+    ["serve"],
+    [],
+])
+def test_bad_syntax_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str],
+                                             argv: list[str]) -> None:
+    status, err = run_cli(capsys, *argv)
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("pyvduse") and "error:" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "nosuch"], "unknown backend 'nosuch' (known: file, memory, null)"),
+    (["serve", "file", "path=/nonexistent/disk.img"],
+     "file backend: no such file: /nonexistent/disk.img"),
+    (["serve", "memory"], "size"),
+    (["serve", "memory", "size=1M", "colour=blue"], "colour"),
+    (["serve", "--queue-size", "100", "memory", "size=1M"], "queue size 100"),
+    (["serve", "--num-queues", "65", "memory", "size=1M"], "number of queues 65"),
+    (["serve", "--logical-block-size", "1000", "memory", "size=1M"], "logical block size 1000"),
+    (["serve", "--serial", "x" * 21, "memory", "size=1M"], "longer than 20 bytes"),
+])
+def test_bad_input_is_one_line_and_status_1(capsys: pytest.CaptureFixture[str],
+                                            argv: list[str], message: str) -> None:
+    status, err = run_cli(capsys, *argv)
+    assert status == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("pyvduse: error: ")
+    assert message in lines[0]
+
+
+def test_missing_control_device_says_how_to_fix(tmp_path: Path) -> None:
+    kernel = LinuxVduse(control_path=str(tmp_path / "control"))
+    spec = DeviceSpec(name="x", device_id=2, features=1 << 33, vq_num=1, config=b"\0" * 60)
+    with pytest.raises(VduseUnavailableError, match="modprobe vduse"):
+        kernel.create_device(spec)
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeVduse:
+    """Route the CLI's devices to an in-process fake kernel."""
+    fake = FakeVduse()
+    original = cli.BlkExport.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["kernel"] = fake
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli.BlkExport, "__init__", init)
+    return fake
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_writes_pidfile_when_ready_and_cleans_up_on_signal(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_kernel: FakeVduse,
+        signum: int) -> None:
+    pidfile = tmp_path / "pyvduse.pid"
+    seen: dict[str, Any] = {}
+
+    def drive() -> None:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["pid"] = pidfile.read_text()
+        seen["devices"] = dict(fake_kernel.devices)
+        channel = fake_kernel.channels["cli0"]
+        seen["driver_ok"] = channel.start()
+        os.kill(os.getpid(), signum)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    status, err = run_cli(capsys, "serve", "--name", "cli0", "--attach", "none",
+                          "--pidfile", str(pidfile), "--num-queues", "2", "--serial", "s1",
+                          "memory", "size=4M")
+    driver.join()
+    assert status == 0, err
+    assert seen["pid"] == f"{os.getpid()}\n"
+    assert list(seen["devices"]) == ["cli0"]
+    assert seen["devices"]["cli0"].vq_num == 2
+    assert seen["driver_ok"] == 0
+    assert not pidfile.exists()
+    assert fake_kernel.destroyed == ["cli0"]
+    assert "serving memory backend on cli0 (not attached): 4194304 bytes" in err
+    assert signal.Signals(signum).name in err
+
+
+def test_serve_reports_a_name_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     fake_kernel: FakeVduse) -> None:
+    fake_kernel.devices["busy"] = DeviceSpec("busy", 2, 0, 1, b"")
+    pidfile = tmp_path / "pid"
+    status, err = run_cli(capsys, "serve", "--name", "busy", "--attach", "none",
+                          "--pidfile", str(pidfile), "null")
+    assert status == 1
+    assert err.strip().splitlines()[-1].startswith("pyvduse: error: busy: VDUSE_CREATE_DEV")
+    assert not pidfile.exists()
+    assert fake_kernel.devices["busy"].vq_num == 1  # the other device is untouched
