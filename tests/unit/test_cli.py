@@ -1,4 +1,4 @@
-"""The pyvduse command line: option errors, backend errors, and a full serve cycle on the fake kernel."""
+"""The pyvduse command line: option and backend errors, a serve cycle on the fake kernel."""
 
 from __future__ import annotations
 
