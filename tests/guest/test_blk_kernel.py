@@ -235,3 +235,57 @@ def test_name_collision_is_refused_and_first_device_keeps_working(backing_file: 
         assert "exists" in second.output(), second.output()
         direct_io(first.device, 0, b"\x17" * 4096)
         assert direct_io(first.device, 0, length=4096) == b"\x17" * 4096
+
+
+def test_block_device_backend_and_4k_logical_blocks() -> None:
+    run("modprobe", "brd", "rd_nr=1", "rd_size=65536")  # /dev/ram0, 64 MiB
+    try:
+        ram = "/dev/ram0"
+        rng = random.Random(99)
+        with serving("pv-bdev", "--logical-block-size", "4096", "file", f"path={ram}") as daemon:
+            disk = daemon.disk
+            assert sysfs_block(disk, "queue/logical_block_size") == "4096"
+            assert int(sysfs_block(disk, "size")) * 512 == 64 * MiB
+            writes = {}
+            for _ in range(50):
+                offset = rng.randrange(0, 64 * MiB // 4096) * 4096
+                writes[offset] = rng.randbytes(4096)
+                direct_io(daemon.device, offset, writes[offset])
+            with pytest.raises(OSError) as unaligned:  # the kernel refuses sub-block I/O
+                direct_io(daemon.device, 512, b"x" * 512)
+            assert unaligned.value.errno == errno.EINVAL
+            run("blkdiscard", "-z", "-o", str(8 * MiB), "-l", str(MiB), daemon.device)
+            for offset in list(writes):
+                if 8 * MiB <= offset < 9 * MiB:
+                    writes[offset] = bytes(4096)
+            for offset, data in writes.items():
+                assert direct_io(daemon.device, offset, length=4096) == data
+        with open(ram, "rb") as raw:
+            for offset, data in writes.items():
+                raw.seek(offset)
+                assert raw.read(4096) == data, f"/dev/ram0 differs at {offset}"
+    finally:
+        run("rmmod", "brd", check=False)
+
+
+def test_backend_failure_is_an_io_error_and_the_device_lives_on() -> None:
+    small = scratch_dir() / "small-fs"
+    small.mkdir(exist_ok=True)
+    run("mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(small))
+    try:
+        image = small / "disk.img"
+        make_file(image, 64 * MiB)  # sparse: more than the file system can hold
+        with serving("pv-enospc", "file", f"path={image}") as daemon:
+            direct_io(daemon.device, 0, b"\x33" * MiB)
+            chunk = 64 * 1024  # one request each: it succeeds or fails whole
+            with pytest.raises(OSError) as failed:
+                for offset in range(MiB, 64 * MiB, chunk):  # runs out of space near 8 MiB
+                    direct_io(daemon.device, offset, b"\x44" * chunk)
+            assert failed.value.errno in (errno.EIO, errno.ENOSPC)
+            assert daemon.proc.poll() is None, "daemon died on a backend failure"
+            assert direct_io(daemon.device, 0, length=MiB) == b"\x33" * MiB
+            direct_io(daemon.device, 0, b"\x55" * 4096)  # allocated space is still writable
+            assert direct_io(daemon.device, 0, length=4096) == b"\x55" * 4096
+        assert "backend failed" in daemon.output(), daemon.output()
+    finally:
+        run("umount", str(small), check=False)
