@@ -140,10 +140,15 @@ def serve(args: argparse.Namespace) -> int:
                  args.name, where, config.capacity, config.num_queues, config.queue_size,
                  ", read-only" if config.readonly else "")
         with _pidfile(args.pidfile):
-            stop.event.wait()
-        log.info("%s received, shutting down", signal.Signals(stop.received or 15).name)
+            while not stop.event.wait(0.5):
+                if export.device.failed.is_set():
+                    break
+        if stop.received is not None:
+            log.info("%s received, shutting down", signal.Signals(stop.received).name)
     finally:
         export.stop()
+    if export.device.failed.is_set() and stop.received is None:
+        raise PyvduseError(f"{args.name}: {export.device.failure}")
     log.info("%s stopped", args.name)
     return 0
 

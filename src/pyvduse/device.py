@@ -70,6 +70,9 @@ class VduseDevice:
         self.driver_features = 0
         self.workers: dict[int, QueueWorker] = {}
         self.driver_ok = threading.Event()
+        #: Set when the device can no longer be served (see :attr:`failure`).
+        self.failed = threading.Event()
+        self.failure = ""
         #: Requests served per queue since creation (updated when a queue stops).
         self.served: dict[int, int] = {}
         self._channel: VduseChannel | None = None
@@ -147,8 +150,8 @@ class VduseDevice:
             if self._stop_fd in events:
                 return
             if events.get(channel.fileno(), 0) & select.POLLERR:
-                log.error("%s: the kernel marked the device broken (a control message "
-                          "timed out); it must be detached and destroyed", self.name)
+                self._fail("the kernel marked the device broken (a control message timed "
+                           "out); it must be detached and destroyed")
                 return
             try:
                 request = channel.read_request()
@@ -156,8 +159,13 @@ class VduseDevice:
                     continue
                 channel.write_response(self.handle_request(request))
             except KernelError as exc:
-                log.error("%s: control channel: %s", self.name, exc)
+                self._fail(f"control channel: {exc}")
                 return
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        log.error("%s: %s", self.name, reason)
+        self.failed.set()
 
     def handle_request(self, request: bytes) -> bytes:
         """Answer one ``vduse_dev_request`` with a ``vduse_dev_response``. Never raises."""

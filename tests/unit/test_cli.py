@@ -127,3 +127,26 @@ def test_serve_reports_a_name_in_use(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err.strip().splitlines()[-1].startswith("pyvduse: error: busy: VDUSE_CREATE_DEV")
     assert not pidfile.exists()
     assert fake_kernel.devices["busy"].vq_num == 1  # the other device is untouched
+
+
+def test_serve_exits_1_when_the_device_breaks(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              fake_kernel: FakeVduse) -> None:
+    pidfile = tmp_path / "pid"
+
+    def break_device() -> None:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        channel = fake_kernel.channels["cli1"]
+        channel.fail_reads = True  # the next control read fails as on a broken device
+        channel.send_nowait(1)
+
+    thread = threading.Thread(target=break_device)
+    thread.start()
+    status, err = run_cli(capsys, "serve", "--name", "cli1", "--attach", "none",
+                          "--pidfile", str(pidfile), "null")
+    thread.join()
+    assert status == 1
+    assert err.strip().splitlines()[-1].startswith("pyvduse: error: cli1: control channel:")
+    assert fake_kernel.destroyed == ["cli1"]
+    assert not pidfile.exists()

@@ -84,6 +84,8 @@ class FakeChannel:
         self._next_id = 1
         self._ready_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
+        #: Make the next control-message read fail with EIO (a broken channel).
+        self.fail_reads = False
 
     # -- device side (VduseChannel) -----------------------------------------------------
 
@@ -91,6 +93,8 @@ class FakeChannel:
         return self._ready_fd
 
     def read_request(self) -> bytes | None:
+        if self.fail_reads:
+            raise KernelError(self.name, "read control message", errno.EIO)
         with self._lock:
             if not self._pending:
                 try:
@@ -163,6 +167,14 @@ class FakeChannel:
 
     def send(self, req_type: int, payload: bytes = b"", timeout: float = 10.0) -> bytes:
         """Queue a control message and wait for the device's answer (like msg_sync)."""
+        request_id = self.send_nowait(req_type, payload)
+        with self._response_cond:
+            if not self._response_cond.wait_for(lambda: request_id in self._responses, timeout):
+                raise TimeoutError(f"device did not answer control message {req_type}")
+            return self._responses.pop(request_id)
+
+    def send_nowait(self, req_type: int, payload: bytes = b"") -> int:
+        """Queue a control message; return its request id."""
         with self._lock:
             request_id = self._next_id
             self._next_id += 1
@@ -172,10 +184,7 @@ class FakeChannel:
             request[start:start + len(payload)] = payload
             self._pending.append(bytes(request))
             os.eventfd_write(self._ready_fd, 1)
-        with self._response_cond:
-            if not self._response_cond.wait_for(lambda: request_id in self._responses, timeout):
-                raise TimeoutError(f"device did not answer control message {req_type}")
-            return self._responses.pop(request_id)
+        return request_id
 
     def set_status(self, status: int) -> int:
         """Send SET_STATUS; return the device's result (0 = OK)."""
