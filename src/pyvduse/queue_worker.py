@@ -64,7 +64,7 @@ class QueueWorker:
         poller.register(self._kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         try:
-            self._drain()  # the driver may have queued work before we started
+            self.drain()  # the driver may have queued work before we started
             while not self._stopping:
                 poller.poll()
                 if self._stopping:
@@ -73,14 +73,20 @@ class QueueWorker:
                     os.eventfd_read(self._kick_fd)
                 except BlockingIOError:
                     pass
-                self._drain()
+                self.drain()
         except RingError as exc:
             log.error("%s: %s; the queue stops until the driver resets the device",
                       self.name, exc)
         except Exception:
             log.exception("%s: queue worker failed; the queue stops until reset", self.name)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """Serve every chain available now, then re-enable kicks; return when the ring is empty.
+
+        The worker thread calls this on every wake-up. It is public so that the
+        data-path benchmark (``bench/datapath.py``) measures exactly this loop,
+        without the thread. Not thread-safe: one caller per queue at a time.
+        """
         queue = self.queue
         handle = self._handle
         while not self._stopping:
