@@ -1,0 +1,382 @@
+"""Turn the guest's raw.json into ratios, targets, results.json, results.md and chart.png.
+
+Pure functions of the data (no VM, no subprocess), used by bench/host.py; the
+chart needs matplotlib (the ``bench`` optional dependencies).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+PYVDUSE = "pyvduse-file"
+PYVDUSE_NULL = "pyvduse-null"
+QSD_FILE = ("qsd-threads", "qsd-io_uring")
+NBD_PYTHON = "nbdkit-python"
+SCALING_FROM, SCALING_TO = "mixed-4k-qd16-1q1j", "mixed-4k-qd16-2q2j"
+RSS_SLACK = 16 << 20
+
+# (id, what, workload, ratio required) of the issue's ratio targets against QSD.
+QSD_TARGETS = [
+    ("randread-qd1", "4K randread QD1 file: pyvduse >= 1.0x QSD", "randread-4k-qd1", 1.0),
+    ("randread-qd32", "4K randread QD32: pyvduse >= 0.8x QSD", "randread-4k-qd32", 0.8),
+    ("randwrite-qd32", "4K randwrite QD32: pyvduse >= 0.8x QSD", "randwrite-4k-qd32", 0.8),
+    ("seqread-1m", "1M seq read QD8: pyvduse >= 0.9x QSD", "seqread-1m-qd8", 0.9),
+    ("seqwrite-1m", "1M seq write QD8: pyvduse >= 0.9x QSD", "seqwrite-1m-qd8", 0.9),
+]
+NBD_PYTHON_RATIO = 2.0
+
+# Ratio columns: pyvduse with a file backend against every peer on the file,
+# pyvduse null against every null device.
+RATIO_PEERS = [
+    (PYVDUSE, "qsd-threads"), (PYVDUSE, "qsd-io_uring"), (PYVDUSE, "nbdkit-file"),
+    (PYVDUSE, NBD_PYTHON), (PYVDUSE, "kernel-file"),
+    (PYVDUSE_NULL, "qsd-null"), (PYVDUSE_NULL, "nbdkit-null"), (PYVDUSE_NULL, "kernel-null_blk"),
+]
+
+
+def _get(peers: dict[str, Any], peer: str, workload: str, key: str = "iops") -> float | None:
+    entry = peers.get(peer)
+    if entry is None:
+        return None
+    result = entry["results"].get(workload)
+    if result is None:
+        return None
+    value = result.get(key)
+    return float(value) if value is not None else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def rss_peak(entry: dict[str, Any], queues: int = 1) -> int | None:
+    for phase in entry.get("phases", []):
+        if phase.get("queues") == queues and "rss_peak" in phase:
+            return int(phase["rss_peak"])
+    return None
+
+
+def cpu_us_per_io(result: dict[str, Any], seconds: float) -> float | None:
+    cpu = result.get("daemon_cpu_seconds")
+    if cpu is None or not result.get("iops"):
+        return None
+    return 1e6 * float(cpu) / (float(result["iops"]) * seconds)
+
+
+def _target(tid: str, what: str, value: float | None, required: float, detail: str,
+            higher_is_better: bool = True, unit: str = "x") -> dict[str, Any]:
+    """A target row; ``margin`` is how far past (>0) or short of (<0) the threshold."""
+    row: dict[str, Any] = {"id": tid, "target": what, "value": value, "required": required,
+                           "unit": unit, "detail": detail}
+    if value is None:
+        row.update(met=None, margin=None, verdict="not measured")
+        return row
+    if unit == "x":
+        margin = value / required - 1
+        row["margin"] = margin
+        row["met"] = margin >= 0
+        row["verdict"] = (f"met (+{margin:.0%})" if margin >= 0
+                          else f"missed by {-margin:.0%}")
+    else:  # bytes, lower is better: value <= required
+        margin = required - value
+        row["margin"] = margin
+        row["met"] = margin >= 0
+        mib = abs(margin) / 2**20
+        row["verdict"] = (f"met ({mib:.1f} MiB to spare)" if margin >= 0
+                          else f"missed by {mib:.1f} MiB")
+    return row
+
+
+def compute(raw: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+    """results.json: everything measured plus the ratios and the targets."""
+    meta = raw["meta"]
+    seconds = float(meta["runtime"]) + float(meta["ramp"])
+    workloads = [w["id"] for w in raw["workloads"]]
+    peers = {p["id"]: p for p in raw["peers"]}
+    for entry in peers.values():
+        for result in entry["results"].values():
+            result["daemon_cpu_us_per_io"] = cpu_us_per_io(result, seconds)
+
+    ratios: dict[str, dict[str, float | None]] = {}
+    for w in workloads:
+        ratios[w] = {f"{a} / {b}": _ratio(_get(peers, a, w), _get(peers, b, w))
+                     for a, b in RATIO_PEERS}
+
+    def qsd_best(w: str) -> tuple[str | None, float | None]:
+        best = [(v, q) for q in QSD_FILE if (v := _get(peers, q, w)) is not None]
+        if not best:
+            return None, None
+        v, q = max(best)
+        return q, v
+
+    targets = []
+    for tid, what, w, required in QSD_TARGETS:
+        q, qv = qsd_best(w)
+        pv = _get(peers, PYVDUSE, w)
+        targets.append(_target(tid, what, _ratio(pv, qv), required,
+                               f"pyvduse {_fmt(pv)} IOPS vs {q or 'QSD'} {_fmt(qv)} IOPS"))
+    for w in workloads:
+        pv, nv = _get(peers, PYVDUSE, w), _get(peers, NBD_PYTHON, w)
+        targets.append(_target(f"vs-nbdkit-python/{w}",
+                               f"{w}: pyvduse >= 2x nbdkit Python plugin + kernel nbd",
+                               _ratio(pv, nv), NBD_PYTHON_RATIO,
+                               f"pyvduse {_fmt(pv)} IOPS vs {_fmt(nv)} IOPS"))
+
+    def scaling(peer: str) -> float | None:
+        return _ratio(_get(peers, peer, SCALING_TO), _get(peers, peer, SCALING_FROM))
+
+    qsd_scaling = [(s, q) for q in QSD_FILE if (s := scaling(q)) is not None]
+    p_scaling = scaling(PYVDUSE)
+    q_s, q_name = max(qsd_scaling) if qsd_scaling else (None, None)
+    row = _target("scaling", "2 queues + 2 jobs vs 1 queue + 1 job (mixed 70/30 QD16): "
+                  "pyvduse's scaling >= QSD's", _ratio(p_scaling, q_s), 1.0,
+                  f"pyvduse scales {_ratio_cell(p_scaling)}, {q_name or 'QSD'} "
+                  f"{_ratio_cell(q_s)}")
+    targets.append(row)
+
+    p_rss = rss_peak(peers[PYVDUSE]) if PYVDUSE in peers else None
+    qsd_rss = [(r, q) for q in QSD_FILE if q in peers and (r := rss_peak(peers[q])) is not None]
+    q_rss, q_rss_name = min(qsd_rss) if qsd_rss else (None, None)
+    targets.append(_target(
+        "rss", "daemon peak RSS, one 1 GiB file-backed device: pyvduse <= QSD + 16 MiB",
+        float(p_rss) if p_rss is not None and q_rss is not None else None,
+        float(q_rss + RSS_SLACK) if q_rss is not None else 0.0,
+        f"pyvduse {_mib(p_rss)} vs {q_rss_name or 'QSD'} {_mib(q_rss)}",
+        unit="bytes"))
+
+    return {
+        "host": host,
+        "guest": meta,
+        "workloads": raw["workloads"],
+        "peers": raw["peers"],
+        "ratios_iops": ratios,
+        "scaling": {p["id"]: scaling(p["id"]) for p in raw["peers"]},
+        "targets": targets,
+        "targets_met": sum(1 for t in targets if t["met"]),
+        "targets_total": len(targets),
+    }
+
+
+# ----------------------------------------------------------------- markdown
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:,.{digits}f}"
+
+
+def _mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v / 2**20:.1f} MiB"
+
+
+def _ratio_cell(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.3f}x"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    host, guest = res["host"], res["guest"]
+    peers = res["peers"]
+    labels = {p["id"]: p["label"] for p in peers}
+    wl = {w["id"]: w for w in res["workloads"]}
+    out: list[str] = []
+    add = out.append
+    title = "pyvduse side-by-side benchmark" + (" (smoke run)" if guest.get("smoke") else "")
+    add(f"# {title}, {host['date']}\n")
+    add("Every figure below was measured in **one** boot of an emulated (QEMU TCG) guest: "
+        "absolute numbers are far below real hardware and only the **ratios taken in the same "
+        "run** mean anything.\n")
+    add("| | |\n|---|---|")
+    for k, v in [
+        ("command", f"`{host['command']}`"),
+        ("date", host["date"]),
+        ("machine kind", host["machine"]),
+        ("guest", f"QEMU TCG, {guest['guest_cpus']} vCPU, "
+                  f"{guest['guest_mem_bytes'] / 2**30:.1f} GiB, kernel {guest['guest_kernel']}"),
+        ("QEMU (guest emulator)", host.get("qemu", "?")),
+        ("qemu-storage-daemon", guest["qemu_storage_daemon"]),
+        ("nbdkit / nbd-client", f"{guest['nbdkit']} / {guest['nbd_client']}"),
+        ("fio", guest["fio"]),
+        ("pyvduse", f"{host.get('pyvduse_commit', '?')}, Python {guest['python']}"),
+        ("fio jobs", f"{guest['fio_common']}, runtime {guest['runtime']:g} s after "
+                     f"{guest['ramp']:g} s ramp, 1 GiB device, queue size {guest['queue_size']}"),
+        ("full run took", f"{host.get('wall_seconds', 0) / 60:.1f} min (VM boot to power-off)"),
+    ]:
+        add(f"| {k} | {v} |")
+    if host.get("concurrent_guests"):
+        add(f"\n**Warning:** another QEMU guest ran on the host during this run "
+            f"({host['concurrent_guests']}); figures are noisier than usual.")
+    add("")
+
+    add("## Targets\n")
+    add("QSD = the better of `aio=threads` and `aio=io_uring` for that figure "
+        "(higher IOPS, higher scaling, lower RSS).\n")
+    add("| target | measured | required | result | detail |\n|---|---|---|---|---|")
+    for t in res["targets"]:
+        if t["unit"] == "x":
+            meas, req = _ratio_cell(t["value"]), f">= {t['required']:.1f}x"
+        else:
+            meas, req = _mib(t["value"]), f"<= {_mib(t['required'])}"
+        mark = {True: "✅", False: "❌", None: "⚠️"}[t["met"]]
+        add(f"| {t['target']} | {meas} | {req} | {mark} {t['verdict']} | {t['detail']} |")
+    add(f"\n{res['targets_met']} of {res['targets_total']} targets met.\n")
+
+    add("## Ratios pyvduse / peer (IOPS, same run)\n")
+    cols = list(next(iter(res["ratios_iops"].values())).keys()) if res["ratios_iops"] else []
+    short = {c: "/".join(labels.get(x.strip(), x.strip()) for x in c.split("/")) for c in cols}
+    add("| workload | " + " | ".join(short[c] for c in cols) + " |")
+    add("|---" * (len(cols) + 1) + "|")
+    for w, row in res["ratios_iops"].items():
+        add(f"| {wl[w]['label']} | " + " | ".join(_ratio_cell(row[c]) for c in cols) + " |")
+    add("\nScaling, IOPS of the mixed job on 2 queues + 2 jobs / on 1 queue + 1 job: "
+        + ", ".join(f"{labels[p]} {_ratio_cell(s)}" for p, s in res["scaling"].items()) + ".\n")
+
+    add("## Every figure\n")
+    add("IOPS and MiB/s: reads + writes. Latency: fio's total latency (submission to "
+        "completion); for the mixed jobs the mean is over all I/Os and p99 is the slower "
+        "direction's. Daemon CPU: utime + stime of the server process (all threads) during "
+        "the job, as % of one vCPU over ramp + runtime, and per I/O; the kernel's own work "
+        "(virtio/nbd drivers, the nbd socket) is not in it and the kernel rows have no daemon.\n")
+    for w in res["workloads"]:
+        add(f"### {w['label']}\n")
+        add(f"`fio {w['fio']}`\n")
+        add("| peer | IOPS | MiB/s | mean lat µs | p99 lat µs | daemon CPU % | "
+            "daemon CPU µs/IO |\n|---|---:|---:|---:|---:|---:|---:|")
+        for p in peers:
+            r = p["results"].get(w["id"])
+            if r is None:
+                err = "; ".join(e for e in p["errors"] if e.startswith(w["id"])
+                                or "queue(s)" in e) or "not run"
+                add(f"| {p['label']} | {err} | | | | | |")
+                continue
+            add(f"| {p['label']} | {_fmt(r['iops'])} | {_fmt(r['bw_bytes'] / 2**20, 1)} | "
+                f"{_fmt(r['lat_mean_us'])} | {_fmt(r['lat_p99_us'])} | "
+                f"{_fmt(r.get('daemon_cpu_percent'))} | "
+                f"{_fmt(r.get('daemon_cpu_us_per_io'))} |")
+        add("")
+
+    add("## Daemons: memory and start-up\n")
+    add("Peak RSS = VmHWM of the server process at the end of the phase (1 GiB device).\n")
+    add("| peer | RSS after start (1 queue) | peak RSS, 1 queue | peak RSS, 2 queues | "
+        "start-up s (1 q / 2 q) |\n|---|---:|---:|---:|---:|")
+    for p in peers:
+        if not p["daemon"]:
+            continue
+        ph = {x["queues"]: x for x in p["phases"]}
+        one, two = ph.get(1, {}), ph.get(2, {})
+        add(f"| {p['label']} | {_mib(one.get('pid_rss_at_start'))} | "
+            f"{_mib(one.get('rss_peak'))} | {_mib(two.get('rss_peak'))} | "
+            f"{one.get('start_seconds', 'n/a')} / {two.get('start_seconds', 'n/a')} |")
+    add("")
+
+    add("## Peers\n")
+    add("| peer | command (1 queue) |\n|---|---|")
+    for p in peers:
+        cmd = p["phases"][0]["command"] if p["phases"] else ""
+        add(f"| {p['label']} (`{p['id']}`) | `{cmd}` |")
+    errors = [(p["label"], e) for p in peers for e in p["errors"]]
+    if errors:
+        add("\n## Errors\n")
+        for label, e in errors:
+            add(f"* {label}: {e}")
+    add("")
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------- chart
+
+COLORS = {"pyvduse": "#d62728", "qsd": "#1f77b4", "nbd": "#2ca02c", "kernel": "#7f7f7f"}
+SHADES = {"qsd-io_uring": "#6baed6", "nbdkit-python": "#ff7f0e", "kernel-brd": "#b0b0b0",
+          "kernel-null_blk": "#b0b0b0"}
+
+
+def _short(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:.1f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.0f}k"
+    if v >= 1e3:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.0f}"
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = res["peers"]
+    workloads = res["workloads"]
+    panels = len(workloads) + 1
+    ncols = 3
+    nrows = math.ceil(panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(19, 5.0 * nrows), squeeze=False)
+    names = [p["label"] for p in peers]
+    colors = [SHADES.get(p["id"], COLORS.get(p["group"], "#333333")) for p in peers]
+    hatches = ["//" if p["backing"] in ("null", "ram") else "" for p in peers]
+    ypos = list(range(len(peers)))[::-1]
+
+    def bars(ax: Any, values: list[float | None], title: str, fmt: Any, xlabel: str,
+             missing: str = "failed / not run") -> None:
+        vals = [v or 0.0 for v in values]
+        present = [v for v in vals if v > 0]
+        log = bool(present) and max(present) / min(present) > 25
+        for y, v, c, h in zip(ypos, vals, colors, hatches, strict=True):
+            ax.barh(y, v if v > 0 else (min(present) / 10 if log and present else 0),
+                    color=c if v > 0 else "none", hatch=h, edgecolor="white" if h else c)
+        if log:
+            ax.set_xscale("log")
+        top = max(present) if present else 1
+        ax.set_xlim(min(present) / 3 if log else 0, top * (4 if log else 1.3))
+        for y, v in zip(ypos, vals, strict=True):
+            ax.text(v if v > 0 else (ax.get_xlim()[0] * 1.1 if log else 0), y,
+                    f" {fmt(v)}" if v > 0 else f" {missing}", va="center", fontsize=9)
+        # a rule between the file-backed peers and the null / RAM devices
+        for y, (a, b) in zip(ypos, itertools.pairwise(hatches), strict=False):
+            if a != b:
+                ax.axhline(y - 0.5, color="black", linewidth=0.8, alpha=0.5)
+        ax.set_yticks(ypos)
+        ax.set_yticklabels(names, fontsize=9.5)
+        for tick, p in zip(ax.get_yticklabels(), peers, strict=True):
+            if p["group"] == "pyvduse":
+                tick.set_fontweight("bold")
+        ax.set_title(title, fontsize=11.5, loc="left")
+        ax.set_xlabel(xlabel + (" (log scale)" if log else ""), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8.5)
+
+    flat = axes.ravel()
+    for ax, w in zip(flat, workloads, strict=False):
+        vals = [p["results"].get(w["id"], {}).get("iops") for p in peers]
+        ratio = None
+        by = {p["id"]: v for p, v in zip(peers, vals, strict=True)}
+        qsd = [by[q] for q in QSD_FILE if by.get(q)]
+        if by.get(PYVDUSE) and qsd:
+            ratio = by[PYVDUSE] / max(qsd)
+        sub = f"\npyvduse / best QSD = {ratio:.2f}x" if ratio is not None else ""
+        bars(ax, vals, f"{w['label']}{sub}", _short, "IOPS")
+    rss_ax = flat[len(workloads)]
+    rss = [rss_peak(p) if p["daemon"] else None for p in peers]
+    bars(rss_ax, [r / 2**20 if r else None for r in rss],
+         "Daemon peak RSS, 1 queue, 1 GiB device\n(kernel peers: no daemon)",
+         lambda v: f"{v:.1f} MiB", "MiB", missing="no daemon")
+    for ax in flat[panels:]:
+        ax.axis("off")
+    host, guest = res["host"], res["guest"]
+    fig.suptitle(
+        f"pyvduse vs qemu-storage-daemon, nbdkit + kernel nbd and the kernel itself: "
+        f"IOPS per workload ({host['date']})\n"
+        f"fio libaio direct=1, {guest['runtime']:g} s per job, in one QEMU TCG guest "
+        f"({guest['guest_cpus']} vCPU, kernel {guest['guest_kernel']}): compare ratios, "
+        f"not absolute figures.  Hatched = null/RAM device.",
+        fontsize=13, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.965))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
