@@ -289,6 +289,56 @@ def test_open_backend_by_name(tmp_path: Path) -> None:
         open_backend("null", ["size=1000"])
 
 
+# -- the Backend base class -------------------------------------------------------------
+
+
+class VectoredOnly(Backend):
+    """Defines readv/writev only: read, write and the default write_zeroes use them."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(8192)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.calls.append(("readv", offset, len(bufs)))
+        for buf in bufs:
+            buf[:] = self.data[offset : offset + len(buf)]
+            offset += len(buf)
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.calls.append(("writev", offset, len(bufs)))
+        for buf in bufs:
+            self.data[offset : offset + len(buf)] = buf
+            offset += len(buf)
+
+
+def test_vectored_only_backend() -> None:
+    b = VectoredOnly()
+    assert b.can_write and b.can_write_zeroes and not (b.can_discard or b.can_flush)
+    b.write(512, memoryview(b"x" * 1024))
+    assert read_back(b, 512, 1024) == b"x" * 1024
+    b.write_zeroes(1024, 512, may_unmap=False)
+    assert read_back(b, 512, 1024) == b"x" * 512 + bytes(512)
+    assert b.calls == [("writev", 512, 1), ("readv", 512, 1), ("writev", 1024, 1),
+                       ("readv", 512, 1)]
+
+
+def test_backend_without_read_or_write() -> None:
+    class SizeOnly(Backend):
+        def size(self) -> int:
+            return 512
+
+    b = SizeOnly()
+    assert not (b.can_write or b.can_write_zeroes)
+    with pytest.raises(NotImplementedError, match="SizeOnly defines neither read nor readv"):
+        b.read(0, memoryview(bytearray(512)))
+    with pytest.raises(NotImplementedError, match="SizeOnly defines neither write nor writev"):
+        b.write(0, memoryview(bytes(512)))
+
+
 # -- memory specifics -------------------------------------------------------------------
 
 

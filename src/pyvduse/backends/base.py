@@ -1,21 +1,51 @@
 """The storage backend interface: what a block device's storage must provide.
 
 A backend is a plain class that knows nothing of virtio. Subclass
-:class:`Backend`, implement :meth:`~Backend.size` and :meth:`~Backend.read`,
-and add whichever of :meth:`~Backend.write`, :meth:`~Backend.flush`,
-:meth:`~Backend.discard` and :meth:`~Backend.write_zeroes` the storage can
-do. What a backend can do is inferred from which methods it overrides, and the
-device offers the driver exactly that (nbdkit plugins work the same way).
+:class:`Backend`, implement :meth:`~Backend.size` and :meth:`~Backend.read`
+(or :meth:`~Backend.readv`), and add whichever of :meth:`~Backend.write`,
+:meth:`~Backend.flush`, :meth:`~Backend.discard` and
+:meth:`~Backend.write_zeroes` the storage can do. What a backend can do is
+inferred from which methods its class overrides (the ``can_*`` properties),
+and the device offers the driver exactly that, as nbdkit plugins work:
+
+* no ``write``/``writev``: the device is read-only (``VIRTIO_BLK_F_RO``);
+* ``discard``: the device offers ``VIRTIO_BLK_F_DISCARD``;
+* ``write_zeroes``, or any way to write: ``VIRTIO_BLK_F_WRITE_ZEROES``
+  (without a native ``write_zeroes`` zero buffers are written);
+* ``flush`` is offered on every writable device; the default does nothing,
+  which is right for storage whose writes are durable (or volatile anyway)
+  when ``write`` returns.
+
+Requests reaching a backend have been validated by the device: offsets and
+total lengths are multiples of the device's logical block size (at least
+512, see :attr:`Backend.preferred_block_size`), lie within
+:meth:`~Backend.size`, and are never zero (the single buffers of a vectored
+request may have any length). The memory behind a request's ``memoryview``
+objects is the driver's (guest memory): it is any alignment, a ``write``
+source may be a read-only view, and a backend must not keep a view after its
+method returns.
 
 Error contract: a method fails one request by raising :class:`OSError` or
 :class:`pyvduse.errors.BackendError` (both carry an errno); the request then
-completes with ``VIRTIO_BLK_S_IOERR``. Any other exception is a bug in the
-backend: it fails the request the same way and is logged with its traceback.
+completes with ``VIRTIO_BLK_S_IOERR``, the failure is logged (rate-limited)
+and the device keeps serving. Any other :class:`Exception` is taken for a bug
+in the backend: it fails the request the same way and its traceback is
+logged (at most once per interval). No exception a backend raises stops the
+device (``SystemExit`` and ``KeyboardInterrupt`` are not exceptions in this
+sense: do not raise them). Errors while *building* a backend should be
+:class:`pyvduse.errors.ConfigError`, which the command line prints as one line.
 
-Threading contract: with several queues, methods are called concurrently from
-one thread per queue, so a backend must be thread-safe (``os.preadv`` and
-friends on one fd are). Offsets and lengths reaching a backend have already
-been checked against :meth:`size` and the logical block size.
+Threading contract: with ``--num-queues N`` the request methods are called
+concurrently from N threads, one per queue, so a backend must be
+thread-safe. The device does not serialize requests: two in flight at once
+may touch the same bytes (the outcome is then as undefined as on a real
+disk), so a backend must only keep its own state consistent (caches,
+connections, counters). Calls that release the GIL (``os.preadv``, socket
+I/O) let queues really run in parallel. :meth:`~Backend.size`,
+:attr:`~Backend.preferred_block_size` and the ``can_*`` properties are read
+when the device is configured, before the first request (a later change of
+size is not seen by the driver); :meth:`~Backend.close` is called once,
+after the last request.
 """
 
 from __future__ import annotations
@@ -26,75 +56,136 @@ ZERO_CHUNK = bytes(1 << 20)
 
 
 class Backend:
-    """Base class of storage backends. Offsets and lengths are in bytes."""
+    """Base class of storage backends. Offsets and lengths are in bytes.
 
-    #: Name used on the command line (``pyvduse serve NAME key=value ...``).
+    Required: :meth:`size`, and :meth:`read` or :meth:`readv`. Optional, each
+    enabling the matching device feature: :meth:`write` (or :meth:`writev`),
+    :meth:`flush`, :meth:`discard`, :meth:`write_zeroes`. See the module
+    docstring for the request, error and threading contracts.
+
+    Constructors take keyword options: ``pyvduse serve python
+    script=FILE key=value ...`` passes the ``key=value`` pairs as strings
+    to the class, or to its ``from_options(options: BackendOptions)``
+    classmethod if it defines one (see :mod:`pyvduse.backends.python`).
+    """
+
+    #: Name used on the command line (``pyvduse serve NAME key=value ...``)
+    #: by built-in backends; user backends need not set it.
     name: str = ""
 
     def size(self) -> int:
-        """Current size of the storage in bytes."""
+        """Size of the storage in bytes (required).
+
+        Read when the device is configured; the device exports it rounded
+        down to whole logical blocks, so it must hold at least one block.
+        """
         raise NotImplementedError
 
     def read(self, offset: int, buf: memoryview) -> None:
-        """Fill all of ``buf`` with the bytes at ``offset``."""
-        raise NotImplementedError
+        """Fill all of ``buf`` with the ``len(buf)`` bytes at ``offset``.
+
+        ``buf`` is a writable, one-dimensional byte view (``buf[:] = data``
+        copies into it). Fill it completely or raise: there is no short read.
+        Define this or :meth:`readv`; the default calls :meth:`readv` if the
+        class defines it.
+        """
+        if self._overrides("readv"):
+            self.readv(offset, [buf])
+            return
+        raise NotImplementedError(f"{type(self).__name__} defines neither read nor readv")
 
     def write(self, offset: int, buf: memoryview) -> None:
-        """Store all of ``buf`` at ``offset`` (implement to make the device writable)."""
-        raise NotImplementedError
+        """Store all of ``buf`` at ``offset``; define it (or :meth:`writev`) to be writable.
+
+        ``buf`` may be a read-only view. When this returns the data must be
+        readable by later requests; it need only be durable after
+        :meth:`flush`. The default calls :meth:`writev` if the class defines it.
+        """
+        if self._overrides("writev"):
+            self.writev(offset, [buf])
+            return
+        raise NotImplementedError(f"{type(self).__name__} defines neither write nor writev")
 
     def flush(self) -> None:
-        """Make every completed write durable (implement if writes can be volatile)."""
+        """Make every completed write durable (define it if writes can be volatile).
+
+        Called for the driver's flush requests on a writable device. The
+        default does nothing and succeeds.
+        """
 
     def discard(self, offset: int, length: int) -> None:
-        """Forget ``length`` bytes at ``offset`` (their content is then undefined)."""
+        """Forget ``length`` bytes at ``offset``; define it to offer discard.
+
+        Discard is advisory: afterwards the range may read as zeroes, as the
+        old data or as anything else, until it is written again. Doing
+        nothing is a valid implementation (only define it if forgetting
+        frees something).
+        """
         raise NotImplementedError
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Make ``length`` bytes at ``offset`` read as zeroes.
 
-        ``may_unmap`` allows deallocating them. The default writes zero buffers
-        through :meth:`write`, so every writable backend supports it.
+        ``may_unmap`` allows deallocating the range (as :meth:`discard` does)
+        provided it then reads as zeroes; it is only ever True when the
+        backend also defines :meth:`discard`. The default writes zero buffers
+        (up to 1 MiB each) through :meth:`writev`, so every writable backend
+        supports write-zeroes; define it when the storage can do better.
         """
         end = offset + length
+        zeroes = memoryview(ZERO_CHUNK)
         while offset < end:
             step = min(len(ZERO_CHUNK), end - offset)
-            self.write(offset, memoryview(ZERO_CHUNK)[:step])
+            self.writev(offset, [zeroes[:step]])
             offset += step
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Fill ``bufs`` in order from ``offset`` (override for a vectored fast path)."""
+        """Fill ``bufs`` in order with consecutive bytes from ``offset``.
+
+        The device calls this for every read request, with the request's
+        data buffers as it found them in guest memory: only their total
+        length is block-aligned, single views may have any length. The
+        default calls :meth:`read` once per view; define it when one
+        vectored call (``os.preadv``, one network round trip) is cheaper.
+        """
         for buf in bufs:
             self.read(offset, buf)
             offset += len(buf)
 
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Store ``bufs`` in order at ``offset`` (override for a vectored fast path)."""
+        """Store ``bufs`` in order at consecutive offsets from ``offset``.
+
+        The write counterpart of :meth:`readv`: the device calls this for
+        every write request; the default calls :meth:`write` once per view.
+        """
         for buf in bufs:
             self.write(offset, buf)
             offset += len(buf)
 
     def close(self) -> None:
-        """Release resources; called once, after the last request."""
+        """Release resources; called once, after the last request. The default does nothing."""
 
     # -- capabilities, inferred from what the subclass defines -------------------
+    #
+    # A subclass may override these properties when what it can do is only known
+    # per instance (FileBackend opened read-only reports no write capability).
 
     def _overrides(self, method: str) -> bool:
         return getattr(type(self), method) is not getattr(Backend, method)
 
     @property
     def can_write(self) -> bool:
-        """True if the backend defines ``write`` or ``writev``."""
+        """True if the backend defines ``write`` or ``writev``; else the device is read-only."""
         return self._overrides("write") or self._overrides("writev")
 
     @property
     def can_flush(self) -> bool:
-        """True if the backend defines ``flush``."""
+        """True if the backend defines ``flush`` (informational: flush is always offered)."""
         return self._overrides("flush")
 
     @property
     def can_discard(self) -> bool:
-        """True if the backend defines ``discard``."""
+        """True if the backend defines ``discard``: the device offers discard when writable."""
         return self._overrides("discard")
 
     @property
@@ -104,5 +195,10 @@ class Backend:
 
     @property
     def preferred_block_size(self) -> int:
-        """Smallest I/O unit the storage handles well (e.g. a disk's logical block size)."""
+        """Smallest I/O unit the storage handles well, a power of two >= 512 (default 512).
+
+        The command line uses it as the default logical block size, so every
+        request is a multiple of it (e.g. a disk's sector size, or the
+        alignment ``O_DIRECT`` needs).
+        """
         return 512
