@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve BACKEND as a VDUSE virtio-blk device until SIGINT or SIGTERM.",
         epilog="backends: " + ", ".join(sorted(BACKENDS))
         + ". Examples: 'pyvduse serve --name vduse0 file path=/srv/disk.img', "
-        "'pyvduse serve memory size=1G'.")
+        "'pyvduse serve memory size=1G', "
+        "'pyvduse serve python script=./my_backend.py key=value'.")
     serve.add_argument("--name", default="pyvduse0",
                        help="VDUSE and vdpa device name (default: %(default)s)")
     serve.add_argument("--num-queues", type=_positive_int, default=1, metavar="N",

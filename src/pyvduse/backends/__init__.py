@@ -2,7 +2,8 @@
 
 ``pyvduse serve NAME key=value ...`` becomes ``open_backend(NAME, [...])``:
 the name selects an entry of :data:`BACKENDS`, whose ``from_options`` reads
-the options and rejects unknown ones.
+the options and rejects unknown ones. ``python`` loads a backend the user
+wrote (:mod:`pyvduse.backends.python`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pyvduse.backends.file import FileBackend
 from pyvduse.backends.memory import MemoryBackend
 from pyvduse.backends.null import NullBackend
 from pyvduse.backends.options import BackendOptions
+from pyvduse.backends.python import PythonBackendLoader, load_backend
 from pyvduse.errors import ConfigError
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "FileBackend",
     "MemoryBackend",
     "NullBackend",
+    "PythonBackendLoader",
+    "load_backend",
     "open_backend",
 ]
 
@@ -38,9 +42,12 @@ class BackendFactory(Protocol):
         ...
 
 
-#: Built-in backends by command-line name; the values are the backend classes.
+#: Backends by command-line name: the built-in backend classes, and the loader of user backends.
 BACKENDS: Mapping[str, BackendFactory] = MappingProxyType({
-    cls.name: cls for cls in (FileBackend, MemoryBackend, NullBackend)
+    FileBackend.name: FileBackend,
+    MemoryBackend.name: MemoryBackend,
+    NullBackend.name: NullBackend,
+    PythonBackendLoader.name: PythonBackendLoader,
 })
 
 

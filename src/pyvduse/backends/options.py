@@ -159,6 +159,17 @@ class BackendOptions:
             raise self._error(f"option {key}={raw}: must be one of {', '.join(choices)}")
         return raw
 
+    def remaining(self) -> dict[str, str]:
+        """Return the options no getter has asked for so far, and mark them known.
+
+        For backends that pass options on to something else (the ``python``
+        backend hands them to a user's class): after this, :meth:`finish`
+        accepts everything.
+        """
+        rest = {key: value for key, value in self._values.items() if key not in self._known}
+        self._known.extend(rest)
+        return rest
+
     def finish(self) -> None:
         """Raise :class:`ConfigError` if the user gave a key no getter asked for."""
         unknown = [key for key in self._values if key not in self._known]
