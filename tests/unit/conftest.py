@@ -1,8 +1,172 @@
-"""Shared by the unit tests: where the repository and its examples are."""
+"""Fixtures shared by the backend tests: O_DIRECT directories, loop devices, a Range HTTP server."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
+LOOP_SIZE = 4 << 20
+
+
+# -- O_DIRECT and loop devices ----------------------------------------------------------
+
+
+def _supports_direct(directory: Path) -> bool:
+    probe = directory / ".odirect-probe"
+    probe.write_bytes(bytes(4096))
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return False
+    else:
+        os.close(fd)
+        return True
+    finally:
+        probe.unlink()
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a file system that accepts O_DIRECT (tmp_path, else the repo's build/)."""
+    if _supports_direct(tmp_path):
+        yield tmp_path
+        return
+    build = REPO / "build" / "test-backends-direct"
+    build.mkdir(parents=True, exist_ok=True)
+    if not _supports_direct(build):
+        pytest.skip(f"neither {tmp_path} nor {build} accepts O_DIRECT")
+    work = build / tmp_path.name
+    work.mkdir(exist_ok=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A 4 MiB loop block device over a sparse file; skipped unless root with a working losetup."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("loop devices need root and losetup")
+    image = tmp_path / "loop.img"
+    with open(image, "wb") as f:
+        f.truncate(LOOP_SIZE)
+    result = subprocess.run(["losetup", "--find", "--show", str(image)],
+                            capture_output=True, text=True, check=False)
+    device = result.stdout.strip()
+    if result.returncode != 0 or not device or not os.path.exists(device):
+        pytest.skip(f"losetup failed: {result.stderr.strip() or 'no device node'}")
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+# -- an HTTP server with Range support --------------------------------------------------
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # the default 5 makes concurrent clients wait for a SYN retry
+
+
+class ImageServer:
+    """Serves ``image`` at :attr:`url` on 127.0.0.1, honouring single ``Range: bytes=a-b``.
+
+    Knobs for error tests: ``ignore_range`` answers 200 with the whole image,
+    ``status`` answers every GET with that error status, ``short`` cuts each
+    206 body by that many bytes. ``ranges`` records each GET's range.
+    """
+
+    def __init__(self, image: bytes) -> None:
+        self.image = image
+        self.ignore_range = False
+        self.status = 0
+        self.short = 0
+        self.head_length = True
+        self.ranges: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
+        self._thread = threading.Thread(target=self._server.serve_forever, name="image-server",
+                                        kwargs={"poll_interval": 0.01}, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/disk.img"
+        self.running = True
+
+    def stop(self) -> None:
+        """Shut the server down and close its socket: further requests are refused."""
+        if self.running:
+            self.running = False
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                if server.head_length:
+                    self.send_header("Content-Length", str(len(server.image)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                if server.status:
+                    self.send_error(server.status)
+                    return
+                match = _RANGE.fullmatch(self.headers.get("Range", ""))
+                if server.ignore_range or match is None:
+                    self._send(200, server.image, {})
+                    return
+                first, last = int(match.group(1)), int(match.group(2))
+                with server._lock:
+                    server.ranges.append((first, last))
+                if first > last or first >= len(server.image):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(server.image)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                last = min(last, len(server.image) - 1)
+                body = server.image[first:last + 1]
+                if server.short:
+                    body = body[:-server.short]
+                self._send(206, body, {
+                    "Content-Range": f"bytes {first}-{last}/{len(server.image)}"})
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    """A 1 MiB + 3 KiB image of random bytes served over HTTP with Range support."""
+    server = ImageServer(os.urandom((1 << 20) + 3 * 1024))
+    try:
+        yield server
+    finally:
+        server.stop()
