@@ -171,3 +171,12 @@ def test_finish_accepts_defaults_not_given() -> None:
     options.string("path")
     options.boolean("direct", False)
     options.finish()
+
+
+def test_remaining_takes_what_no_getter_asked_for() -> None:
+    options = opts("script=./x.py", "size=1M", "expr=a=b", "empty=")
+    assert options.string("script") == "./x.py"
+    options.string("class", "")
+    assert options.remaining() == {"size": "1M", "expr": "a=b", "empty": ""}
+    options.finish()  # the remaining options count as known now
+    assert options.remaining() == {}
