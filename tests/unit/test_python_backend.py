@@ -21,6 +21,7 @@ from pyvduse.backends import BACKENDS, load_backend, open_backend
 from pyvduse.backends.python import PythonBackendLoader, backend_classes
 from pyvduse.errors import ConfigError
 from pyvduse.testing import FakeVduse
+from pyvduse.testing.conformance import check_backend
 
 HEADER = "from pyvduse.backends import Backend, BackendOptions\n"
 
@@ -390,3 +391,24 @@ def test_cli_serves_the_ramdisk_example(capsys: pytest.CaptureFixture[str], tmp_
     assert "serving python backend on user0 (not attached): 2097152 bytes" in err
     assert fake.destroyed == ["user0"]
 
+
+# -- the documentation's examples -------------------------------------------------------
+
+
+def python_blocks(text: str, after: str) -> list[str]:
+    """The ```python blocks of ``text`` that follow the heading ``after``."""
+    return re.findall(r"```python\n(.*?)```", text.split(after, 1)[1], re.DOTALL)
+
+
+@pytest.mark.parametrize(("document", "heading", "options"), [
+    ("README.md", "## Writing a backend", {"size": "1M"}),
+    ("docs/backends.md", "## The smallest useful backend", {}),
+])
+def test_documented_backends_work(write_script: Any, document: str, heading: str,
+                                  options: dict[str, str]) -> None:
+    text = (EXAMPLES.parent / document).read_text()
+    script = write_script(python_blocks(text, heading)[0], name="documented.py")
+    assert check_backend(lambda: load_backend(script=script, options=options),
+                         initial=lambda offset, length: bytes(length)) == [
+        "geometry", "capabilities", "reads", "round_trip", "vectored", "write_zeroes",
+        "concurrency"]
