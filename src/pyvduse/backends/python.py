@@ -61,8 +61,6 @@ from pyvduse.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: The loader's own options; all others are passed to the user's backend.
-LOADER_OPTIONS = ("script", "module", "class")
 #: Name of the module-level factory function the loader looks for.
 FACTORY_NAME = "create"
 
