@@ -44,6 +44,19 @@ class IotlbEntry:
 IotlbResolver = Callable[[int], IotlbEntry]
 """Returns the IOTLB entry that covers an IOVA; raises :class:`MemoryAccessError` if none does."""
 
+HotRegion = tuple[int, int, int, memoryview]
+"""``(start, read_end, write_end, view)``: one mapping, in the form the data path checks fastest.
+
+``view[0]`` is IOVA ``start``. A buffer ``[addr, addr+length)`` with ``length > 0``
+may be read through ``view`` iff ``start <= addr and addr + length <= read_end``,
+and written iff ``start <= addr and addr + length <= write_end``: an end is the
+mapping's exclusive end when it grants that access and 0 otherwise, so the two
+comparisons check bounds and rights at once.
+"""
+
+NO_HOT_REGION: HotRegion = (1, 0, 0, memoryview(b""))
+"""A :data:`HotRegion` that no non-empty buffer fits."""
+
 
 class GuestMemory(Protocol):
     """What the virtqueue and device code need from driver memory."""
@@ -60,11 +73,20 @@ class GuestMemory(Protocol):
         """Return one view of ``[addr, addr+length)``; raise if it spans mappings."""
         ...
 
+    @property
+    def hot(self) -> HotRegion:
+        """The mapping most recently translated through (or :data:`NO_HOT_REGION`).
+
+        A data-path hint: a buffer that fits it (see :data:`HotRegion`) may be
+        sliced from its view directly; anything else goes through :meth:`segments`.
+        """
+        ...
+
 
 class Region:
     """One mmap'ed IOTLB entry."""
 
-    __slots__ = ("_map", "last", "perm", "start", "view")
+    __slots__ = ("_map", "hot", "last", "perm", "start", "view")
 
     def __init__(self, entry: IotlbEntry) -> None:
         page = mmap.ALLOCATIONGRANULARITY
@@ -88,6 +110,9 @@ class Region:
         self.last = entry.last
         self.perm = entry.perm
         self.view = memoryview(self._map)[skew:]
+        end = entry.last + 1
+        self.hot: HotRegion = (entry.start, end if entry.perm & VDUSE_ACCESS_RO else 0,
+                               end if entry.perm & VDUSE_ACCESS_WO else 0, self.view)
 
     def release(self) -> None:
         """Drop the mapping; views handed out earlier keep it alive until released."""
@@ -104,6 +129,11 @@ class IotlbMemory:
     Thread-safe: queues translate concurrently; :meth:`invalidate` may run
     from the control thread, but only while no queue is running (the device
     stops queues before it drops mappings).
+
+    :attr:`hot` is the region of the last successful lookup, as a
+    :data:`HotRegion` tuple: the split ring's fast path slices buffers that fit
+    it without a call, a bisect or a lock. It is replaced (one atomic attribute
+    store) on every lookup and reset before any region is released.
     """
 
     def __init__(self, resolve: IotlbResolver) -> None:
@@ -111,21 +141,32 @@ class IotlbMemory:
         self._lock = threading.Lock()
         # (sorted starts, regions): swapped as one object so lock-free readers see a pair.
         self._table: tuple[list[int], list[Region]] = ([], [])
+        self.hot: HotRegion = NO_HOT_REGION
 
-    def _find(self, addr: int) -> Region | None:
-        starts, regions = self._table
+    def _find(self, addr: int, table: tuple[list[int], list[Region]]) -> Region | None:
+        starts, regions = table
         index = bisect.bisect_right(starts, addr) - 1
         if index >= 0 and addr <= regions[index].last:
             return regions[index]
         return None
 
     def _lookup(self, addr: int) -> Region:
-        return self._find(addr) or self._fault(addr)
+        table = self._table
+        region = self._find(addr, table)
+        if region is None:
+            return self._fault(addr)
+        self.hot = region.hot
+        if self._table is not table:
+            # A concurrent fault swapped the table (and may be dropping ``region``)
+            # after we read it: its reset of ``hot`` may have come before our store.
+            self.hot = NO_HOT_REGION
+        return region
 
     def _fault(self, addr: int) -> Region:
         with self._lock:
-            found = self._find(addr)
+            found = self._find(addr, self._table)
             if found is not None:
+                self.hot = found.hot
                 return found
             entry = self._resolve(addr)
             try:
@@ -143,6 +184,9 @@ class IotlbMemory:
             keep.append(region)
             keep.sort(key=lambda r: r.start)
             self._table = ([r.start for r in keep], keep)
+            # Set under the lock, after the swap: a later fault that drops this
+            # region resets it; a stale region is never left behind as ``hot``.
+            self.hot = region.hot
         for old in stale:
             old.release()
         return region
@@ -185,5 +229,6 @@ class IotlbMemory:
         with self._lock:
             regions = self._table[1]
             self._table = ([], [])
+            self.hot = NO_HOT_REGION
         for region in regions:
             region.release()

@@ -89,23 +89,25 @@ class QueueWorker:
         """
         queue = self.queue
         handle = self._handle
+        pop = queue.pop  # bound once: the loop below runs per request
+        push = queue.push
         while not self._stopping:
             queue.disable_kicks()
             count = queue.pending()
             while count:
                 for _ in range(count):
                     try:
-                        chain = queue.pop()
+                        chain = pop()
                     except ChainError as exc:
                         self.bad_chains += 1
                         log.warning("%s: %s; completed with length 0", self.name, exc)
-                        queue.push(exc.head, 0)
+                        push(exc.head, 0)
                         continue
                     except RingError as exc:
                         self.bad_chains += 1
                         log.warning("%s: %s; skipped", self.name, exc)
                         continue
-                    queue.push(chain.head, handle(chain))
+                    push(chain.head, handle(chain))
                 self.requests += count
                 queue.publish()
                 if queue.needs_interrupt():

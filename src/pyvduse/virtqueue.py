@@ -14,6 +14,7 @@ Byte order: rings are little-endian and this module reads them through native
 
 from __future__ import annotations
 
+import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -40,6 +41,14 @@ MAX_CHAIN_BYTES = 0xFFFFFFFF  # the used element's length is a le32
 
 _unpack_desc = vring_desc.unpack_from
 _DESC_SIZE = vring_desc.size
+# Flag bits a descriptor may not carry on pop's fast path (anything else: the general path).
+_NOT_NEXT = ~VRING_DESC_F_NEXT
+_NOT_WRITE = ~VRING_DESC_F_WRITE
+_NOT_WRITE_NEXT = ~(VRING_DESC_F_WRITE | VRING_DESC_F_NEXT)
+_NEXT_WRITE = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
+# Indirect tables of two and three descriptors, read in one call each.
+_unpack_desc2 = struct.Struct("<" + vring_desc.format.lstrip("<") * 2).unpack_from
+_unpack_desc3 = struct.Struct("<" + vring_desc.format.lstrip("<") * 3).unpack_from
 
 # A locked read-modify-write is a full barrier on every architecture CPython runs on;
 # acquiring and releasing a lock gives the store->load ordering EVENT_IDX needs.
@@ -120,7 +129,8 @@ class SplitQueue:
         self._avail16 = avail.cast("H")
         # used: flags, idx (u16), ring[size] of {u32 id, u32 len}, avail_event (u16)
         self._used16 = used.cast("H")
-        self._used32 = used[: 4 + 8 * size].cast("I")
+        # used elements as one u64 each, ``id | len << 32`` (little-endian): one store per push
+        self._used64 = used[4 : 4 + 8 * size].cast("Q")
         self._used_event_slot = 2 + size
         self._avail_event_slot = 2 + 4 * size
         self.last_avail_idx = last_avail_idx & 0xFFFF
@@ -154,16 +164,101 @@ class SplitQueue:
         Raises :class:`ChainError` for a malformed chain whose head is valid (it is
         consumed; complete it) and :class:`RingError` for an out-of-range head
         (consumed too, but it cannot be completed).
+
+        Fast path: most chains are well formed and lie in one mapping. If every
+        buffer of the chain is non-empty, inside the memory's hot region (see
+        :data:`pyvduse.memory.HotRegion`) and has only the NEXT and WRITE flags
+        (or the head is one indirect descriptor whose table lies there), the
+        chain is built here: buffers are sliced straight from the mapping's
+        view, the table is read in place, and the checks that cannot fail on
+        such a chain are folded into a few comparisons (rights and bounds: two
+        per buffer; loops: the loop runs at most table-size times; the 4 GiB
+        limit: once, at the end). On anything else, including every malformed
+        chain, it gives up without side effects and :meth:`_walk` starts over
+        with every check in order, so errors are exactly those of the general path.
         """
-        head = self._avail16[2 + (self.last_avail_idx & self._mask)]
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if head >= self.size:
+        last = self.last_avail_idx
+        head = self._avail16[2 + (last & self._mask)]
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        table_len = self.size
+        if head >= table_len:
             raise RingError(
-                f"avail ring names descriptor {head}, beyond the queue size {self.size}")
+                f"avail ring names descriptor {head}, beyond the queue size {table_len}")
+        hot_start, read_end, write_end, view = self.memory.hot
+        table = self._desc
+        base = 0  # byte offset of descriptor 0 in ``table``
+        addr, length, flags, nxt = _unpack_desc(table, head * _DESC_SIZE)
+        if flags & VRING_DESC_F_INDIRECT:
+            # One indirect descriptor (its WRITE flag is ignored), negotiated, whose table
+            # lies in the hot region and holds 1..size descriptors.
+            if (flags & _NOT_WRITE != VRING_DESC_F_INDIRECT or not self.indirect
+                    or addr < hot_start or addr + length > read_end):
+                return self._walk(head)
+            base = addr - hot_start
+            if length == 3 * _DESC_SIZE and table_len >= 3:
+                # What Linux writes for a request with one data buffer (header, data,
+                # status; ``next`` = i + 1): read in one call, checked without a loop.
+                a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = _unpack_desc3(view, base)
+                if (f0 == VRING_DESC_F_NEXT and n0 == 1 and n1 == 2 and f2 == VRING_DESC_F_WRITE
+                        and l0 and l1 and l2 and l0 + l1 + l2 <= MAX_CHAIN_BYTES
+                        and hot_start <= a0 and a0 + l0 <= read_end
+                        and hot_start <= a2 and a2 + l2 <= write_end):
+                    a0 -= hot_start
+                    a2 -= hot_start
+                    if f1 == _NEXT_WRITE and hot_start <= a1 and a1 + l1 <= write_end:
+                        a1 -= hot_start
+                        return Chain(head, [view[a0:a0 + l0]],
+                                     [view[a1:a1 + l1], view[a2:a2 + l2]])
+                    if f1 == VRING_DESC_F_NEXT and hot_start <= a1 and a1 + l1 <= read_end:
+                        a1 -= hot_start
+                        return Chain(head, [view[a0:a0 + l0], view[a1:a1 + l1]],
+                                     [view[a2:a2 + l2]])
+            elif length == 2 * _DESC_SIZE and table_len >= 2:
+                # Header and status only (flush, or a request without data).
+                a0, l0, f0, n0, a1, l1, f1, _ = _unpack_desc2(view, base)
+                if (f0 == VRING_DESC_F_NEXT and n0 == 1 and f1 == VRING_DESC_F_WRITE
+                        and l0 and l1 and l0 + l1 <= MAX_CHAIN_BYTES
+                        and hot_start <= a0 and a0 + l0 <= read_end
+                        and hot_start <= a1 and a1 + l1 <= write_end):
+                    a0 -= hot_start
+                    a1 -= hot_start
+                    return Chain(head, [view[a0:a0 + l0]], [view[a1:a1 + l1]])
+            if not length or length % _DESC_SIZE or length > table_len * _DESC_SIZE:
+                return self._walk(head)
+            table = view
+            table_len = length // _DESC_SIZE
+            addr, length, flags, nxt = _unpack_desc(table, base)
+        limit = table_len
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        total = 0
+        while limit:  # a chain holds at most ``limit`` descriptors
+            limit -= 1
+            if flags & VRING_DESC_F_WRITE:
+                if (flags & _NOT_WRITE_NEXT or not length
+                        or addr < hot_start or addr + length > write_end):
+                    break
+                offset = addr - hot_start
+                writable.append(view[offset:offset + length])
+            else:
+                if (writable or flags & _NOT_NEXT or not length
+                        or addr < hot_start or addr + length > read_end):
+                    break
+                offset = addr - hot_start
+                readable.append(view[offset:offset + length])
+            total += length
+            if not flags & VRING_DESC_F_NEXT:
+                if total > MAX_CHAIN_BYTES:
+                    break
+                return Chain(head, readable, writable)
+            if nxt >= table_len:
+                break
+            addr, length, flags, nxt = _unpack_desc(table, base + nxt * _DESC_SIZE)
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
-        chain = Chain(head)
+        """The general path of :meth:`pop`: every chain, every check, in order."""
+        chain = Chain(head, [], [])
         readable = chain.readable
         writable = chain.writable
         memory = self.memory
@@ -229,11 +324,11 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         """Fill the next used element; visible to the driver after :meth:`publish`."""
-        slot = 1 + 2 * (self.used_idx & self._mask)
-        used32 = self._used32
-        used32[slot] = head
-        used32[slot + 1] = written
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        used_idx = self.used_idx
+        # struct vring_used_elem {le32 id; le32 len}; ``written`` must fit in 32 bits
+        # (the view refuses anything wider, as a 32-bit store would).
+        self._used64[used_idx & self._mask] = head | written << 32
+        self.used_idx = (used_idx + 1) & 0xFFFF
 
     def publish(self) -> None:
         """Make every pushed element visible by storing the used index."""
@@ -271,5 +366,5 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop the ring views (before the memory they point into is unmapped)."""
-        for view in (self._avail16, self._used16, self._used32, self._desc):
+        for view in (self._avail16, self._used16, self._used64, self._desc):
             view.release()
