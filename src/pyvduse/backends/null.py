@@ -11,6 +11,7 @@ from pyvduse.backends.base import ZERO_CHUNK, Backend
 from pyvduse.backends.options import BackendOptions, check_disk_size
 
 _ZEROES = memoryview(ZERO_CHUNK)
+_CHUNK = len(ZERO_CHUNK)
 DEFAULT_SIZE = 1 << 30
 
 
@@ -39,10 +40,10 @@ class NullBackend(Backend):
     def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with zeroes, copying from a shared zero buffer without allocating."""
         length = len(buf)
-        chunk = len(_ZEROES)
-        if length <= chunk:
+        if length <= _CHUNK:
             buf[:] = _ZEROES[:length]
             return
+        chunk = _CHUNK
         for start in range(0, length, chunk):
             step = min(chunk, length - start)
             buf[start : start + step] = _ZEROES[:step]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from pyvduse.backends.base import Backend
 from pyvduse.blk.config import MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, BlkConfig
@@ -25,6 +26,9 @@ _unpack_header = v.virtio_blk_outhdr.unpack
 _unpack_range = v.virtio_blk_discard_write_zeroes.unpack_from
 _RANGE_SIZE = v.virtio_blk_discard_write_zeroes.size
 _SECTOR_SHIFT = v.VIRTIO_BLK_SECTOR_SHIFT
+_T_IN = v.VIRTIO_BLK_T_IN
+_T_OUT = v.VIRTIO_BLK_T_OUT
+_T_FLUSH = v.VIRTIO_BLK_T_FLUSH
 
 S_OK = v.VIRTIO_BLK_S_OK
 S_IOERR = v.VIRTIO_BLK_S_IOERR
@@ -54,6 +58,16 @@ class BlkHandler:
         self.backend = backend
         self.config = config
         self._capacity_sectors = config.capacity >> _SECTOR_SHIFT
+        self._capacity_bytes = self._capacity_sectors << _SECTOR_SHIFT
+        self._accepts_writes = not config.readonly
+        self._flush_offered = config.flush
+        # One data buffer: Backend's default readv/writev would make exactly one
+        # read/write call, so call it directly; a backend's own readv/writev gets [buf].
+        cls = type(backend)
+        self._read_one: Callable[[int, memoryview], None] = (
+            backend.read if cls.readv is Backend.readv else self._read_via_readv)
+        self._write_one: Callable[[int, memoryview], None] = (
+            backend.write if cls.writev is Backend.writev else self._write_via_writev)
         self._block_mask = config.logical_block_size - 1
         self._sector_mask = config.sectors_per_block - 1
         self._serial = config.serial.encode()[: v.VIRTIO_BLK_ID_BYTES].ljust(
@@ -65,7 +79,63 @@ class BlkHandler:
         """Serve one request; return the number of bytes written into the chain.
 
         Never raises for driver input or backend failures.
+
+        Fast path: the layout every driver uses, the 16-byte header alone in the
+        first device-readable buffer and the status byte alone in the last
+        device-writable one, is recognised with two length checks and needs no
+        splitting or copying; its header is unpacked in place. A read or write
+        of one data buffer is then range-checked inline and goes straight to the
+        backend, and so does a flush. Everything else, and any request that fails
+        a check, goes to :meth:`_dispatch` (or, for other layouts, to
+        :meth:`_handle_general`), which makes the same checks and gives the same
+        answers.
         """
+        readable = chain.readable
+        writable = chain.writable
+        if not (readable and writable):
+            return self._handle_general(chain)
+        header = readable[0]
+        status_view = writable[-1]
+        if len(header) != _HEADER_SIZE or len(status_view) != 1:
+            return self._handle_general(chain)
+        req_type, _ioprio, sector = _unpack_header(header)
+        try:
+            if req_type == _T_IN:
+                if len(writable) == 2:
+                    data = writable[0]
+                    length = len(data)
+                    offset = sector << _SECTOR_SHIFT
+                    # _check_range's two checks, on bytes: the offset is block-aligned iff
+                    # the sector is, and both are block multiples when the end is compared.
+                    if not (offset | length) & self._block_mask and (
+                            offset + length <= self._capacity_bytes):
+                        self._read_one(offset, data)
+                        status_view[0] = S_OK
+                        return length + 1
+            elif req_type == _T_OUT:
+                if len(readable) == 2 and self._accepts_writes:
+                    data = readable[1]
+                    length = len(data)
+                    offset = sector << _SECTOR_SHIFT
+                    if not (offset | length) & self._block_mask and (
+                            offset + length <= self._capacity_bytes):
+                        self._write_one(offset, data)
+                        status_view[0] = S_OK
+                        return 1
+            elif req_type == _T_FLUSH and self._flush_offered:
+                self.backend.flush()
+                status_view[0] = S_OK
+                return 1
+            written = self._dispatch(req_type, sector, readable[1:], writable[:-1])
+        except RequestRejected as rejected:
+            return self._rejected(status_view, rejected)
+        except Exception as exc:  # backend failure: the request fails, the device lives
+            return self._failed(status_view, req_type, sector, exc)
+        status_view[0] = S_OK
+        return written + 1
+
+    def _handle_general(self, chain: Chain) -> int:
+        """:meth:`handle` for any layout: the header and status may share buffers with data."""
         writable = chain.writable
         if not writable:
             log.warning("virtio-blk request %d has no status byte; dropped", chain.head)
@@ -81,16 +151,29 @@ class BlkHandler:
         try:
             written = self._dispatch(req_type, sector, data_out, data_in)
         except RequestRejected as rejected:
-            status_view[0] = rejected.status
-            if rejected.status == S_IOERR:
-                self._note_error(str(rejected))
-            return 1
+            return self._rejected(status_view, rejected)
         except Exception as exc:  # backend failure: the request fails, the device lives
-            status_view[0] = S_IOERR
-            self._note_backend_failure(req_type, sector, exc)
-            return 1
+            return self._failed(status_view, req_type, sector, exc)
         status_view[0] = S_OK
         return written + 1
+
+    def _rejected(self, status_view: memoryview, rejected: RequestRejected) -> int:
+        status_view[0] = rejected.status
+        if rejected.status == S_IOERR:
+            self._note_error(str(rejected))
+        return 1
+
+    def _failed(self, status_view: memoryview, req_type: int, sector: int,
+                exc: Exception) -> int:
+        status_view[0] = S_IOERR
+        self._note_backend_failure(req_type, sector, exc)
+        return 1
+
+    def _read_via_readv(self, offset: int, buf: memoryview) -> None:
+        self.backend.readv(offset, [buf])
+
+    def _write_via_writev(self, offset: int, buf: memoryview) -> None:
+        self.backend.writev(offset, [buf])
 
     # -- request types ----------------------------------------------------------------
 
