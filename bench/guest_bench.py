@@ -4,13 +4,16 @@ Runs INSIDE the VM guest that bench/run boots (scripts/vm-run), as root, with
 the project's virtualenv interpreter (``.venv/bin/python bench/guest_bench.py``):
 /dev/vduse exists there and the kernel has nbd, null_blk and brd as modules.
 
-For each peer it starts the server over the same backing file on the guest's
-tmpfs (or the null device / kernel device), finds the block device and checks
-it belongs to that server, runs each fio job (libaio, direct=1, JSON output),
-samples the daemon's CPU time (utime+stime from /proc/PID/stat) and peak RSS
-(VmHWM from /proc/PID/status), and stops the peer cleanly. A peer is served
-twice: with one queue (one nbd connection) for the single-job workloads and
-the 1-queue mixed job, then with two queues for the 2-queue 2-job mixed job.
+It starts every peer, each over the same backing file on the guest's tmpfs
+(or its null device, or a kernel device), finds each block device and checks
+it belongs to that server; then runs each fio job (libaio, direct=1, JSON
+output) on every peer in turn, the starting peer rotating from one workload to
+the next, so that a change in the host's load spreads over all peers; it
+samples each daemon's CPU time (utime+stime from /proc/PID/stat) around its
+jobs and its peak RSS (VmHWM from /proc/PID/status), and stops every peer
+cleanly. This happens twice: with one queue (one nbd connection) for the
+single-job workloads and the 1-queue mixed job, then with two queues for the
+2-queue 2-job mixed job.
 
 Writes into --out (default $VM_RUN_OUTDIR): ``raw.json`` (all figures, rewritten
 after every peer, so a partial run still has data) and ``fio/PEER/WORKLOAD.json``
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,12 +209,12 @@ class Peer:
 
 class PyvdusePeer(Peer):
     group = "pyvduse"
-    name = "bench0"
 
     def __init__(self, work: Path, image: Path, backing: str) -> None:
         self.id = f"pyvduse-{backing}"
         self.label = f"pyvduse {backing}"
         self.backing = backing
+        self.name = f"pyvduse{backing}"
         super().__init__(work, image)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfile = work / f"{self.name}.pid"
@@ -248,11 +251,11 @@ class PyvdusePeer(Peer):
 
 class QsdPeer(Peer):
     group = "qsd"
-    name = "qsd0"
 
     def __init__(self, work: Path, image: Path, backing: str, aio: str = "") -> None:
         self.backing = backing
         self.aio = aio
+        self.name = f"qsd{aio.replace('_', '')}" if backing == "file" else "qsdnull"
         self.id = f"qsd-{aio}" if backing == "file" else "qsd-null"
         self.label = f"QSD file aio={aio}" if backing == "file" else "QSD null-co"
         super().__init__(work, image)
@@ -314,16 +317,17 @@ class QsdPeer(Peer):
 
 class NbdPeer(Peer):
     group = "nbd"
-    nbd = "nbd0"
+    PLUGINS = ("file", "python", "null")
 
     def __init__(self, work: Path, image: Path, plugin: str) -> None:
         self.plugin = plugin
+        self.nbd = f"nbd{self.PLUGINS.index(plugin)}"
         self.backing = "null" if plugin == "null" else "file"
         self.id = f"nbdkit-{plugin}"
         self.label = {"file": "nbdkit file", "python": "nbdkit Python plugin",
                       "null": "nbdkit null"}[plugin]
         super().__init__(work, image)
-        self.sock = work / "nbdkit.sock"
+        self.sock = work / f"nbdkit-{plugin}.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.connected = False
 
@@ -510,8 +514,12 @@ def make_image(path: Path) -> None:
             f.write(block)
 
 
-@contextlib.contextmanager
-def phase_of(peer: Peer, queues: int, record: dict[str, Any]) -> Iterator[Served]:
+def new_entry(peer: Peer) -> dict[str, Any]:
+    return {"id": peer.id, "label": peer.label, "group": peer.group, "backing": peer.backing,
+            "daemon": peer.daemon, "phases": [], "results": {}, "errors": []}
+
+
+def start_peer(peer: Peer, queues: int, record: dict[str, Any]) -> Served:
     t = time.monotonic()
     try:
         served = peer.start(queues)
@@ -529,9 +537,12 @@ def phase_of(peer: Peer, queues: int, record: dict[str, Any]) -> Iterator[Served
         mq = Path("/sys/block", disk, "mq")
         record["hw_queues"] = len(list(mq.iterdir())) if mq.exists() else None
     if served.pid is not None:
-        record["pid_rss_at_start"] = peak_rss(served.pid)
+        record["rss_at_start"] = peak_rss(served.pid)
+    return served
+
+
+def finish_peer(peer: Peer, served: Served, record: dict[str, Any]) -> None:
     try:
-        yield served
         if served.pid is not None:
             record["rss_peak"] = peak_rss(served.pid)
             record["cpu_seconds_total"] = cpu_seconds(served.pid)
@@ -541,57 +552,85 @@ def phase_of(peer: Peer, queues: int, record: dict[str, Any]) -> Iterator[Served
         record["stop_seconds"] = round(time.monotonic() - t, 2)
 
 
-def run_peer(peer: Peer, workloads: list[Workload], fio: Fio, args: argparse.Namespace,
-             fio_dir: Path) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": peer.id, "label": peer.label, "group": peer.group,
-                             "backing": peer.backing, "daemon": peer.daemon,
-                             "phases": [], "results": {}, "errors": []}
-    out_dir = fio_dir / peer.id
-    out_dir.mkdir(parents=True, exist_ok=True)
+def run_job(peer: Peer, served: Served, w: Workload, fio: Fio, args: argparse.Namespace,
+            out: Path, queues: int) -> dict[str, Any]:
+    fio_args = w.fio_args(served.device, args.runtime, args.ramp, str(out))
+    cpu0 = cpu_seconds(served.pid) if served.pid else None
+    t = time.monotonic()
+    fio.run(fio_args, timeout=args.runtime + args.ramp + 600)
+    m = fio_metrics(json.loads(out.read_text()))
+    m["wall_seconds"] = round(time.monotonic() - t, 2)
+    if served.pid is not None and cpu0 is not None:
+        cpu = cpu_seconds(served.pid) - cpu0
+        m["daemon_cpu_seconds"] = round(cpu, 3)
+        # The daemon idles (blocked on its kicks) outside fio's I/O window, so
+        # CPU over ramp + runtime is its load under I/O.
+        m["daemon_cpu_percent"] = round(100 * cpu / (args.runtime + args.ramp), 1)
+    m["queues"] = queues
+    return m
+
+
+def run_all(peers: list[Peer], workloads: list[Workload], fio: Fio, args: argparse.Namespace,
+            fio_dir: Path, save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Serve every peer at once and run each workload on each peer in turn.
+
+    Peers take turns job by job (the starting peer rotates from one workload to the
+    next), so a change in the host's load while the benchmark runs spreads over
+    all peers instead of landing on whichever peer happened to run then. An idle
+    server costs nothing: each waits on its kick eventfds or sockets.
+    """
+    entries = {peer.id: new_entry(peer) for peer in peers}
+    rotation = 0
     for queues in sorted({w.queues for w in workloads}):
         batch = [w for w in workloads if w.queues == queues]
-        record: dict[str, Any] = {"queues": queues, "command": peer.describe(queues),
-                                  "workloads": [w.id for w in batch]}
-        entry["phases"].append(record)
-        say(f"{peer.id}: starting with {queues} queue(s): {record['command']}")
+        up: list[tuple[Peer, Served, dict[str, Any]]] = []
         try:
-            with phase_of(peer, queues, record) as served:
+            for peer in peers:
+                record: dict[str, Any] = {"queues": queues, "command": peer.describe(queues),
+                                          "workloads": [w.id for w in batch]}
+                entries[peer.id]["phases"].append(record)
+                say(f"{peer.id}: starting with {queues} queue(s): {record['command']}")
+                try:
+                    served = start_peer(peer, queues, record)
+                except Exception as exc:
+                    entries[peer.id]["errors"].append(f"start with {queues} queue(s): {exc}")
+                    say(f"{peer.id}: FAILED to start: {exc}")
+                    traceback.print_exc()
+                    continue
+                up.append((peer, served, record))
                 say(f"{peer.id}: {served.device} up after {record['start_seconds']} s")
-                for w in batch:
-                    out = out_dir / f"{w.id}.json"
-                    fio_args = w.fio_args(served.device, args.runtime, args.ramp, str(out))
-                    cpu0 = cpu_seconds(served.pid) if served.pid else None
-                    t = time.monotonic()
+            for w in batch:
+                order = up[rotation % len(up):] + up[:rotation % len(up)] if up else []
+                rotation += 1
+                for peer, served, _record in order:
+                    entry = entries[peer.id]
+                    out = fio_dir / peer.id / f"{w.id}.json"
+                    out.parent.mkdir(parents=True, exist_ok=True)
                     try:
-                        fio.run(fio_args, timeout=args.runtime + args.ramp + 600)
-                        m = fio_metrics(json.loads(out.read_text()))
+                        m = run_job(peer, served, w, fio, args, out, queues)
                     except Exception as exc:
                         entry["errors"].append(f"{w.id}: {exc}")
                         say(f"{peer.id}: {w.id} FAILED: {exc}")
                         continue
-                    m["wall_seconds"] = round(time.monotonic() - t, 2)
-                    if served.pid is not None and cpu0 is not None:
-                        cpu = cpu_seconds(served.pid) - cpu0
-                        m["daemon_cpu_seconds"] = round(cpu, 3)
-                        # The daemon idles (blocked on its kicks) outside fio's I/O
-                        # window, so CPU over ramp + runtime is its load under I/O.
-                        m["daemon_cpu_percent"] = round(100 * cpu / (args.runtime + args.ramp), 1)
-                        m["daemon_rss_peak_so_far"] = peak_rss(served.pid)
-                    m["queues"] = queues
                     entry["results"][w.id] = m
                     say(f"{peer.id}: {w.id}: {m['iops']:,.0f} IOPS "
                         f"{m['bw_bytes'] / 2**20:,.1f} MiB/s mean {m['lat_mean_us']:,.0f} us "
                         f"p99 {m['lat_p99_us']:,.0f} us"
                         + (f" daemon CPU {m['daemon_cpu_percent']}%"
-                           if 'daemon_cpu_percent' in m else "")
+                           if "daemon_cpu_percent" in m else "")
                         + f" ({m['wall_seconds']} s)")
-        except Exception as exc:
-            entry["errors"].append(f"{queues} queue(s): {exc}")
-            say(f"{peer.id}: FAILED with {queues} queue(s): {exc}")
-            traceback.print_exc()
-        if peer.log.exists():
-            record["log_tail"] = peer.log.read_text(errors="replace")[-1500:]
-    return entry
+                save(list(entries.values()))
+        finally:
+            for peer, served, record in up:
+                try:
+                    finish_peer(peer, served, record)
+                except Exception as exc:
+                    entries[peer.id]["errors"].append(f"stop with {queues} queue(s): {exc}")
+                    say(f"{peer.id}: FAILED to stop cleanly: {exc}")
+                if peer.log.exists():
+                    record["log_tail"] = peer.log.read_text(errors="replace")[-1500:]
+            save(list(entries.values()))
+    return list(entries.values())
 
 
 def main() -> int:
@@ -632,7 +671,7 @@ def main() -> int:
     t = time.monotonic()
     make_image(image)
     say(f"backing file: {SIZE >> 20} MiB of data on the tmpfs in {time.monotonic() - t:.1f} s")
-    run(["modprobe", "nbd", "nbds_max=1"])
+    run(["modprobe", "nbd", f"nbds_max={len(NbdPeer.PLUGINS)}"])
     fio = Fio(work)
 
     meta = {
@@ -661,19 +700,20 @@ def main() -> int:
         "peers": [],
     }
     out_file = args.out / "raw.json"
-    failed = False
-    for peer in peers:
-        t = time.monotonic()
-        entry = run_peer(peer, workloads, fio, args, fio_dir)
-        entry["seconds"] = round(time.monotonic() - t, 1)
-        failed |= bool(entry["errors"])
-        raw["peers"].append(entry)
+
+    def save(entries: list[dict[str, Any]]) -> None:
+        raw["peers"] = entries
         meta["guest_seconds"] = round(time.monotonic() - T0, 1)
         tmp = out_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(raw, indent=1) + "\n")
         tmp.replace(out_file)
-        say(f"{peer.id}: done in {entry['seconds']} s"
-            + (f", {len(entry['errors'])} error(s)" if entry["errors"] else ""))
+
+    entries = run_all(peers, workloads, fio, args, fio_dir, save)
+    failed = False
+    for entry in entries:
+        failed |= bool(entry["errors"])
+        for err in entry["errors"]:
+            say(f"{entry['id']}: error: {err}")
     image.unlink(missing_ok=True)
     say("FAILED: some peers or workloads did not run" if failed else "all peers ran")
     return 1 if failed else 0

@@ -120,10 +120,61 @@ def _debian() -> str:
         return "?"
 
 
-def watch_other_guests(launcher: subprocess.Popen[bytes], seen: set[int],
-                       stop: threading.Event) -> None:
-    while not stop.wait(10):
-        seen.update(qemu_guests(exclude_under=launcher.pid))
+def _busy_ticks() -> int:
+    """Busy CPU time of the whole host (every core), in clock ticks."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def _tree_ticks(root: int) -> dict[int, int]:
+    """utime + stime of ``root`` and its live descendants, by pid."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        pid = int(d.name)
+        if not _descends(pid, root):
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[pid] = int(fields[11]) + int(fields[12])
+    return out
+
+
+class HostWatch:
+    """Other QEMU guests and the CPU used by everything but our guest, during the run."""
+
+    def __init__(self, launcher: subprocess.Popen[bytes]) -> None:
+        self.launcher = launcher
+        self.seen: set[int] = set()
+        self.busy0 = _busy_ticks()
+        self.ours: dict[int, int] = {}  # last seen CPU ticks of our launcher's processes
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        self.seen.update(qemu_guests(exclude_under=self.launcher.pid))
+        self.ours.update(_tree_ticks(self.launcher.pid))
+
+    def _run(self) -> None:
+        self._sample()
+        while not self.stop.wait(5):
+            self._sample()
+
+    def finish(self, wall: float) -> float:
+        """Cores used on average by everything but our guest (our processes all
+        started after busy0 was read; the last seconds of those that already
+        exited are missed, a few hundredths of a core over a full run)."""
+        self.stop.set()
+        self.thread.join(timeout=30)
+        ours = sum(self.ours.values())
+        others = (_busy_ticks() - self.busy0 - ours) / os.sysconf("SC_CLK_TCK")
+        return max(0.0, others / wall) if wall > 0 else 0.0
 
 
 def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) -> int:
@@ -151,13 +202,9 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
     wait_for_idle_host(args.max_wait)
     say(f"booting the guest; progress: tail -f {raw_dir / 'console.log'}")
     t = time.monotonic()
-    seen: set[int] = set()
-    stop = threading.Event()
     with open(raw_dir.parent / f"{raw_dir.name}.vm-run.out", "wb") as out:
         launcher = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        watcher = threading.Thread(target=watch_other_guests, args=(launcher, seen, stop),
-                                   daemon=True)
-        watcher.start()
+        watch = HostWatch(launcher)
         try:
             rc = launcher.wait()
         except KeyboardInterrupt:
@@ -165,8 +212,12 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
             launcher.wait()
             raise
         finally:
-            stop.set()
-    host["wall_seconds"] = round(time.monotonic() - t, 1)
+            wall = time.monotonic() - t
+            others = watch.finish(wall)
+    seen = watch.seen
+    host["wall_seconds"] = round(wall, 1)
+    host["host_cpus"] = os.cpu_count()
+    host["host_cpu_used_by_others"] = round(others, 2)
     host["vm_run_exit"] = rc
     host["concurrent_guests"] = sorted(seen)
     host["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]

@@ -209,6 +209,11 @@ def markdown(res: dict[str, Any]) -> str:
         ("full run took", f"{host.get('wall_seconds', 0) / 60:.1f} min (VM boot to power-off)"),
     ]:
         add(f"| {k} | {v} |")
+    others = host.get("host_cpu_used_by_others")
+    if others is not None:
+        add(f"\nOther work on the host used {others:.2f} of its "
+            f"{host.get('host_cpus', 2)} cores on average during the run "
+            f"(QEMU needs both for the 2 vCPUs): the more, the noisier the figures.")
     if host.get("concurrent_guests"):
         add(f"\n**Warning:** another QEMU guest ran on the host during this run "
             f"({host['concurrent_guests']}); figures are noisier than usual.")
@@ -270,7 +275,7 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         ph = {x["queues"]: x for x in p["phases"]}
         one, two = ph.get(1, {}), ph.get(2, {})
-        add(f"| {p['label']} | {_mib(one.get('pid_rss_at_start'))} | "
+        add(f"| {p['label']} | {_mib(one.get('rss_at_start', one.get('pid_rss_at_start')))} | "
             f"{_mib(one.get('rss_peak'))} | {_mib(two.get('rss_peak'))} | "
             f"{one.get('start_seconds', 'n/a')} / {two.get('start_seconds', 'n/a')} |")
     add("")
