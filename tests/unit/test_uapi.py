@@ -1,4 +1,4 @@
-"""Pin the VDUSE / virtio ABI against /work/shared/reference/vduse-protocol.md (sections 2-4)."""
+"""Pin the VDUSE / virtio ABI: ioctl numbers, struct sizes and field offsets of linux/vduse.h."""
 
 from __future__ import annotations
 
