@@ -11,8 +11,8 @@ between rounds is not.
 Variants: 4 KiB reads with direct and indirect descriptors, 4 KiB writes, flushes.
 The interrupt callback is a counter (a real one is one ioctl per batch).
 
-    python bench/datapath.py [--queue-size 256] [--batch 64] [--seconds 2]
-                             [--repeat 3] [--variant NAME ...] [--json OUT] [--profile]
+    python bench/datapath.py [--queue-size 256] [--batch 64] [--seconds 2] [--repeat 3]
+                             [--variant NAME ...] [--json OUT [--label TEXT]] [--profile]
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import os
 import platform
 import pstats
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import pyvduse
 from pyvduse.backends.null import NullBackend
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.handler import BlkHandler
@@ -221,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant; best is kept")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
                         help="run only these variants (repeatable)")
-    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="OUT",
+                        help="also add the results to this JSON file (created if missing)")
+    parser.add_argument("--label", default="", help="a note stored with the results")
     parser.add_argument("--profile", action="store_true",
                         help="run each variant under cProfile and print the top 25 functions")
     args = parser.parse_args(argv)
@@ -246,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant.name:<18} {result['req_per_s']:>14,} {result['ns_per_req']:>8} "
               f"{result['req_per_s_median']:>15,} {result['wall_req_per_s_best']:>13,}")
     if args.json:
-        report = {
+        run = {
+            "label": args.label,
+            "commit": _git_commit(),
             "date": datetime.date.today().isoformat(),
             "python": f"{platform.python_implementation()} {platform.python_version()}",
             "python_build": " ".join(platform.python_build()),
@@ -259,10 +266,26 @@ def main(argv: list[str] | None = None) -> int:
             "clock": "thread CPU time around drain() (wall: perf_counter)",
             "results": results,
         }
+        report: dict[str, Any] = {"benchmark": "bench/datapath.py", "runs": []}
+        if os.path.exists(args.json):  # add to the runs already there
+            with open(args.json) as old:
+                report = json.load(old)
+        report["runs"].append(run)
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
             out.write("\n")
     return 0
+
+
+def _git_commit() -> str:
+    """The commit of the pyvduse measured (``-dirty`` with uncommitted changes), or ''."""
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=os.path.dirname(os.path.abspath(pyvduse.__file__)), capture_output=True,
+            text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _cpu_model() -> str:
