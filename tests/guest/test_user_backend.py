@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import subprocess
 import textwrap
@@ -11,31 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_gone, scratch_dir, serving, start_daemon
+from test_blk_kernel import MiB, direct_io, sysfs_block
 
-MiB = 1 << 20
 RAMDISK = Path(__file__).resolve().parents[2] / "examples" / "ramdisk.py"
-
-
-def direct_io(device: str, offset: int, data: bytes | None = None, length: int = 0) -> bytes:
-    """One O_DIRECT write of ``data`` or read of ``length`` bytes at ``offset``."""
-    size = len(data) if data is not None else length
-    flags = (os.O_RDWR if data is not None else os.O_RDONLY) | os.O_DIRECT
-    with mmap.mmap(-1, max(size, mmap.PAGESIZE)) as buf, memoryview(buf) as view:
-        fd = os.open(device, flags)
-        try:
-            if data is not None:
-                view[:size] = data
-                done = os.pwritev(fd, [view[:size]], offset)
-            else:
-                done = os.preadv(fd, [view[:size]], offset)
-        finally:
-            os.close(fd)
-        assert done == size, f"{done} of {size} bytes at {offset}"
-        return b"" if data is not None else bytes(view[:size])
-
-
-def sysfs_block(disk: str, attribute: str) -> str:
-    return Path("/sys/block", disk, attribute).read_text().strip()
 
 
 def test_ramdisk_example_serves_direct_io_and_discard() -> None:

@@ -1,4 +1,4 @@
-"""Fixtures shared by the backend tests: O_DIRECT directories, loop devices, a Range HTTP server."""
+"""Shared fixtures: the CLI on the fake kernel, O_DIRECT dirs, loop devices, an HTTP server."""
 
 from __future__ import annotations
 
@@ -10,12 +10,33 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from pyvduse import cli
+from pyvduse.testing import FakeVduse
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 LOOP_SIZE = 4 << 20
+
+
+# -- the command line on the fake kernel -------------------------------------------------
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeVduse:
+    """Route the CLI's devices to an in-process fake kernel."""
+    fake = FakeVduse()
+    original = cli.BlkExport.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["kernel"] = fake
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli.BlkExport, "__init__", init)
+    return fake
 
 
 # -- O_DIRECT and loop devices ----------------------------------------------------------

@@ -69,20 +69,6 @@ def test_missing_control_device_says_how_to_fix(tmp_path: Path) -> None:
         kernel.create_device(spec)
 
 
-@pytest.fixture
-def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeVduse:
-    """Route the CLI's devices to an in-process fake kernel."""
-    fake = FakeVduse()
-    original = cli.BlkExport.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["kernel"] = fake
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cli.BlkExport, "__init__", init)
-    return fake
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_writes_pidfile_when_ready_and_cleans_up_on_signal(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_kernel: FakeVduse,

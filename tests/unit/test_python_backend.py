@@ -360,15 +360,8 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], write_scrip
 
 
 def test_cli_serves_the_ramdisk_example(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeVduse()
-    original = cli.BlkExport.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["kernel"] = fake
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cli.BlkExport, "__init__", init)
+                                        fake_kernel: FakeVduse) -> None:
+    fake = fake_kernel
     pidfile = tmp_path / "pid"
     seen: dict[str, Any] = {}
 
