@@ -7,7 +7,8 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,20 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeVduse:
 
     monkeypatch.setattr(cli.BlkExport, "__init__", init)
     return fake
+
+
+@pytest.fixture
+def wait_for_file() -> Callable[[Path], None]:
+    """A function waiting (up to 10 s) for a file to appear, e.g. a daemon's pidfile."""
+
+    def wait(path: Path) -> None:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} did not appear within 10 s")
+            time.sleep(0.01)
+
+    return wait
 
 
 # -- O_DIRECT and loop devices ----------------------------------------------------------

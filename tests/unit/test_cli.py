@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +72,12 @@ def test_missing_control_device_says_how_to_fix(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_writes_pidfile_when_ready_and_cleans_up_on_signal(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_kernel: FakeVduse,
-        signum: int) -> None:
+        wait_for_file: Callable[[Path], None], signum: int) -> None:
     pidfile = tmp_path / "pyvduse.pid"
     seen: dict[str, Any] = {}
 
     def drive() -> None:
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_file(pidfile)
         seen["pid"] = pidfile.read_text()
         seen["devices"] = dict(fake_kernel.devices)
         channel = fake_kernel.channels["cli0"]
@@ -116,13 +114,12 @@ def test_serve_reports_a_name_in_use(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_serve_exits_1_when_the_device_breaks(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                              fake_kernel: FakeVduse) -> None:
+                                              fake_kernel: FakeVduse,
+        wait_for_file: Callable[[Path], None]) -> None:
     pidfile = tmp_path / "pid"
 
     def break_device() -> None:
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_file(pidfile)
         channel = fake_kernel.channels["cli1"]
         channel.fail_reads = True  # the next control read fails as on a broken device
         channel.send_nowait(1)

@@ -8,8 +8,7 @@ import re
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -360,15 +359,14 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], write_scrip
 
 
 def test_cli_serves_the_ramdisk_example(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                        fake_kernel: FakeVduse) -> None:
+                                        fake_kernel: FakeVduse,
+        wait_for_file: Callable[[Path], None]) -> None:
     fake = fake_kernel
     pidfile = tmp_path / "pid"
     seen: dict[str, Any] = {}
 
     def drive() -> None:
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_file(pidfile)
         seen["spec"] = fake.devices["user0"]
         seen["driver_ok"] = fake.channels["user0"].start()
         cli.signal.raise_signal(cli.signal.SIGTERM)
