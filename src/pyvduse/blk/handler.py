@@ -257,26 +257,24 @@ class BlkHandler:
 
     # -- error reporting ----------------------------------------------------------------
 
-    def _note_error(self, message: str) -> None:
+    def _note_error(self, message: str, bug: Exception | None = None) -> None:
+        """Log ``message``, at most once per interval; a ``bug`` is logged with its traceback."""
         self._errors_since_log += 1
         now = time.monotonic()
-        if now - self._last_error_log >= self.ERROR_LOG_INTERVAL:
-            suppressed = self._errors_since_log - 1
-            extra = f" ({suppressed} more since the last report)" if suppressed else ""
+        if now - self._last_error_log < self.ERROR_LOG_INTERVAL:
+            return
+        suppressed = self._errors_since_log - 1
+        extra = f" ({suppressed} more since the last report)" if suppressed else ""
+        if bug is None:
             log.warning("virtio-blk: %s%s", message, extra)
-            self._last_error_log = now
-            self._errors_since_log = 0
+        else:
+            log.error("virtio-blk: %s%s", message, extra, exc_info=bug)
+        self._last_error_log = now
+        self._errors_since_log = 0
 
     def _note_backend_failure(self, req_type: int, sector: int, exc: Exception) -> None:
         if isinstance(exc, OSError | BackendError):
             self._note_error(f"backend failed request type {req_type} at sector {sector}: {exc}")
         else:
-            # A bug in the backend: show the traceback, but once per interval.
-            now = time.monotonic()
-            if now - self._last_error_log >= self.ERROR_LOG_INTERVAL:
-                log.error("virtio-blk: backend raised on request type %d at sector %d",
-                          req_type, sector, exc_info=exc)
-                self._last_error_log = now
-                self._errors_since_log = 0
-            else:
-                self._errors_since_log += 1
+            self._note_error(f"backend raised on request type {req_type} at sector {sector}",
+                             bug=exc)
