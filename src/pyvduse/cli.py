@@ -15,6 +15,8 @@ from typing import NoReturn
 
 from pyvduse import __version__
 from pyvduse.backends import BACKENDS, open_backend
+from pyvduse.backends.options import parse_size
+from pyvduse.backends.threads import DEFAULT_MIN_BYTES, ThreadPoolBackend
 from pyvduse.blk.config import DEFAULT_QUEUE_SIZE, BlkConfig
 from pyvduse.errors import PyvduseError
 from pyvduse.export import BlkExport
@@ -32,14 +34,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (a number with an optional k, m, g unit)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--attach", choices=("virtio", "vhost", "none"), default="virtio",
                        help="bind to virtio_vdpa (a /dev/vdX here), vhost_vdpa "
                        "(/dev/vhost-vdpa-N for a VM) or do not attach (default: %(default)s)")
+    serve.add_argument("--io-threads", type=_non_negative_int, default=0, metavar="N",
+                       help="run the backend's large requests on a pool of N threads, so "
+                       "several are in flight per queue (default: %(default)s, every request "
+                       "on its queue's thread; no effect on asynchronous backends)")
+    serve.add_argument("--io-threads-min", type=_size, default=DEFAULT_MIN_BYTES,
+                       metavar="SIZE", help="smallest read or write sent to the --io-threads "
+                       "pool; smaller ones stay on the queue's thread (default: 64k)")
     serve.add_argument("--pidfile", metavar="PATH",
                        help="write the pid here once the device is ready")
     serve.add_argument("--log-level", default="info",
@@ -124,6 +148,10 @@ def serve(args: argparse.Namespace) -> int:
     stop = _StopSignal()
     stop.install()
     backend = open_backend(args.backend, args.options)
+    if args.io_threads and backend.submit_min_bytes is None:
+        backend = ThreadPoolBackend(backend, args.io_threads, args.io_threads_min)
+    elif args.io_threads:
+        log.info("the %s backend is asynchronous: --io-threads ignored", args.backend)
     try:
         config = BlkConfig.for_backend(
             backend,

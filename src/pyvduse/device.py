@@ -28,7 +28,7 @@ from typing import Protocol
 from pyvduse.errors import KernelError, PyvduseError, RingError
 from pyvduse.kernel import DeviceSpec, LinuxVduse, VduseChannel, VduseKernel
 from pyvduse.memory import IotlbEntry, IotlbMemory
-from pyvduse.queue_worker import QueueWorker
+from pyvduse.queue_worker import Completer, QueueWorker
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
 from pyvduse.virtqueue import Chain, SplitQueue
@@ -54,8 +54,8 @@ class DeviceModel(Protocol):
         """The device-specific configuration space."""
         ...
 
-    def handle(self, chain: Chain) -> int:
-        """Serve one request; return the bytes written into the chain. Never raises."""
+    def handle(self, chain: Chain, complete: Completer) -> int:
+        """Serve one request: a :data:`~pyvduse.queue_worker.RequestHandler`. Never raises."""
         ...
 
 
@@ -236,8 +236,9 @@ class VduseDevice:
 
     def _update_iotlb(self, start: int, last: int) -> int:
         log.debug("%s: IOTLB update %#x-%#x", self.name, start, last)
-        running = {i: (w.queue.last_avail_idx, w.queue.used_idx) for i, w in self.workers.items()}
-        self._stop_queues()
+        workers = dict(self.workers)
+        self._stop_queues()  # completes what was in flight: take the positions after it
+        running = {i: (w.queue.last_avail_idx, w.queue.used_idx) for i, w in workers.items()}
         if running:
             self._start_queues(running)
         return u.VDUSE_REQ_RESULT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -12,9 +13,11 @@ import pytest
 
 import pyvduse.blk.handler as handler_module
 from pyvduse.backends.base import Backend
+from pyvduse.backends.threads import ThreadPoolBackend
 from pyvduse.blk import BlkConfig, BlkDevice, BlkHandler
 from pyvduse.blk.config import MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS
 from pyvduse.errors import BackendError, ConfigError
+from pyvduse.queue_worker import PENDING
 from pyvduse.testing import DriverMemory, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.uapi import virtio as v
@@ -89,12 +92,24 @@ def pattern(n: int, seed: int = 1) -> bytes:
 
 
 class Driver:
-    """Builds virtio-blk chains in driver memory and runs them through a handler."""
+    """Builds virtio-blk chains in driver memory and runs them through a handler.
+
+    With ``Driver.asynchronous`` (the ``submit_mode`` fixture sets it for every
+    test of this module) the backend is wrapped in a one-thread
+    :class:`ThreadPoolBackend` taking every request: each request then completes
+    later, on the pool's thread, through the handler's ``submit_*`` path.
+    """
+
+    asynchronous = False
 
     def __init__(self, backend: Backend, config: BlkConfig, granule: int | None = None) -> None:
         self.backend = backend
         self.config = config
-        self.handler = BlkHandler(backend, config)
+        self.pool = ThreadPoolBackend(backend, threads=1, min_bytes=0) if (
+            self.asynchronous) else None
+        self.handler = BlkHandler(self.pool or backend, config)
+        self.completed: list[tuple[int, int]] = []
+        self.completed_event = threading.Event()
         self.dmem = DriverMemory(size=8 * MiB)
         self.ring = MockSplitRing(self.dmem, 128)
         if granule:
@@ -107,9 +122,15 @@ class Driver:
                                 self.ring.used_addr, event_idx=True, indirect=True)
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         self.queue.release()
         self.gmem.invalidate()
         self.dmem.close()
+
+    def complete(self, head: int, written: int) -> None:
+        self.completed.append((head, written))
+        self.completed_event.set()
 
     def out(self, data: bytes) -> Buffer:
         return self.dmem.buffer(data)
@@ -122,7 +143,15 @@ class Driver:
         head = self.ring.add_chain(buffers, indirect=indirect)
         assert self.queue.pending() == 1
         chain = self.queue.pop()
-        written = self.handler.handle(chain)
+        written = self.handler.handle(chain, self.complete)
+        if written == PENDING:
+            assert self.completed_event.wait(5), "the pending request never completed"
+            self.completed_event.clear()
+            [(completed_head, written)] = self.completed
+            self.completed.clear()
+            assert completed_head == chain.head
+        else:
+            assert not self.completed, "completed twice"
         self.queue.push(chain.head, written)
         self.queue.publish()
         assert self.ring.take_used() == [(head, written)]
@@ -155,6 +184,14 @@ def split(data: bytes, pieces: int) -> list[bytes]:
 
 def range_(sector: int, num: int, flags: int = 0) -> bytes:
     return v.virtio_blk_discard_write_zeroes.pack(sector, num, flags)
+
+
+@pytest.fixture(autouse=True, params=["sync", "async"])
+def submit_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test twice: synchronous backend calls, and every request submitted to a pool."""
+    Driver.asynchronous = request.param == "async"
+    yield request.param
+    Driver.asynchronous = False
 
 
 @pytest.fixture

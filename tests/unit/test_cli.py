@@ -15,6 +15,7 @@ from pyvduse import cli
 from pyvduse.errors import VduseUnavailableError
 from pyvduse.kernel import DeviceSpec, LinuxVduse
 from pyvduse.testing import FakeVduse
+from pyvduse.uapi import virtio as v
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -30,6 +31,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     ["serve", "--num-queues", "zero", "memory"],
     ["serve", "--queue-size", "-4", "memory"],
     ["serve", "--attach", "sideways", "memory"],
+    ["serve", "--io-threads", "-1", "memory"],
+    ["serve", "--io-threads", "many", "memory"],
+    ["serve", "--io-threads-min", "64KB", "memory"],
     ["serve"],
     [],
 ])
@@ -133,3 +137,44 @@ def test_serve_exits_1_when_the_device_breaks(tmp_path: Path, capsys: pytest.Cap
     assert err.strip().splitlines()[-1].startswith("pyvduse: error: cli1: control channel:")
     assert fake_kernel.destroyed == ["cli1"]
     assert not pidfile.exists()
+
+
+def test_serve_with_io_threads_runs_large_requests_on_the_pool(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_kernel: FakeVduse,
+        wait_for_file: Callable[[Path], None]) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    pidfile = tmp_path / "pid"
+    big, small = bytes(range(256)) * 512, b"\x5a" * 4096  # 128 KiB goes to the pool, 4 KiB not
+    seen: dict[str, Any] = {}
+
+    def drive() -> None:
+        wait_for_file(pidfile)
+        channel = fake_kernel.channels["cli1"]
+        assert channel.start() == 0
+        memory, ring = fake_kernel.memory, channel.rings[0]
+        statuses = []
+        for sector, data in ((0, big), (512, small)):
+            header = memory.buffer(v.virtio_blk_outhdr.pack(v.VIRTIO_BLK_T_OUT, 0, sector))
+            status = memory.buffer(b"\xff", writable=True)
+            ring.add_chain([header, memory.buffer(data), status])
+            statuses.append(status)
+        seen["pool"] = sorted(t.name for t in threading.enumerate() if t.name.startswith("io-"))
+        channel.kick(0)
+        seen["used"] = channel.wait_used(0, 2)
+        seen["status"] = [memory.read(s.addr, 1) for s in statuses]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    status, err = run_cli(capsys, "serve", "--name", "cli1", "--attach", "none",
+                          "--pidfile", str(pidfile), "--io-threads", "3",
+                          "--io-threads-min", "64k", "file", f"path={image}")
+    driver.join()
+    assert status == 0, err
+    assert seen["pool"] == ["io-0", "io-1", "io-2"]
+    assert [written for _, written in seen["used"]] == [1, 1]
+    assert seen["status"] == [b"\0", b"\0"]
+    data = image.read_bytes()
+    assert data[:len(big)] == big and data[512 * 512:512 * 512 + 4096] == small
+    assert not [t for t in threading.enumerate() if t.name.startswith("io-")]

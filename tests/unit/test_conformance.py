@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,9 @@ import pytest
 from conftest import EXAMPLES, ImageServer
 
 from pyvduse.backends import Backend, FileBackend, MemoryBackend, NullBackend, load_backend
+from pyvduse.backends.base import Done, run_and_report
+from pyvduse.backends.threads import ThreadPoolBackend
+from pyvduse.testing import conformance
 from pyvduse.testing.conformance import CHECKS, Check, ConformanceError, check_backend
 
 SIZE = 4 << 20
@@ -33,7 +36,8 @@ def zeroes(offset: int, length: int) -> bytes:
 # -- every built-in backend and both examples -------------------------------------------
 
 SUBJECTS = ["null", "memory", "file", "file-direct", "file-readonly", "blockdev",
-            "example-ramdisk", "example-http_disk", "example-http_disk-nocache"]
+            "example-ramdisk", "example-http_disk", "example-http_disk-nocache",
+            "file-thread-pool"]
 
 
 class Subject:
@@ -60,6 +64,9 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Subject:
     if kind == "file-direct":
         image = sparse(request.getfixturevalue("direct_dir"))
         return Subject(lambda: FileBackend(image, direct=True))
+    if kind == "file-thread-pool":
+        image = sparse(tmp_path)
+        return Subject(lambda: ThreadPoolBackend(FileBackend(image), threads=4, min_bytes=0))
     if kind == "file-readonly":
         content = bytes(range(256)) * (SIZE // 256)
         image = tmp_path / "ro.img"
@@ -88,12 +95,14 @@ def test_conformance(subject: Subject, check: Check) -> None:
         backend.close()
     if check.name in ("round_trip", "vectored", "write_zeroes", "discard"):
         assert ran == writable  # every writable built-in also discards and zeroes
+    elif check.name == "submit":
+        assert ran == isinstance(backend, ThreadPoolBackend)
     else:
         assert ran
 
 
 def test_check_backend_runs_what_applies(tmp_path: Path) -> None:
-    names = [check.name for check in CHECKS]
+    names = [check.name for check in CHECKS if check.name != "submit"]
     assert check_backend(lambda: MemoryBackend(1 << 20)) == names
     image = tmp_path / "ro.img"
     image.write_bytes(b"x" * 8192)
@@ -225,6 +234,41 @@ class FlushFails(Ram):
         raise OSError(5, "flush failed")
 
 
+class AsyncRam(Ram):
+    """A correct asynchronous RAM disk: completes every request on a thread of its own."""
+
+    submit_min_bytes = 0
+
+    def submit_readv(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        threading.Thread(target=run_and_report, args=(done, self.readv, offset, bufs)).start()
+
+    def submit_writev(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        threading.Thread(target=run_and_report, args=(done, self.writev, offset, bufs)).start()
+
+
+class NeverDone(AsyncRam):
+    def submit_readv(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        if offset:  # forgets every read but the first
+            super().submit_readv(offset, bufs, done)
+
+
+class DoneTwice(AsyncRam):
+    def submit_writev(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        self.writev(offset, bufs)
+        done(None)
+        done(None)
+
+
+class DoneBeforeData(AsyncRam):
+    def submit_readv(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        done(None)
+
+
+class DoneWithError(AsyncRam):
+    def submit_flush(self, done: Done) -> None:
+        done(OSError(5, "flush lost"))
+
+
 BROKEN: list[tuple[Callable[[], Backend], str, str]] = [
     (GrowingSize, "geometry", "changes between calls"),
     (OddBlockSize, "geometry", "preferred_block_size 1000"),
@@ -242,18 +286,25 @@ BROKEN: list[tuple[Callable[[], Backend], str, str]] = [
     (DiscardBreaksWrites, "discard", "read back a write after discard"),
     (SharedScratch, "concurrency", "thread"),
     (FlushFails, "round_trip", "raised OSError: .*flush failed"),
+    (NeverDone, "submit", r"submit_readv: done never called for requests \[0\]"),
+    (DoneTwice, "submit", "submit_writev: done called more than once"),
+    (DoneBeforeData, "submit", "submit_readv at 0: byte 0"),
+    (DoneWithError, "submit", "submit_flush: request 0: OSError: .*flush lost"),
 ]
 
 
 @pytest.mark.parametrize(("factory", "check", "message"), BROKEN,
                          ids=[f"{check}-{i}" for i, (_, check, _) in enumerate(BROKEN)])
-def test_suite_catches(factory: Callable[[], Backend], check: str, message: str) -> None:
+def test_suite_catches(factory: Callable[[], Backend], check: str, message: str,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conformance, "_SUBMIT_TIMEOUT", 0.5)
     with pytest.raises(ConformanceError, match=rf"^{check}: .*{message}"):
         check_backend(factory)
 
 
 def test_the_unbroken_ram_disk_passes() -> None:
-    assert check_backend(Ram) == [check.name for check in CHECKS]
+    assert check_backend(Ram) == [check.name for check in CHECKS if check.name != "submit"]
+    assert check_backend(AsyncRam) == [check.name for check in CHECKS]
     assert issubclass(ConformanceError, AssertionError)  # pytest reports it as a failed assert
 
 

@@ -86,9 +86,9 @@ class Rig:
     """A created device on a fake kernel, plus the driver-side helpers to use it."""
 
     def __init__(self, name: str = "t0", num_queues: int = 2, queue_size: int = 256,
-                 fake: FakeVduse | None = None) -> None:
+                 fake: FakeVduse | None = None, backend: Backend | None = None) -> None:
         self.name = name
-        self.backend = Ram(4 * MiB)
+        self.backend = backend or Ram(4 * MiB)
         self.config = BlkConfig.for_backend(self.backend, num_queues=num_queues,
                                             queue_size=queue_size, serial="dev-serial")
         self.fake = fake or FakeVduse(DriverMemory(size=32 * MiB))
@@ -633,11 +633,11 @@ def test_queue_worker_stop_is_idempotent() -> None:
         gmem = dmem.guest_memory()
         queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
                            event_idx=True, indirect=True)
-        started = QueueWorker("w-started", queue, lambda chain: 0, kick, lambda: None)
+        started = QueueWorker("w-started", queue, lambda chain, complete: 0, kick, lambda: None)
         started.start()
         started.stop()
         started.stop()  # documented as idempotent
-        never = QueueWorker("w-never", queue, lambda chain: 0, kick, lambda: None)
+        never = QueueWorker("w-never", queue, lambda chain, complete: 0, kick, lambda: None)
         never.stop()
         never.stop()
         assert thread_names("w-") == []

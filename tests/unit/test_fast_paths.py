@@ -354,6 +354,11 @@ def test_pop_fast_path_4_gib_limit(indirect: bool, lengths: tuple[int, ...]) -> 
 # -- BlkHandler.handle against its general path ---------------------------------------------
 
 
+def never_later(head: int, written: int) -> None:
+    raise AssertionError("a synchronous backend's request completed later")
+
+
+
 class Recorder(Backend):
     """A RAM disk recording every call."""
 
@@ -440,7 +445,8 @@ class HandlerRig:
             backend = (VectoredRecorder if vectored else Recorder)(DISK)
             handler = BlkHandler(backend, BlkConfig.for_backend(
                 backend, logical_block_size=block, readonly=readonly))
-            written = (handler._handle_general if general else handler.handle)(chain)
+            written = (handler._handle_general if general else handler.handle)(
+                chain, never_later)
             results.append((written, self.dmem.read(status.addr, status_len),
                             [self.dmem.read(b.addr, b.length) for b in data], backend.calls,
                             bytes(backend.data)))

@@ -35,6 +35,21 @@ device (``SystemExit`` and ``KeyboardInterrupt`` are not exceptions in this
 sense: do not raise them). Errors while *building* a backend should be
 :class:`pyvduse.errors.ConfigError`, which the command line prints as one line.
 
+Asynchronous requests: by default the device calls the methods above on
+the queue's own thread, one request at a time per queue. A backend that can
+have many requests in flight (a network client, a thread pool, io_uring) sets
+:attr:`Backend.submit_min_bytes` and implements the ``submit_*`` methods:
+each starts one request and returns at once, and the backend calls the
+``done`` callable it was given exactly once, from any thread, when the
+request is over: ``done(None)`` on success, ``done(exc)`` with the
+exception on failure (the error contract above applies to ``exc``). If a
+``submit_*`` method raises instead, the request fails with that exception and
+``done`` must not be called. Until ``done`` is called the request's
+memoryviews stay valid and belong to the backend; afterwards it must not use
+them. The default ``submit_*`` methods run the synchronous method and call
+``done``. :class:`pyvduse.backends.threads.ThreadPoolBackend` gives any
+synchronous backend this interface with a pool of threads.
+
 Threading contract: with ``--num-queues N`` the request methods are called
 concurrently from N threads, one per queue, so a backend must be
 thread-safe. The device does not serialize requests: two in flight at once
@@ -50,9 +65,12 @@ after the last request.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 ZERO_CHUNK = bytes(1 << 20)
+
+Done = Callable[[BaseException | None], None]
+"""Called once when a submitted request ends: ``None`` on success, else the exception."""
 
 
 class Backend:
@@ -72,6 +90,12 @@ class Backend:
     #: Name used on the command line (``pyvduse serve NAME key=value ...``)
     #: by built-in backends; user backends need not set it.
     name: str = ""
+
+    #: Which requests go through the ``submit_*`` methods: ``None`` (the
+    #: default) for none, else every flush, discard and write-zeroes and the
+    #: reads and writes of at least this many bytes (0: all of them; smaller
+    #: ones use :meth:`readv`/:meth:`writev` on the queue's thread).
+    submit_min_bytes: int | None = None
 
     def size(self) -> int:
         """Size of the storage in bytes (required).
@@ -165,6 +189,29 @@ class Backend:
     def close(self) -> None:
         """Release resources; called once, after the last request. The default does nothing."""
 
+    # -- asynchronous requests (see the module docstring) -------------------------------
+
+    def submit_readv(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        """Start :meth:`readv`; call ``done`` when ``bufs`` are filled or the read failed."""
+        run_and_report(done, self.readv, offset, bufs)
+
+    def submit_writev(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        """Start :meth:`writev`; call ``done`` when the data is stored or the write failed."""
+        run_and_report(done, self.writev, offset, bufs)
+
+    def submit_flush(self, done: Done) -> None:
+        """Start :meth:`flush`: call ``done`` once every write completed before it is durable."""
+        run_and_report(done, self.flush)
+
+    def submit_discard(self, offset: int, length: int, done: Done) -> None:
+        """Start :meth:`discard`; call ``done`` when it is over."""
+        run_and_report(done, self.discard, offset, length)
+
+    def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool,
+                            done: Done) -> None:
+        """Start :meth:`write_zeroes`; call ``done`` when the range reads as zeroes."""
+        run_and_report(done, self.write_zeroes, offset, length, may_unmap)
+
     # -- capabilities, inferred from what the subclass defines -------------------
     #
     # A subclass may override these properties when what it can do is only known
@@ -202,3 +249,13 @@ class Backend:
         alignment ``O_DIRECT`` needs).
         """
         return 512
+
+
+def run_and_report(done: Done, method: Callable[..., None], *args: object) -> None:
+    """Run a synchronous request and report its outcome to ``done``."""
+    try:
+        method(*args)
+    except Exception as exc:
+        done(exc)
+        return
+    done(None)

@@ -4,18 +4,26 @@
 request it carries, runs it against the backend and writes the status byte.
 It never raises for anything the driver sent: a bad request gets
 ``VIRTIO_BLK_S_IOERR`` or ``VIRTIO_BLK_S_UNSUPP`` as QEMU would answer it.
+
+A request goes to the backend's synchronous methods and is answered before
+:meth:`~BlkHandler.handle` returns, unless the backend takes it
+asynchronously (:attr:`pyvduse.backends.base.Backend.submit_min_bytes`): then
+``handle`` returns :data:`~pyvduse.queue_worker.PENDING` and the status byte
+is written and the chain completed when the backend calls ``done``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pyvduse.backends.base import Backend
 from pyvduse.blk.config import MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, BlkConfig
 from pyvduse.blk.segments import fill, split_back, split_front, total_length
 from pyvduse.errors import BackendError
+from pyvduse.queue_worker import PENDING, Completer
 from pyvduse.uapi import virtio as v
 from pyvduse.virtqueue import Chain
 
@@ -45,6 +53,43 @@ class RequestRejected(Exception):
         super().__init__(reason)
 
 
+class _Pending:
+    """The ``done`` callback of one request an asynchronous backend took.
+
+    Writes the status byte and completes the chain; a second call is a backend
+    bug, logged and otherwise ignored.
+    """
+
+    __slots__ = ("complete", "finished", "handler", "head", "req_type", "sector", "status_view",
+                 "written")
+
+    def __init__(self, handler: BlkHandler, head: int, status_view: memoryview,
+                 complete: Completer, req_type: int, sector: int, written: int) -> None:
+        self.handler = handler
+        self.head = head
+        self.status_view = status_view
+        self.complete = complete
+        self.req_type = req_type
+        self.sector = sector
+        self.written = written
+        self.finished = False
+
+    def __call__(self, error: BaseException | None) -> None:
+        if self.finished:
+            self.handler._note_error(
+                f"backend completed request type {self.req_type} at sector {self.sector} "
+                "more than once", bug=RuntimeError("done called again"))
+            return
+        self.finished = True
+        if error is None:
+            self.status_view[0] = S_OK
+            self.complete(self.head, self.written)
+        else:
+            self.status_view[0] = S_IOERR
+            self.handler._note_backend_failure(self.req_type, self.sector, error)
+            self.complete(self.head, 1)
+
+
 class BlkHandler:
     """Serves virtio-blk requests from ``backend`` under ``config``.
 
@@ -61,6 +106,10 @@ class BlkHandler:
         self._capacity_bytes = self._capacity_sectors << _SECTOR_SHIFT
         self._accepts_writes = not config.readonly
         self._flush_offered = config.flush
+        # Requests of at least _submit_min data bytes go to the backend's submit_* methods.
+        submit_min = backend.submit_min_bytes
+        self._async = submit_min is not None
+        self._submit_min = 1 << 64 if submit_min is None else submit_min
         # One data buffer: Backend's default readv/writev would make exactly one
         # read/write call, so call it directly; a backend's own readv/writev gets [buf].
         cls = type(backend)
@@ -75,10 +124,13 @@ class BlkHandler:
         self._last_error_log = float("-inf")  # the first error is always reported
         self._errors_since_log = 0
 
-    def handle(self, chain: Chain) -> int:
+    def handle(self, chain: Chain, complete: Completer) -> int:
         """Serve one request; return the number of bytes written into the chain.
 
-        Never raises for driver input or backend failures.
+        Or return :data:`~pyvduse.queue_worker.PENDING` when an asynchronous
+        backend took the request: ``complete(chain.head, written)`` follows
+        when it is done, from whichever thread the backend finishes on. Never
+        raises for driver input or backend failures.
 
         Fast path: the layout every driver uses, the 16-byte header alone in the
         first device-readable buffer and the status byte alone in the last
@@ -93,11 +145,11 @@ class BlkHandler:
         readable = chain.readable
         writable = chain.writable
         if not (readable and writable):
-            return self._handle_general(chain)
+            return self._handle_general(chain, complete)
         header = readable[0]
         status_view = writable[-1]
         if len(header) != _HEADER_SIZE or len(status_view) != 1:
-            return self._handle_general(chain)
+            return self._handle_general(chain, complete)
         req_type, _ioprio, sector = _unpack_header(header)
         try:
             if req_type == _T_IN:
@@ -109,6 +161,10 @@ class BlkHandler:
                     # the sector is, and both are block multiples when the end is compared.
                     if not (offset | length) & self._block_mask and (
                             offset + length <= self._capacity_bytes):
+                        if length >= self._submit_min:
+                            return self._submit(self.backend.submit_readv, (offset, [data]),
+                                                chain.head, status_view, complete, req_type,
+                                                sector, length + 1)
                         self._read_one(offset, data)
                         status_view[0] = S_OK
                         return length + 1
@@ -119,22 +175,29 @@ class BlkHandler:
                     offset = sector << _SECTOR_SHIFT
                     if not (offset | length) & self._block_mask and (
                             offset + length <= self._capacity_bytes):
+                        if length >= self._submit_min:
+                            return self._submit(self.backend.submit_writev, (offset, [data]),
+                                                chain.head, status_view, complete, req_type,
+                                                sector, 1)
                         self._write_one(offset, data)
                         status_view[0] = S_OK
                         return 1
-            elif req_type == _T_FLUSH and self._flush_offered:
+            elif req_type == _T_FLUSH and self._flush_offered and not self._async:
                 self.backend.flush()
                 status_view[0] = S_OK
                 return 1
-            written = self._dispatch(req_type, sector, readable[1:], writable[:-1])
+            written = self._dispatch(req_type, sector, readable[1:], writable[:-1],
+                                     chain.head, status_view, complete)
         except RequestRejected as rejected:
             return self._rejected(status_view, rejected)
         except Exception as exc:  # backend failure: the request fails, the device lives
             return self._failed(status_view, req_type, sector, exc)
+        if written == PENDING:
+            return PENDING
         status_view[0] = S_OK
         return written + 1
 
-    def _handle_general(self, chain: Chain) -> int:
+    def _handle_general(self, chain: Chain, complete: Completer) -> int:
         """:meth:`handle` for any layout: the header and status may share buffers with data."""
         writable = chain.writable
         if not writable:
@@ -149,11 +212,14 @@ class BlkHandler:
         header, data_out = split_front(readable, _HEADER_SIZE)
         req_type, _ioprio, sector = _unpack_header(header)
         try:
-            written = self._dispatch(req_type, sector, data_out, data_in)
+            written = self._dispatch(req_type, sector, data_out, data_in, chain.head,
+                                     status_view, complete)
         except RequestRejected as rejected:
             return self._rejected(status_view, rejected)
         except Exception as exc:  # backend failure: the request fails, the device lives
             return self._failed(status_view, req_type, sector, exc)
+        if written == PENDING:
+            return PENDING
         status_view[0] = S_OK
         return written + 1
 
@@ -164,10 +230,29 @@ class BlkHandler:
         return 1
 
     def _failed(self, status_view: memoryview, req_type: int, sector: int,
-                exc: Exception) -> int:
+                exc: BaseException) -> int:
         status_view[0] = S_IOERR
         self._note_backend_failure(req_type, sector, exc)
         return 1
+
+    def _submit(self, start: Callable[..., None], args: Sequence[Any], head: int,
+                status_view: memoryview, complete: Completer, req_type: int, sector: int,
+                written: int) -> int:
+        """Hand a request to ``start`` (a ``submit_*`` method) with a :class:`_Pending`.
+
+        Returns :data:`PENDING`; if ``start`` raises before calling ``done`` the
+        exception propagates and the request fails at once.
+        """
+        pending = _Pending(self, head, status_view, complete, req_type, sector, written)
+        try:
+            start(*args, pending)
+        except Exception as exc:
+            if not pending.finished:
+                pending.finished = True
+                raise
+            self._note_error(f"backend raised after completing request type {req_type} at "
+                             f"sector {sector}", bug=exc)
+        return PENDING
 
     def _read_via_readv(self, offset: int, buf: memoryview) -> None:
         self.backend.readv(offset, [buf])
@@ -178,38 +263,48 @@ class BlkHandler:
     # -- request types ----------------------------------------------------------------
 
     def _dispatch(self, req_type: int, sector: int, data_out: list[memoryview],
-                  data_in: list[memoryview]) -> int:
+                  data_in: list[memoryview], head: int, status_view: memoryview,
+                  complete: Completer) -> int:
+        """Run a request; return the data bytes written, or PENDING if the backend took it."""
+        backend = self.backend
         if req_type == v.VIRTIO_BLK_T_IN:
             length = total_length(data_in)
             offset = self._check_range(sector, length)
+            if length >= self._submit_min and length:
+                return self._submit(backend.submit_readv, (offset, data_in), head, status_view,
+                                    complete, req_type, sector, length + 1)
             if length:
-                self.backend.readv(offset, data_in)
+                backend.readv(offset, data_in)
             return length
         if req_type == v.VIRTIO_BLK_T_OUT:
             if self.config.readonly:
                 raise RequestRejected(S_IOERR, f"write to read-only device at sector {sector}")
             length = total_length(data_out)
             offset = self._check_range(sector, length)
+            if length >= self._submit_min and length:
+                return self._submit(backend.submit_writev, (offset, data_out), head,
+                                    status_view, complete, req_type, sector, 1)
             if length:
-                self.backend.writev(offset, data_out)
+                backend.writev(offset, data_out)
             return 0
         if req_type == v.VIRTIO_BLK_T_FLUSH:
             if not self.config.flush:
                 raise RequestRejected(S_UNSUPP, "flush not offered")
-            self.backend.flush()
+            if self._async:
+                return self._submit(backend.submit_flush, (), head, status_view, complete,
+                                    req_type, sector, 1)
+            backend.flush()
             return 0
         if req_type == v.VIRTIO_BLK_T_GET_ID:
             return fill(data_in, self._serial)
         if req_type == v.VIRTIO_BLK_T_DISCARD:
             if not self.config.discard:
                 raise RequestRejected(S_UNSUPP, "discard not offered")
-            self._discard_or_zero(data_out, zeroes=False)
-            return 0
+            return self._discard_or_zero(data_out, False, head, status_view, complete)
         if req_type == v.VIRTIO_BLK_T_WRITE_ZEROES:
             if not self.config.write_zeroes:
                 raise RequestRejected(S_UNSUPP, "write-zeroes not offered")
-            self._discard_or_zero(data_out, zeroes=True)
-            return 0
+            return self._discard_or_zero(data_out, True, head, status_view, complete)
         raise RequestRejected(S_UNSUPP, f"unsupported request type {req_type}")
 
     def _check_range(self, sector: int, length: int) -> int:
@@ -226,7 +321,9 @@ class BlkHandler:
                 f"({self._capacity_sectors} sectors)")
         return sector << _SECTOR_SHIFT
 
-    def _discard_or_zero(self, data_out: list[memoryview], zeroes: bool) -> None:
+    def _discard_or_zero(self, data_out: list[memoryview], zeroes: bool, head: int,
+                         status_view: memoryview, complete: Completer) -> int:
+        """Run a discard or write-zeroes request; return 0, or PENDING if the backend took it."""
         what = "write-zeroes" if zeroes else "discard"
         size = total_length(data_out)
         # We offer max_discard_seg = max_write_zeroes_seg = 1, as QEMU does.
@@ -248,16 +345,24 @@ class BlkHandler:
         offset = self._check_range(sector, num_sectors << _SECTOR_SHIFT)
         length = num_sectors << _SECTOR_SHIFT
         if not length:
-            return
+            return 0
+        req_type = v.VIRTIO_BLK_T_WRITE_ZEROES if zeroes else v.VIRTIO_BLK_T_DISCARD
         if zeroes:
             may_unmap = bool(flags & v.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) and self.config.discard
+            if self._async:
+                return self._submit(self.backend.submit_write_zeroes, (offset, length, may_unmap),
+                                    head, status_view, complete, req_type, sector, 1)
             self.backend.write_zeroes(offset, length, may_unmap)
+        elif self._async:
+            return self._submit(self.backend.submit_discard, (offset, length), head, status_view,
+                                complete, req_type, sector, 1)
         else:
             self.backend.discard(offset, length)
+        return 0
 
     # -- error reporting ----------------------------------------------------------------
 
-    def _note_error(self, message: str, bug: Exception | None = None) -> None:
+    def _note_error(self, message: str, bug: BaseException | None = None) -> None:
         """Log ``message``, at most once per interval; a ``bug`` is logged with its traceback."""
         self._errors_since_log += 1
         now = time.monotonic()
@@ -272,7 +377,7 @@ class BlkHandler:
         self._last_error_log = now
         self._errors_since_log = 0
 
-    def _note_backend_failure(self, req_type: int, sector: int, exc: Exception) -> None:
+    def _note_backend_failure(self, req_type: int, sector: int, exc: BaseException) -> None:
         if isinstance(exc, OSError | BackendError):
             self._note_error(f"backend failed request type {req_type} at sector {sector}: {exc}")
         else:

@@ -47,6 +47,10 @@ What is checked (each :class:`Check` says which backends it applies to):
 ``concurrency``
     threads doing disjoint reads (and writes, if writable) at the same time
     each see their own data: the threading contract of several queues.
+``submit`` (asynchronous backends, :attr:`~pyvduse.backends.base.Backend.submit_min_bytes` set)
+    many reads (and writes, then a flush, if writable) submitted at once over
+    disjoint ranges each call ``done(None)`` exactly once within
+    ``_SUBMIT_TIMEOUT`` seconds and move the right bytes.
 
 ``stores_data=False`` is for backends that accept writes but keep nothing
 (like ``null``): after a write, discard or write-zeroes, reads must return
@@ -74,6 +78,8 @@ Initial = bytes | bytearray | memoryview | Callable[[int, int], bytes]
 
 _THREADS = 8
 _ROUNDS = 20
+_IN_FLIGHT = 32
+_SUBMIT_TIMEOUT = 30.0
 
 
 class ConformanceError(AssertionError):
@@ -363,6 +369,65 @@ def _check_concurrency(ctx: _Context) -> None:
         raise failures[0]
 
 
+class _Completions:
+    """Counts ``done`` calls of submitted requests; remembers errors and double calls."""
+
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+        self.lock = threading.Condition()
+        self.calls: dict[int, int] = {}
+        self.errors: list[str] = []
+
+    def done_for(self, request: int) -> Callable[[BaseException | None], None]:
+        self.calls[request] = 0
+
+        def done(error: BaseException | None) -> None:
+            with self.lock:
+                self.calls[request] += 1
+                if error is not None:
+                    self.errors.append(f"request {request}: {type(error).__name__}: {error}")
+                self.lock.notify_all()
+
+        return done
+
+    def wait(self, what: str) -> None:
+        with self.lock:
+            if not self.lock.wait_for(lambda: all(self.calls.values()), _SUBMIT_TIMEOUT):
+                missing = sorted(r for r, n in self.calls.items() if not n)
+                raise self.ctx.fail(f"{what}: done never called for requests {missing}")
+            if self.errors:
+                raise self.ctx.fail(f"{what}: {self.errors[0]}")
+            twice = sorted(r for r, n in self.calls.items() if n > 1)
+            if twice:
+                raise self.ctx.fail(f"{what}: done called more than once for requests {twice}")
+        self.calls.clear()
+
+
+def _check_submit(ctx: _Context) -> None:
+    backend = ctx.backend
+    count = min(_IN_FLIGHT, ctx.blocks)
+    chunk = max(1, min(8, ctx.blocks // count)) * ctx.block
+    expected = [ctx.read(n * chunk, chunk) for n in range(count)]
+    completions = _Completions(ctx)
+    if backend.can_write:
+        sources = [pattern(chunk, 7000 + n) for n in range(count)]
+        for n, data in enumerate(sources):
+            backend.submit_writev(n * chunk, [memoryview(data)], completions.done_for(n))
+        completions.wait("submit_writev")
+        expected = [ctx.after_write(want, data) for want, data in zip(expected, sources,
+                                                                       strict=True)]
+        backend.submit_flush(completions.done_for(0))
+        completions.wait("submit_flush")
+    outs = [bytearray([0xA5]) * chunk for _ in range(count)]
+    for n, out in enumerate(outs):
+        half = chunk // 2 + 1  # two uneven buffers
+        view = memoryview(out)
+        backend.submit_readv(n * chunk, [view[:half], view[half:]], completions.done_for(n))
+    completions.wait("submit_readv")
+    for n, out in enumerate(outs):
+        ctx.expect_equal(bytes(out), expected[n], f"submit_readv at {n * chunk}")
+
+
 # -- the suite --------------------------------------------------------------------------
 
 
@@ -415,6 +480,10 @@ def _discards(backend: Backend) -> bool:
     return backend.can_write and backend.can_discard
 
 
+def _submits(backend: Backend) -> bool:
+    return backend.submit_min_bytes is not None
+
+
 #: Every check, in the order :func:`check_backend` runs them.
 CHECKS: tuple[Check, ...] = (
     Check("geometry", _check_geometry, _always),
@@ -425,6 +494,7 @@ CHECKS: tuple[Check, ...] = (
     Check("write_zeroes", _check_write_zeroes, _writes_zeroes),
     Check("discard", _check_discard, _discards),
     Check("concurrency", _check_concurrency, _always),
+    Check("submit", _check_submit, _submits),
 )
 
 

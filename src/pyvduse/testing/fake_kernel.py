@@ -167,10 +167,13 @@ class FakeChannel:
 
     def send(self, req_type: int, payload: bytes = b"", timeout: float = 10.0) -> bytes:
         """Queue a control message and wait for the device's answer (like msg_sync)."""
-        request_id = self.send_nowait(req_type, payload)
+        return self.wait_response(self.send_nowait(req_type, payload), timeout)
+
+    def wait_response(self, request_id: int, timeout: float = 10.0) -> bytes:
+        """Wait for the answer to a message queued by :meth:`send_nowait`; return it."""
         with self._response_cond:
             if not self._response_cond.wait_for(lambda: request_id in self._responses, timeout):
-                raise TimeoutError(f"device did not answer control message {req_type}")
+                raise TimeoutError(f"device did not answer control message {request_id}")
             return self._responses.pop(request_id)
 
     def send_nowait(self, req_type: int, payload: bytes = b"") -> int:
