@@ -136,7 +136,7 @@ class Rig:
                 self.dmem.write(status.addr, b"\xee")
 
     def close(self) -> None:
-        self.worker.stop()
+        self.worker.close()
         os.close(self._kick_fd)
         self.queue.release()
         self.gmem.invalidate()

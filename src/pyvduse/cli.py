@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--attach", choices=("virtio", "vhost", "none"), default="virtio",
                        help="bind to virtio_vdpa (a /dev/vdX here), vhost_vdpa "
                        "(/dev/vhost-vdpa-N for a VM) or do not attach (default: %(default)s)")
+    serve.add_argument("--queue-threads", type=_positive_int, default=1, metavar="N",
+                       help="threads serving the queues, queue i on thread i %% N (default: "
+                       "%(default)s; one thread batches all queues and spares the GIL "
+                       "contention of several)")
     serve.add_argument("--io-threads", type=_non_negative_int, default=0, metavar="N",
                        help="run the backend's large requests on a pool of N threads, so "
                        "several are in flight per queue (default: %(default)s, every request "
@@ -161,7 +165,8 @@ def serve(args: argparse.Namespace) -> int:
     except BaseException:
         backend.close()
         raise
-    export = BlkExport(args.name, backend, config, attach=args.attach)
+    export = BlkExport(args.name, backend, config, attach=args.attach,
+                       queue_threads=args.queue_threads)
     attached = export.start()
     try:
         where = f" as {attached.dev_path}" if attached else " (not attached)"

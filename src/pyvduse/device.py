@@ -3,7 +3,8 @@
 :class:`VduseDevice` turns a :class:`DeviceModel` (e.g. virtio-blk) into a
 device the kernel can attach: it creates it, sets up its virtqueues, answers
 the driver's control messages on a dedicated thread (so data-path work can
-never block them), starts one :class:`QueueWorker` per queue on DRIVER_OK,
+never block them), starts a :class:`QueueWorker` per queue on DRIVER_OK,
+served by ``queue_threads`` threads (queue ``i`` by thread ``i % queue_threads``),
 stops, drains and unmaps them on reset, and destroys the device in order.
 
 Lifecycle::
@@ -28,7 +29,7 @@ from typing import Protocol
 from pyvduse.errors import KernelError, PyvduseError, RingError
 from pyvduse.kernel import DeviceSpec, LinuxVduse, VduseChannel, VduseKernel
 from pyvduse.memory import IotlbEntry, IotlbMemory
-from pyvduse.queue_worker import Completer, QueueWorker
+from pyvduse.queue_worker import Completer, QueueThread, QueueWorker
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
 from pyvduse.virtqueue import Chain, SplitQueue
@@ -62,13 +63,18 @@ class DeviceModel(Protocol):
 class VduseDevice:
     """One VDUSE device serving ``model``. See the module docstring for the lifecycle."""
 
-    def __init__(self, name: str, model: DeviceModel, kernel: VduseKernel | None = None) -> None:
+    def __init__(self, name: str, model: DeviceModel, kernel: VduseKernel | None = None,
+                 queue_threads: int = 1) -> None:
+        if queue_threads < 1:
+            raise PyvduseError(f"{name}: at least one queue thread is needed, not {queue_threads}")
         self.name = name
         self.model = model
         self.kernel: VduseKernel = kernel if kernel is not None else LinuxVduse()
+        self.queue_threads = min(queue_threads, model.num_queues)
         self.status = 0
         self.driver_features = 0
         self.workers: dict[int, QueueWorker] = {}
+        self._serving: list[QueueThread] = []
         self.driver_ok = threading.Event()
         #: Set when the device can no longer be served (see :attr:`failure`).
         self.failed = threading.Event()
@@ -269,10 +275,16 @@ class VduseDevice:
                 kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._kick_fds[index] = kick_fd
                 self.channel.vq_setup_kickfd(index, kick_fd)
-                worker = QueueWorker(f"{self.name}-vq{index}", queue, self.model.handle,
-                                     kick_fd, self._notifier(index))
-                self.workers[index] = worker
-                worker.start()
+                self.workers[index] = QueueWorker(f"{self.name}-vq{index}", queue,
+                                                  self.model.handle, kick_fd,
+                                                  self._notifier(index))
+            for first in range(self.queue_threads):
+                served = [i for i in sorted(self.workers) if i % self.queue_threads == first]
+                if served:
+                    thread = QueueThread(f"{self.name}-vq{','.join(map(str, served))}",
+                                         [self.workers[i] for i in served])
+                    self._serving.append(thread)
+                    thread.start()
 
     def _notifier(self, index: int) -> Callable[[], None]:
         """The used-buffer interrupt of one queue; failures are logged, not raised."""
@@ -290,8 +302,11 @@ class VduseDevice:
         """Stop and drain every queue worker, then drop kick fds and mappings."""
         with self._lock:
             workers, self.workers = self.workers, {}
+            serving, self._serving = self._serving, []
+            for thread in serving:
+                thread.stop()
             for index, worker in workers.items():
-                worker.stop()
+                worker.close()  # a queue whose thread never started
                 self.served[index] = self.served.get(index, 0) + worker.requests
             for worker in workers.values():
                 worker.queue.release()

@@ -38,13 +38,14 @@ class BlkExport:
 
     def __init__(self, name: str, backend: Backend, config: BlkConfig,
                  attach: AttachMode = "virtio", kernel: VduseKernel | None = None,
-                 attach_timeout: float = 30.0) -> None:
+                 attach_timeout: float = 30.0, queue_threads: int = 1) -> None:
         self.name = name
         self.backend = backend
         self.config = config
         self.attach_mode: AttachMode = attach
         self.attach_timeout = attach_timeout
-        self.device = VduseDevice(name, BlkDevice(backend, config), kernel)
+        self.device = VduseDevice(name, BlkDevice(backend, config), kernel,
+                                  queue_threads=queue_threads)
         self.attached: AttachedDevice | None = None
 
     def start(self) -> AttachedDevice | None:

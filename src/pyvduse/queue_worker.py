@@ -1,12 +1,19 @@
-"""One thread serving one virtqueue: wait for a kick, drain, complete, notify.
+"""Serving virtqueues: per-queue request processing, and the threads that run it.
 
 Transport-agnostic: VDUSE and vhost-user both deliver kicks on an eventfd
 and take interrupts through a callable.
 
+A :class:`QueueWorker` holds one queue's serving state and drains it; a
+:class:`QueueThread` waits for kicks on one or more queues and drains each
+that has work, round-robin, a bounded number of batches at a time so that no
+queue starves the others. The device decides how many threads serve its
+queues (one for all of them by default: with the GIL, threads would mostly
+contend for it, while a single thread batches the queues' work).
+
 A request is completed either at once (the handler returns the bytes it
 wrote into the chain) or later (the handler returns :data:`PENDING` and calls
 the ``complete`` callable it was given, from any thread, when the backend is
-done). Only the worker thread touches the used ring: later completions reach
+done). Only the serving thread touches the used ring: later completions reach
 it through a queue and an eventfd, so many requests of one queue can be in
 flight at once without any lock on the ring.
 """
@@ -18,7 +25,7 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pyvduse.errors import RingError
 from pyvduse.virtqueue import Chain, ChainError, SplitQueue
@@ -38,110 +45,61 @@ RequestHandler = Callable[[Chain, Completer], int]
 """Serves one chain: returns the bytes written into it, or :data:`PENDING` after
 arranging for ``complete(chain.head, written)`` to be called. Must not raise."""
 
+BATCHES_PER_TURN = 4
+"""Batches a queue may serve before its thread looks at its other queues."""
+
 _STUCK_LOG_INTERVAL = 10.0  # seconds between reports of requests that do not finish
 
 
-class QueueWorker:
-    """Drains ``queue`` on its own thread until :meth:`stop`.
+def _clear(fd: int) -> None:
+    """Reset an eventfd that poll reported readable (another reader may have raced us)."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
 
-    Per wake-up it collects finished requests, pops every available chain with
-    kicks suppressed, publishes the used index once per batch and interrupts
-    the driver once per batch if the driver asked for it (EVENT_IDX or the
-    NO_INTERRUPT flag). When :meth:`stop` returns nothing is in flight: every
-    request popped has been completed and published (a backend that never
-    finishes a request keeps :meth:`stop` waiting, with a warning every
-    ten seconds).
+
+class QueueWorker:
+    """The serving state of one queue: drains it, takes later completions.
+
+    Per :meth:`drain` it collects finished requests, pops every available
+    chain with kicks suppressed, publishes the used index once per batch and
+    interrupts the driver once per batch if the driver asked for it
+    (EVENT_IDX or the NO_INTERRUPT flag). Run by a :class:`QueueThread`.
     """
 
     def __init__(self, name: str, queue: SplitQueue, handle: RequestHandler, kick_fd: int,
                  notify: Callable[[], None]) -> None:
         self.name = name
         self.queue = queue
+        self.kick_fd = kick_fd
         self._handle = handle
-        self._kick_fd = kick_fd
         self._notify = notify
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: Signalled by :meth:`complete`; the serving thread polls it.
+        self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: deque[tuple[int, int]] = deque()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        #: Set when the thread stops taking requests: :meth:`drain` returns at once.
+        self.stopping = False
+        #: Set when the driver broke the ring: the queue is not drained again until reset.
+        self.broken = False
         #: Requests popped from the ring (served or in flight).
         self.requests = 0
         #: Requests handed to the backend and not yet completed.
         self.inflight = 0
         self.bad_chains = 0
 
-    def start(self) -> None:
-        """Start serving; work already in the ring is picked up at once."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop taking requests, wait for those in flight; idempotent."""
-        self._stopping = True
-        if self._stop_fd >= 0:  # a second stop() finds the fd closed
-            os.eventfd_write(self._stop_fd, 1)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-        if self._stop_fd >= 0:
-            os.close(self._stop_fd)
-            os.close(self._done_fd)
-            self._stop_fd = self._done_fd = -1
+    def close(self) -> None:
+        """Release the completion eventfd (after the last completion); idempotent."""
+        if self.done_fd >= 0:
+            os.close(self.done_fd)
+            self.done_fd = -1
 
     def complete(self, head: int, written: int) -> None:
         """Finish a chain the handler left :data:`PENDING`; any thread, once per chain."""
         self._done.append((head, written))
-        os.eventfd_write(self._done_fd, 1)
+        os.eventfd_write(self.done_fd, 1)
 
-    def _run(self) -> None:
-        poller = select.poll()
-        kick_fd, done_fd, stop_fd = self._kick_fd, self._done_fd, self._stop_fd
-        for fd in (kick_fd, done_fd, stop_fd):
-            poller.register(fd, select.POLLIN)
-        try:
-            self.drain()  # the driver may have queued work before we started
-            while not self._stopping:
-                for fd, _events in poller.poll():
-                    if fd != stop_fd:
-                        try:
-                            os.eventfd_read(fd)
-                        except BlockingIOError:
-                            pass
-                if self._stopping:
-                    break
-                self.drain()
-        except RingError as exc:
-            log.error("%s: %s; the queue stops until the driver resets the device",
-                      self.name, exc)
-        except Exception:
-            log.exception("%s: queue worker failed; the queue stops until reset", self.name)
-        self._wait_inflight()
-
-    def _wait_inflight(self) -> None:
-        """After the last pop: collect every pending completion, publishing as they come."""
-        poller = select.poll()
-        poller.register(self._done_fd, select.POLLIN)
-        waited = 0.0
-        while True:
-            try:
-                if self._reap():
-                    self._publish()
-            except RingError as exc:
-                log.error("%s: %s; completions dropped", self.name, exc)
-                self._done.clear()
-                self.inflight = 0
-            if not self.inflight:
-                return
-            if not poller.poll(_STUCK_LOG_INTERVAL * 1000):
-                waited += _STUCK_LOG_INTERVAL
-                log.warning("%s: still waiting for %d request(s) in the backend after %.0f s",
-                            self.name, self.inflight, waited)
-                continue
-            try:
-                os.eventfd_read(self._done_fd)
-            except BlockingIOError:
-                pass
-
-    def _reap(self) -> int:
+    def reap(self) -> int:
         """Push every completion handed in by :meth:`complete`; return how many."""
         done = self._done
         push = self.queue.push
@@ -153,19 +111,23 @@ class QueueWorker:
         self.inflight -= count
         return count
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
+        """Make pushed completions visible and interrupt the driver if it asked to be."""
         queue = self.queue
         queue.publish()
         if queue.needs_interrupt():
             self._notify()
 
-    def drain(self) -> None:
-        """Serve every chain available now, then re-enable kicks; return when the ring is empty.
+    def drain(self, batches: int | None = None) -> bool:
+        """Serve the chains available now and re-enable kicks once the ring is empty.
 
-        Completions handed in meanwhile are pushed in the same batches. The
-        worker thread calls this on every wake-up. It is public so that the
-        data-path benchmark (``bench/datapath.py``) measures exactly this loop,
-        without the thread. Not thread-safe: one caller per queue at a time.
+        Completions handed in meanwhile are pushed in the same batches. Returns
+        False when the ring is empty (kicks re-enabled), True when it stopped
+        after ``batches`` batches with work left (kicks still suppressed: call
+        again soon). Public so that the data-path benchmark
+        (``bench/datapath.py``) measures exactly this loop. Not thread-safe:
+        one caller per queue at a time. Raises :class:`RingError` if the driver
+        broke the ring.
         """
         queue = self.queue
         handle = self._handle
@@ -173,11 +135,15 @@ class QueueWorker:
         pop = queue.pop  # bound once: the loop below runs per request
         push = queue.push
         done = self._done
-        while not self._stopping:
+        while not self.stopping:
             queue.disable_kicks()
             count = queue.pending()
-            reaped = self._reap() if done else 0
+            reaped = self.reap() if done else 0
             while count or reaped:
+                if batches is not None:
+                    if not batches:
+                        return True
+                    batches -= 1
                 pending = 0
                 for _ in range(count):
                     try:
@@ -198,10 +164,108 @@ class QueueWorker:
                         pending += 1
                 self.requests += count
                 self.inflight += pending
-                self._publish()
-                if self._stopping:
-                    return
+                self.publish()
+                if self.stopping:
+                    return False
                 count = queue.pending()
-                reaped = self._reap() if done else 0
+                reaped = self.reap() if done else 0
             if not queue.enable_kicks():
+                return False
+        return False
+
+
+class QueueThread:
+    """One thread serving ``workers`` until :meth:`stop`.
+
+    When :meth:`stop` returns nothing is in flight: every request popped has
+    been completed and published (a backend that never finishes a request
+    keeps :meth:`stop` waiting, with a warning every ten seconds). A queue
+    whose ring the driver broke stops being served (logged); the others go on.
+    """
+
+    def __init__(self, name: str, workers: Sequence[QueueWorker]) -> None:
+        self.name = name
+        self.workers = list(workers)
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start serving; work already in the rings is picked up at once."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop taking requests, wait for those in flight, close fds; idempotent."""
+        self._stopping = True
+        for worker in self.workers:
+            worker.stopping = True
+        if self._stop_fd >= 0:  # a second stop() finds the fd closed
+            os.eventfd_write(self._stop_fd, 1)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+            for worker in self.workers:
+                worker.close()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        by_fd: dict[int, QueueWorker] = {}
+        for worker in self.workers:
+            for fd in (worker.kick_fd, worker.done_fd):
+                poller.register(fd, select.POLLIN)
+                by_fd[fd] = worker
+        poller.register(self._stop_fd, select.POLLIN)
+        busy = list(self.workers)  # the driver may have queued work before we started
+        try:
+            while not self._stopping:
+                busy = [w for w in busy if not w.broken and self._drain(w, poller)]
+                if self._stopping:
+                    break
+                for fd, _events in poller.poll(0 if busy else None):
+                    worker = by_fd.get(fd)
+                    if worker is None:
+                        continue  # the stop fd
+                    _clear(fd)
+                    if worker not in busy and not worker.broken:
+                        busy.append(worker)
+        except Exception:
+            log.exception("%s: queue thread failed; its queues stop until reset", self.name)
+        self._wait_inflight()
+
+    def _drain(self, worker: QueueWorker, poller: select.poll) -> bool:
+        """One turn of ``worker``; True if it has work left. A broken ring stops the queue."""
+        try:
+            return worker.drain(BATCHES_PER_TURN)
+        except RingError as exc:
+            log.error("%s: %s; the queue stops until the driver resets the device",
+                      worker.name, exc)
+            worker.broken = True
+            poller.unregister(worker.kick_fd)
+            return False
+
+    def _wait_inflight(self) -> None:
+        """After the last pop: collect every pending completion, publishing as they come."""
+        poller = select.poll()
+        for worker in self.workers:
+            poller.register(worker.done_fd, select.POLLIN)
+        waited = 0.0
+        while True:
+            for worker in self.workers:
+                try:
+                    if worker.reap():
+                        worker.publish()
+                except RingError as exc:
+                    log.error("%s: %s; completions dropped", worker.name, exc)
+                    worker.inflight = 0
+            inflight = sum(worker.inflight for worker in self.workers)
+            if not inflight:
                 return
+            ready = poller.poll(_STUCK_LOG_INTERVAL * 1000)
+            if not ready:
+                waited += _STUCK_LOG_INTERVAL
+                log.warning("%s: still waiting for %d request(s) in the backend after %.0f s",
+                            self.name, inflight, waited)
+            for fd, _events in ready:
+                _clear(fd)

@@ -16,7 +16,7 @@ from pyvduse.blk import BlkConfig, BlkDevice
 from pyvduse.device import VduseDevice
 from pyvduse.errors import KernelError, PyvduseError
 from pyvduse.kernel import DeviceSpec
-from pyvduse.queue_worker import QueueWorker
+from pyvduse.queue_worker import QueueThread, QueueWorker
 from pyvduse.testing import DriverMemory, FakeChannel, FakeVduse, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.uapi import vduse as u
@@ -86,16 +86,24 @@ class Rig:
     """A created device on a fake kernel, plus the driver-side helpers to use it."""
 
     def __init__(self, name: str = "t0", num_queues: int = 2, queue_size: int = 256,
-                 fake: FakeVduse | None = None, backend: Backend | None = None) -> None:
+                 fake: FakeVduse | None = None, backend: Backend | None = None,
+                 queue_threads: int = 1) -> None:
         self.name = name
         self.backend = backend or Ram(4 * MiB)
         self.config = BlkConfig.for_backend(self.backend, num_queues=num_queues,
                                             queue_size=queue_size, serial="dev-serial")
         self.fake = fake or FakeVduse(DriverMemory(size=32 * MiB))
         self.mem = self.fake.memory
-        self.dev = VduseDevice(name, BlkDevice(self.backend, self.config), kernel=self.fake)
+        self.dev = VduseDevice(name, BlkDevice(self.backend, self.config), kernel=self.fake,
+                               queue_threads=queue_threads)
         self.dev.create()
         self.ch: FakeChannel = self.fake.channels[name]
+
+    def queue_thread_names(self) -> list[str]:
+        """The names of the threads serving the queues once they run."""
+        if self.dev.queue_threads == 1:
+            return [f"{self.name}-vq" + ",".join(map(str, range(self.config.num_queues)))]
+        return [f"{self.name}-vq{i}" for i in range(self.config.num_queues)]
 
     @property
     def offered(self) -> int:
@@ -165,9 +173,9 @@ class Rig:
         return result, avail
 
 
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = Rig()
+@pytest.fixture(params=[1, 2], ids=["1-thread", "thread-per-queue"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    r = Rig(queue_threads=request.param)
     yield r
     r.close()
     assert thread_names("t0-") == []
@@ -199,7 +207,7 @@ def test_driver_ok_starts_one_worker_per_queue(running: Rig) -> None:
     assert dev.status == ACK | DRIVER | FEATURES_OK | DRIVER_OK
     assert dev.driver_features == running.offered
     assert sorted(dev.workers) == [0, 1]
-    assert thread_names("t0-") == ["t0-control", "t0-vq0", "t0-vq1"]
+    assert thread_names("t0-") == ["t0-control", *running.queue_thread_names()]
     assert sorted(running.ch.kick_fds) == [0, 1]
     for index, worker in dev.workers.items():
         assert worker.queue.size == 256
@@ -451,7 +459,7 @@ def test_update_iotlb_while_running_keeps_ring_positions(running: Rig) -> None:
         worker = r.dev.workers[q]
         assert worker is not old_workers[q]
         assert (worker.queue.last_avail_idx, worker.queue.used_idx) == (expected, expected)
-    assert thread_names("t0-vq") == ["t0-vq0", "t0-vq1"]
+    assert thread_names("t0-vq") == r.queue_thread_names()
     for i in range(5):
         status, data, written = r.run(0, v.VIRTIO_BLK_T_IN, 8 * i, in_len=4096)
         assert (status, data, written) == (OK, pattern(4096, i), 4097)
@@ -517,8 +525,9 @@ def test_avail_index_jump_breaks_only_that_queue(running: Rig) -> None:
     ring0 = r.ring(0)
     ring0.publish([], avail_idx=ring0.avail_idx + ring0.size + 1)
     r.ch.kick(0)
-    wait_until(lambda: thread_names("t0-vq") == ["t0-vq1"], what="queue 0 to stop")
+    wait_until(lambda: r.dev.workers[0].broken, what="queue 0 to stop")
     assert r.dev.workers[0].queue.broken
+    r.ch.kick(0)  # no longer served: nothing is read from the broken ring
     reqs = r.batch(1, [(v.VIRTIO_BLK_T_OUT, 8 * i, pattern(4096, i), 0) for i in range(32)])
     assert r.ch.wait_used(1, 32) == [(req.head, 1) for req in reqs]
     assert r.vq_state(0) == (RESULT_OK, 0)
@@ -625,7 +634,7 @@ def test_create_failure_when_the_kernel_refuses_the_device() -> None:
 # -- the queue worker on its own --------------------------------------------------------------
 
 
-def test_queue_worker_stop_is_idempotent() -> None:
+def test_queue_thread_stop_is_idempotent() -> None:
     dmem = DriverMemory(size=MiB)
     kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
@@ -633,16 +642,50 @@ def test_queue_worker_stop_is_idempotent() -> None:
         gmem = dmem.guest_memory()
         queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
                            event_idx=True, indirect=True)
-        started = QueueWorker("w-started", queue, lambda chain, complete: 0, kick, lambda: None)
+
+        def worker() -> QueueWorker:
+            return QueueWorker("w", queue, lambda chain, complete: 0, kick, lambda: None)
+
+        started = QueueThread("w-started", [worker()])
         started.start()
         started.stop()
         started.stop()  # documented as idempotent
-        never = QueueWorker("w-never", queue, lambda chain, complete: 0, kick, lambda: None)
+        never = QueueThread("w-never", [worker()])
         never.stop()
         never.stop()
         assert thread_names("w-") == []
+        assert all(w.done_fd == -1 for w in started.workers + never.workers)
         queue.release()
         gmem.invalidate()
     finally:
+        os.close(kick)
+        dmem.close()
+
+
+def test_drain_yields_after_its_batches_while_work_keeps_coming() -> None:
+    dmem = DriverMemory(size=MiB)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ring = MockSplitRing(dmem, 8)
+    gmem = dmem.guest_memory()
+    queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
+                       event_idx=True, indirect=True)
+    status = dmem.buffer(1, writable=True)
+
+    def handle(chain: object, complete: object) -> int:
+        ring.add_chain([status])  # a driver that never stops submitting
+        ring.take_used()
+        return 1
+
+    worker = QueueWorker("w", queue, handle, kick, lambda: None)
+    try:
+        ring.add_chain([status])
+        assert worker.drain(batches=3) is True  # work left: the thread serves others first
+        assert worker.requests == 3
+        assert worker.drain(batches=2) is True
+        assert worker.requests == 5
+    finally:
+        worker.close()
+        queue.release()
+        gmem.invalidate()
         os.close(kick)
         dmem.close()
