@@ -224,12 +224,12 @@ class QueueThread:
                 if self._stopping:
                     break
                 for fd, _events in poller.poll(0 if busy else None):
-                    worker = by_fd.get(fd)
-                    if worker is None:
+                    woken = by_fd.get(fd)
+                    if woken is None:
                         continue  # the stop fd
                     _clear(fd)
-                    if worker not in busy and not worker.broken:
-                        busy.append(worker)
+                    if woken not in busy and not woken.broken:
+                        busy.append(woken)
         except Exception:
             log.exception("%s: queue thread failed; its queues stop until reset", self.name)
         self._wait_inflight()
