@@ -3,7 +3,8 @@
 ``pyvduse serve NAME key=value ...`` becomes ``open_backend(NAME, [...])``:
 the name selects an entry of :data:`BACKENDS`, whose ``from_options`` reads
 the options and rejects unknown ones. ``python`` loads a backend the user
-wrote (:mod:`pyvduse.backends.python`).
+wrote (:mod:`pyvduse.backends.python`); ``nbd`` is a client of an NBD server
+(:mod:`pyvduse.backends.nbd`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 from pyvduse.backends.base import Backend
 from pyvduse.backends.file import FileBackend
 from pyvduse.backends.memory import MemoryBackend
+from pyvduse.backends.nbd import NbdBackend
 from pyvduse.backends.null import NullBackend
 from pyvduse.backends.options import BackendOptions
 from pyvduse.backends.python import PythonBackendLoader, load_backend
@@ -27,6 +29,7 @@ __all__ = [
     "BackendOptions",
     "FileBackend",
     "MemoryBackend",
+    "NbdBackend",
     "NullBackend",
     "PythonBackendLoader",
     "load_backend",
@@ -46,6 +49,7 @@ class BackendFactory(Protocol):
 BACKENDS: Mapping[str, BackendFactory] = MappingProxyType({
     FileBackend.name: FileBackend,
     MemoryBackend.name: MemoryBackend,
+    NbdBackend.name: NbdBackend,
     NullBackend.name: NullBackend,
     PythonBackendLoader.name: PythonBackendLoader,
 })
