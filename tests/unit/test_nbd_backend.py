@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import os
 import random
 import shutil
 import signal
@@ -424,9 +423,10 @@ def test_device_over_qemu_nbd_matches_the_file(servers: Start, sockdir: Path) ->
 def test_server_killed_mid_io_requests_are_sent_again_after_restart(
         servers: Start, sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
     disk = image(sockdir)
-    plain = ["file", str(disk)]
     # Slow at first, so that requests are surely in flight when the server dies.
-    server = servers("nbdkit", "--filter=delay", *plain, "delay-write=2", "delay-read=2")
+    server = servers("nbdkit", "--filter=delay", "file", str(disk), "delay-write=2",
+                     "delay-read=2")
+    fast = [arg for arg in server.argv if not arg.startswith(("--filter=delay", "delay-"))]
     backend = NbdBackend(server.url, **FAST)
     rec = Recorder()
     try:
@@ -444,7 +444,7 @@ def test_server_killed_mid_io_requests_are_sent_again_after_restart(
         wait_until(lambda: backend.waiting == 18, what="18 requests waiting")
         time.sleep(0.05)
         assert not any(rec.results.values())
-        server.start([*server.argv[:-4], *plain])  # the same socket, no delay
+        server.start(fast)  # the same socket, no delay
         outcome = rec.wait()
         assert set(outcome.values()) == {None}, outcome
         # The read may have been served before or after the writes: read again.
@@ -989,7 +989,6 @@ def test_a_server_that_refuses_the_export_or_is_not_nbd(servers: Start, sockdir:
         conn, _ = chatty.accept()
         with conn:
             conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
-            time.sleep(0.5)
 
     greeter = threading.Thread(target=greet, daemon=True)
     greeter.start()
@@ -1024,4 +1023,22 @@ def test_backends_leave_no_threads_behind(servers: Start) -> None:
     for _ in range(3):
         NbdBackend(server.url, connections=2).close()
     assert thread_names("nbd-") == []
-    assert os.path.exists(server.sock or "")
+
+
+def test_close_interrupts_a_reconnection_stuck_in_the_handshake(servers: Start) -> None:
+    server = servers("nbdkit", "memory", "1M")
+    backend = NbdBackend(server.url, reconnect_delay=0.01, timeout=30)
+    assert server.sock is not None
+    server.kill()
+    server.sock.unlink()
+    silent = socket.socket(socket.AF_UNIX)  # takes the connection, never answers
+    silent.bind(str(server.sock))
+    silent.listen(4)
+    try:
+        wait_until(lambda: backend._connecting is not None, what="a reconnection attempt")
+        started = time.monotonic()
+        backend.close()
+        assert time.monotonic() - started < 1
+        assert thread_names("nbd-") == []
+    finally:
+        silent.close()

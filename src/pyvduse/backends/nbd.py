@@ -876,8 +876,7 @@ class NbdBackend(Backend):
             log.warning("nbd %s: the server does not allow several connections "
                         "(no NBD_FLAG_CAN_MULTI_CONN): using 1, not %d", url, connections)
             self._wanted = 1
-        first = self._activate(sock, info)
-        assert first
+        self._activate(sock, info)  # cannot be refused: nothing closed the backend yet
         for opened in range(1, self._wanted):
             try:
                 sock, info = connect(self.address, timeout)
@@ -1304,7 +1303,7 @@ class NbdBackend(Backend):
                 self._waiting.clear()
                 self._expired = True
         self._log_retry(logging.WARNING, "nbd %s: reconnecting failed (%s); retrying in up to "
-                        "%.1f s", self.url, _reason(exc), min(delay * 2, MAX_RECONNECT_DELAY))
+                        "%.3g s", self.url, _reason(exc), min(delay * 2, MAX_RECONNECT_DELAY))
         if failed:
             self._log_failed(logging.ERROR, "nbd %s: server gone for %.1f s (retry-timeout %g "
                              "s): failing %d request(s) with EIO", self.url, down_for,
