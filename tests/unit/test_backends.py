@@ -383,6 +383,21 @@ def test_file_short_reads_and_writes(
     assert len(writes) == 10 and len(reads) == 10
 
 
+def test_file_short_single_buffer_reads_and_writes(
+    file_backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[int] = []
+    writes: list[int] = []
+    monkeypatch.setattr(os, "preadv", limited(os.preadv, 3000, reads))
+    monkeypatch.setattr(os, "pwritev", limited(os.pwritev, 3000, writes))
+    data = pattern(8192, 13)
+    file_backend.writev(1024, [memoryview(data)])  # the one-buffer fast path, resumed
+    out = bytearray(len(data))
+    file_backend.readv(1024, [memoryview(out)])
+    assert out == data
+    assert writes == [3000, 3000, 2192] and reads == [3000, 3000, 2192]
+
+
 def test_file_many_segments_split_at_iov_max(
     file_backend: FileBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

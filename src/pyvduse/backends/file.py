@@ -370,7 +370,12 @@ class FileBackend(Backend):
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` in order from ``offset`` with ``preadv`` (bounced if O_DIRECT refuses)."""
         try:
-            transfer_all(os.preadv, self._fd, bufs, offset)
+            if len(bufs) == 1:  # the common request: one call, no bookkeeping unless short
+                done = os.preadv(self._fd, bufs, offset)
+                if done != len(bufs[0]):
+                    transfer_all(os.preadv, self._fd, [bufs[0][done:]], offset + done)
+            else:
+                transfer_all(os.preadv, self._fd, bufs, offset)
         except OSError as exc:
             if not (self.direct and exc.errno == errno.EINVAL):
                 raise
@@ -384,6 +389,11 @@ class FileBackend(Backend):
         """Store ``bufs`` in order at ``offset`` with ``pwritev`` (bounced if O_DIRECT refuses)."""
         self._check_writable()
         try:
+            if len(bufs) == 1:  # the common request: one call, no bookkeeping unless short
+                done = os.pwritev(self._fd, bufs, offset)
+                if done != len(bufs[0]):
+                    transfer_all(os.pwritev, self._fd, [bufs[0][done:]], offset + done)
+                return
             transfer_all(os.pwritev, self._fd, bufs, offset)
         except OSError as exc:
             if not (self.direct and exc.errno == errno.EINVAL):
