@@ -279,7 +279,7 @@ def test_capabilities_follow_the_transmission_flags(servers: Start) -> None:
 def test_registered_and_built_from_options(servers: Start) -> None:
     assert BACKENDS["nbd"] is NbdBackend
     server = servers("nbdkit", "memory", "1M")
-    backend = open_backend("nbd", [f"url={server.url}", "connections=1",
+    backend = open_backend("nbd", [f"uri={server.url}", "connections=1",
                                    "reconnect-delay=0.5", "retry-timeout=0", "timeout=3"])
     try:
         assert isinstance(backend, NbdBackend)
@@ -926,7 +926,9 @@ def test_close_while_the_server_is_away_fails_the_waiting_requests(servers: Star
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    ([], "backend 'nbd': missing required option url="),
+    ([], "backend 'nbd': missing required option uri="),
+    (["uri=nbd://h/", "url=nbd://h/"], "give uri= or url=, not both"),
+    (["uri=http://host/disk"], "bad url 'http://host/disk': use nbd://HOST"),
     (["url=http://host/disk"], "bad url 'http://host/disk': use nbd://HOST"),
     (["url=nbds://host/disk"], "TLS (nbds) is not supported"),
     (["url=nbd+unix:///disk"], "nbd+unix needs exactly one ?socket=PATH"),
@@ -944,7 +946,7 @@ def test_close_while_the_server_is_away_fails_the_waiting_requests(servers: Star
     (["url=nbd://h/", "timeout=inf"], "option timeout=inf: not a number of seconds"),
     (["url=nbd://h/", "timeout=soon"], "option timeout=soon"),
     (["url=nbd://h/", "colour=red"],
-     "unknown option for backend 'nbd': colour (known: url, connections, reconnect-delay, "
+     "unknown option for backend 'nbd': colour (known: uri, url, connections, reconnect-delay, "
      "retry-timeout, timeout)"),
 ])
 def test_bad_options_are_one_line_config_errors(args: list[str], message: str) -> None:

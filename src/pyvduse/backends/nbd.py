@@ -2,7 +2,7 @@
 
 Options (``pyvduse serve nbd key=value ...``):
 
-``url=`` (required)
+``uri=`` (required; ``url=`` is accepted too)
     ``nbd://HOST[:PORT]/EXPORT`` (TCP, port 10809 by default) or
     ``nbd+unix:///EXPORT?socket=PATH`` (a Unix domain socket). An empty
     export (``nbd://HOST/``, ``nbd+unix:///?socket=PATH``) is the server's
@@ -892,9 +892,17 @@ class NbdBackend(Backend):
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> Self:
-        """Build from ``url=``, ``connections=``, ``reconnect-delay=``, ``retry-timeout=``,
-        ``timeout=``; any bad or unknown option is a :class:`ConfigError`."""
-        url = options.string("url")
+        """Build from ``uri=`` (or its alias ``url=``), ``connections=``,
+        ``reconnect-delay=``, ``retry-timeout=``, ``timeout=``; any bad or unknown
+        option is a :class:`ConfigError`."""
+        uri = options.string("uri", "")
+        url = options.string("url", "")
+        if uri and url:
+            raise ConfigError("backend 'nbd': give uri= or url=, not both")
+        url = uri or url
+        if not url:
+            raise ConfigError("backend 'nbd': missing required option uri= "
+                              "(nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
         raw = options.string("connections", "1")
         try:
             connections = int(raw)
