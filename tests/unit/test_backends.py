@@ -108,7 +108,7 @@ def test_capabilities(case: Case) -> None:
 
 
 def test_registry_names() -> None:
-    assert sorted(BACKENDS) == ["file", "memory", "nbd", "null", "python"]
+    assert sorted(BACKENDS) == ["file", "memory", "nbd", "null", "python", "rbd"]
     for name, cls in BACKENDS.items():
         assert getattr(cls, "name", None) == name
 
@@ -159,7 +159,7 @@ def test_open_backend_by_name(tmp_path: Path) -> None:
             assert backend.name == name
         finally:
             backend.close()
-    known = re.escape("(known: file, memory, nbd, null, python)")
+    known = re.escape("(known: file, memory, nbd, null, python, rbd)")
     with pytest.raises(ConfigError, match=rf"^unknown backend 'disk' {known}$"):
         open_backend("disk", [])
     with pytest.raises(ConfigError, match="unknown option for backend 'file': colour"):

@@ -46,7 +46,7 @@ def test_bad_syntax_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str],
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["serve", "nosuch"], "unknown backend 'nosuch' (known: file, memory, nbd, null, python)"),
+    (["serve", "nosuch"], "unknown backend 'nosuch' (known: file, memory, nbd, null, python, rbd)"),
     (["serve", "file", "path=/nonexistent/disk.img"],
      "file backend: no such file: /nonexistent/disk.img"),
     (["serve", "memory"], "size"),

@@ -4,7 +4,9 @@
 the name selects an entry of :data:`BACKENDS`, whose ``from_options`` reads
 the options and rejects unknown ones. ``python`` loads a backend the user
 wrote (:mod:`pyvduse.backends.python`); ``nbd`` is a client of an NBD server
-(:mod:`pyvduse.backends.nbd`).
+(:mod:`pyvduse.backends.nbd`); ``rbd`` opens a Ceph RBD image
+(:mod:`pyvduse.backends.rbd`), whose Python binding is only imported when an
+``rbd`` backend is built, so pyvduse imports without it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pyvduse.backends.nbd import NbdBackend
 from pyvduse.backends.null import NullBackend
 from pyvduse.backends.options import BackendOptions
 from pyvduse.backends.python import PythonBackendLoader, load_backend
+from pyvduse.backends.rbd import RbdBackend
 from pyvduse.errors import ConfigError
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "NbdBackend",
     "NullBackend",
     "PythonBackendLoader",
+    "RbdBackend",
     "load_backend",
     "open_backend",
 ]
@@ -52,6 +56,7 @@ BACKENDS: Mapping[str, BackendFactory] = MappingProxyType({
     NbdBackend.name: NbdBackend,
     NullBackend.name: NullBackend,
     PythonBackendLoader.name: PythonBackendLoader,
+    RbdBackend.name: RbdBackend,
 })
 
 
