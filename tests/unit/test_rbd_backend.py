@@ -275,6 +275,13 @@ def test_registered_and_built_from_options(cluster: Cluster) -> None:
         assert backend.size() == 3 * MiB and not backend.can_write
     finally:
         backend.close()
+    # The spelling: pool= and a bare image name.
+    pool, name = spec.split("/")
+    backend = open_backend("rbd", [f"pool={pool}", f"image={name}", f"conf={cluster.conf}"])
+    try:
+        assert backend.spec == ImageSpec(pool, "", name) and backend.size() == 3 * MiB
+    finally:
+        backend.close()
 
 
 # -- requests in flight -----------------------------------------------------------------
@@ -529,8 +536,11 @@ def test_a_blocklisted_client_gets_errors(cluster: Cluster) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     ([], "backend 'rbd': missing required option image="),
-    (["image=img0"], "bad image=img0: no pool (use POOL/IMAGE, POOL/NAMESPACE/IMAGE, "
-                     "optionally followed by @SNAPSHOT)"),
+    (["image=img0", "conf=/nonexistent/c.conf"], "cannot open rbd/img0: no configuration"),
+    (["pool=p", "namespace=ns", "image=img@s", "conf=/nonexistent/c.conf"],
+     "cannot open p/ns/img@s: no configuration"),
+    (["pool=rbd", "image=rbd/img"], "image=rbd/img names a pool while pool=rbd is given"),
+    (["namespace=ns", "image=img"], "backend 'rbd': namespace= needs pool="),
     (["image=a/b/c/d"], "bad image=a/b/c/d: too many /"),
     (["image=rbd//img"], "bad image=rbd//img: empty pool, namespace or image name"),
     (["image=/img"], "empty pool"),
@@ -544,7 +554,8 @@ def test_a_blocklisted_client_gets_errors(cluster: Cluster) -> None:
     (["image=rbd/img", "cache=sometimes"], "option cache=sometimes: not a boolean"),
     (["image=rbd/img", "id="], "option id= has an empty value"),
     (["image=rbd/img", "colour=red"],
-     "unknown option for backend 'rbd': colour (known: image, conf, id, keyring, mon-host, "
+     "unknown option for backend 'rbd': colour (known: pool, namespace, image, conf, id, "
+     "keyring, mon-host, "
      "readonly, timeout, cache)"),
     (["image=rbd/img", "conf=/nonexistent/ceph.conf"],
      "backend 'rbd': cannot open rbd/img: no configuration file /nonexistent/ceph.conf"),

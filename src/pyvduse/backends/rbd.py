@@ -2,9 +2,12 @@
 
 Options (``pyvduse serve rbd key=value ...``):
 
-``image=`` (required)
-    ``POOL/IMAGE`` or ``POOL/NAMESPACE/IMAGE``, optionally followed by
-    ``@SNAPSHOT``: a snapshot is always read-only.
+``pool=POOL`` and ``image=NAME`` (required), ``namespace=NS``
+    The image ``NAME`` (optionally ``NAME@SNAPSHOT``: a snapshot is always
+    read-only) in pool ``POOL`` (and namespace ``NS``). ``image=`` alone may
+    also spell the whole path, ``POOL/IMAGE`` or ``POOL/NAMESPACE/IMAGE``; a
+    bare ``image=NAME`` without ``pool=`` is in pool ``rbd``, as for the
+    ``rbd`` tool.
 ``conf=PATH``
     The Ceph configuration file. Without it librados searches its usual
     places (``$CEPH_CONF``, ``/etc/ceph/ceph.conf``, ``~/.ceph/config``,
@@ -148,6 +151,10 @@ class ImageSpec:
         return where + self.image + (f"@{self.snapshot}" if self.snapshot is not None else "")
 
 
+DEFAULT_POOL = "rbd"
+"""The pool of an image named without one, as for the ``rbd`` command."""
+
+
 def parse_image_spec(text: str) -> ImageSpec:
     """Parse ``POOL/IMAGE``, ``POOL/NAMESPACE/IMAGE``, each optionally ``@SNAPSHOT``.
 
@@ -171,6 +178,24 @@ def parse_image_spec(text: str) -> ImageSpec:
         raise bad("blanks or control characters")
     namespace = parts[1] if len(parts) == 3 else ""
     return ImageSpec(parts[0], namespace, parts[-1], snapshot if at else None)
+
+
+def image_option(pool: str, namespace: str, image: str) -> str:
+    """The ``POOL[/NAMESPACE]/IMAGE[@SNAP]`` text that ``pool=``, ``namespace=``, ``image=`` mean.
+
+    With ``pool=`` the image is a bare name; without it ``image=`` may name the
+    pool itself, and a bare name is in pool ``rbd``, as for the ``rbd`` tool.
+    """
+    if pool:
+        if "/" in image:
+            raise ConfigError(f"backend 'rbd': image={image} names a pool while pool={pool} "
+                              "is given: use pool=POOL image=NAME, or image=POOL/NAME alone")
+        return f"{pool}/{namespace}/{image}" if namespace else f"{pool}/{image}"
+    if namespace:
+        raise ConfigError("backend 'rbd': namespace= needs pool=")
+    if "/" not in image.partition("@")[0]:
+        return f"{DEFAULT_POOL}/{image}"
+    return image
 
 
 # -- completions ------------------------------------------------------------------------
@@ -287,10 +312,11 @@ class RbdBackend(Backend):
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> Self:
-        """Build from ``image=``, ``conf=``, ``id=``, ``keyring=``, ``mon-host=``,
-        ``readonly=``, ``timeout=``, ``cache=``; any bad or unknown option is a
-        :class:`ConfigError`."""
-        image = options.string("image")
+        """Build from ``pool=``, ``namespace=``, ``image=``, ``conf=``, ``id=``,
+        ``keyring=``, ``mon-host=``, ``readonly=``, ``timeout=``, ``cache=``; any bad or
+        unknown option is a :class:`ConfigError`."""
+        image = image_option(options.string("pool", ""), options.string("namespace", ""),
+                             options.string("image"))
         conf = options.string("conf", "") or None
         client_id = options.string("id", "admin")
         keyring = options.string("keyring", "") or None
