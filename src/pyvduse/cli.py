@@ -24,6 +24,7 @@ from pyvduse.export import BlkExport
 log = logging.getLogger("pyvduse")
 
 EXIT_USAGE = 2
+DEFAULT_IO_THREADS = 2
 EXIT_FAILURE = 1
 
 
@@ -90,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads serving the queues, queue i on thread i %% N (default: "
                        "%(default)s; one thread batches all queues and spares the GIL "
                        "contention of several)")
-    serve.add_argument("--io-threads", type=_non_negative_int, default=0, metavar="N",
-                       help="run the backend's large requests on a pool of N threads, so "
-                       "several are in flight per queue (default: %(default)s, every request "
-                       "on its queue's thread; no effect on asynchronous backends)")
+    serve.add_argument("--io-threads", type=_non_negative_int, default=DEFAULT_IO_THREADS,
+                       metavar="N",
+                       help="run the backend's large requests (and flushes, discards, "
+                       "write-zeroes) on a pool of N threads, so several are in flight per "
+                       "queue (default: %(default)s; 0: every request on its queue's thread; "
+                       "no effect on asynchronous backends)")
     serve.add_argument("--io-threads-min", type=_size, default=DEFAULT_MIN_BYTES,
                        metavar="SIZE", help="smallest read or write sent to the --io-threads "
                        "pool; smaller ones stay on the queue's thread (default: 64k)")
@@ -167,7 +170,11 @@ def serve(args: argparse.Namespace) -> int:
         raise
     export = BlkExport(args.name, backend, config, attach=args.attach,
                        queue_threads=args.queue_threads)
-    attached = export.start()
+    try:
+        attached = export.start()
+    except BaseException:
+        backend.close()  # start() undid the device; the backend (and its threads) is ours
+        raise
     try:
         where = f" as {attached.dev_path}" if attached else " (not attached)"
         log.info("serving %s backend on %s%s: %d bytes, %d queue(s) of %d%s", args.backend,

@@ -115,6 +115,7 @@ def test_serve_reports_a_name_in_use(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err.strip().splitlines()[-1].startswith("pyvduse: error: busy: VDUSE_CREATE_DEV")
     assert not pidfile.exists()
     assert fake_kernel.devices["busy"].vq_num == 1  # the other device is untouched
+    assert not [t for t in threading.enumerate() if t.name.startswith("io-")]  # pool closed
 
 
 def test_serve_exits_1_when_the_device_breaks(tmp_path: Path, capsys: pytest.CaptureFixture[str],
