@@ -10,10 +10,20 @@ it belongs to that server; then runs each fio job (libaio, direct=1, JSON
 output) on every peer in turn, the starting peer rotating from one workload to
 the next, so that a change in the host's load spreads over all peers; it
 samples each daemon's CPU time (utime+stime from /proc/PID/stat) around its
-jobs and its peak RSS (VmHWM from /proc/PID/status), and stops every peer
-cleanly. This happens twice: with one queue (one nbd connection) for the
-single-job workloads and the 1-queue mixed job, then with two queues for the
-2-queue 2-job mixed job.
+jobs, and that of the storage server behind a client (nbdkit, ceph-osd), and
+its peak RSS (VmHWM from /proc/PID/status), and stops every peer cleanly.
+This happens twice: with one queue (one nbd connection) for the single-job
+workloads and the 1-queue mixed job, then with two queues for the 2-queue
+2-job mixed job.
+
+The RBD peers (pyvduse's rbd backend, QSD's rbd driver, the kernel rbd
+client) come last, in a phase of their own: the local peers are stopped and
+the backing file deleted first, then a throwaway one-node Ceph cluster
+(scripts/ceph-cluster: memstore, so the image lives in the OSD's memory)
+starts, one RBD_SIZE image is filled with data, and the RBD peers take turns
+on it job by job, on RBD_WORKLOADS only (--rbd-workloads) to keep the full
+run short. The cluster's background work (monitor, manager) thus never runs
+during another peer's jobs.
 
 Writes into --out (default $VM_RUN_OUTDIR): ``raw.json`` (all figures, rewritten
 after every peer, so a partial run still has data) and ``fio/PEER/WORKLOAD.json``
@@ -31,6 +41,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +55,9 @@ HERE = Path(__file__).resolve().parent
 PYVDUSE = str(Path(sys.executable).with_name("pyvduse"))
 PLUGIN = str(HERE / "nbdkit_passthrough.py")
 SIZE = 1 << 30  # 1 GiB device / backing file
+RBD_SIZE = 256 << 20  # the RBD image (memstore keeps it in the OSD's memory)
+RBD_IMAGE = "rbd/bench"
+CEPH_CLUSTER = str(HERE.parent / "scripts" / "ceph-cluster")
 QUEUE_SIZE = 256
 START_TIMEOUT = 300.0  # Python under TCG takes ~10 s to start; leave room for a loaded host
 STOP_TIMEOUT = 120.0
@@ -92,6 +106,10 @@ WORKLOADS = [
              numjobs=2, queues=2, extra=("--rwmixread=70",)),
 ]
 SMOKE_WORKLOADS = ("randread-4k-qd1", "mixed-4k-qd16-1q1j", "mixed-4k-qd16-2q2j")
+# The RBD peers run these only by default (bench/run --rbd-workloads): the full
+# run stays under 30 minutes.
+RBD_WORKLOADS = ("randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd32",
+                 "randwrite-4k-qd32", "seqread-1m-qd8", "seqwrite-1m-qd8")
 
 
 # ------------------------------------------------------------------ helpers
@@ -139,15 +157,15 @@ def vdpa_disk(name: str) -> str:
     return ""
 
 
-def check_disk(disk: str, must_contain: str) -> str:
-    """Check /sys/block/DISK is the expected device of SIZE bytes; return /dev/DISK."""
+def check_disk(disk: str, must_contain: str, size: int = SIZE) -> str:
+    """Check /sys/block/DISK is the expected device of ``size`` bytes; return /dev/DISK."""
     sys_path = Path("/sys/block", disk)
     real = os.path.realpath(sys_path)
     if not sys_path.exists() or must_contain not in real:
         raise RuntimeError(f"/sys/block/{disk} -> {real} does not belong to {must_contain!r}")
     sectors = int((sys_path / "size").read_text())
-    if sectors * 512 != SIZE:
-        raise RuntimeError(f"{disk}: {sectors} sectors, expected {SIZE // 512}")
+    if sectors * 512 != size:
+        raise RuntimeError(f"{disk}: {sectors} sectors, expected {size // 512}")
     dev = f"/dev/{disk}"
     if not Path(dev).is_block_device():
         raise RuntimeError(f"{dev} is not a block device")
@@ -183,14 +201,19 @@ class Served:
     device: str  # what fio opens
     pid: int | None  # the user-space server to account CPU/RSS to, if any
     detail: dict[str, Any] = field(default_factory=dict)
+    # The storage server behind a client (nbdkit, ceph-osd), whose CPU time is
+    # measured around each job too; None when the peer is no client of one.
+    server_pid: int | None = None
 
 
 class Peer:
     id = ""
     label = ""
     group = ""  # pyvduse, qsd, nbd, kernel
-    backing = ""  # file or null
+    backing = ""  # file, null, ram or rbd
     daemon = True
+    remote = False  # an RBD peer: runs in the last phase, on the Ceph cluster
+    size = SIZE  # bytes of the block device
 
     def __init__(self, work: Path, image: Path) -> None:
         self.work = work
@@ -207,57 +230,201 @@ class Peer:
         return ""
 
 
+class Nbdkit:
+    """An nbdkit server on a Unix socket: the file plugin (one command for the
+    kernel nbd client and for pyvduse's nbd backend), the Python pass-through
+    plugin or the null plugin."""
+
+    def __init__(self, work: Path, image: Path, plugin: str, name: str) -> None:
+        self.plugin = plugin
+        self.image = image
+        self.sock = work / f"{name}.sock"
+        self.log = work / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        plugin = {"file": ["file", f"file={self.image}"],
+                  "python": ["python", PLUGIN, f"file={self.image}"],
+                  "null": ["null", f"size={SIZE}"]}[self.plugin]
+        return ["nbdkit", "-f", "-U", str(self.sock), *plugin]
+
+    def describe(self) -> str:
+        return " ".join(self.command()).replace(PLUGIN, "bench/nbdkit_passthrough.py")
+
+    def start(self) -> int:
+        self.sock.unlink(missing_ok=True)
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT)
+        wait_for("nbdkit's socket", self.sock.exists, START_TIMEOUT, self.proc, self.log)
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            proc, self.proc = self.proc, None
+            status = stop_process(proc, "nbdkit")
+            if status != 0:
+                raise RuntimeError(f"nbdkit exited {status}: {self.log.read_text()[-2000:]}")
+
+
+class CephCluster:
+    """The throwaway one-node Ceph cluster of scripts/ceph-cluster (memstore, no
+    authentication, pool ``rbd``) and the one RBD_SIZE image all RBD peers use.
+
+    The image has the ``layering`` feature only: no exclusive lock to pass from
+    one client to the next (all RBD peers have it open at once), no object map.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "ceph"
+        self.conf = self.dir / "ceph.conf"
+        self.up = False
+        self.error = "not started"
+
+    def rbd(self, *args: str) -> list[str]:
+        return ["rbd", "-c", str(self.conf), *args]
+
+    def start(self) -> dict[str, Any]:
+        """Start the cluster, create and fill the image; return what it took."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        cmd = [CEPH_CLUSTER, str(self.dir)]
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", socket.gethostname()):
+            # The guest's hostname is the kernel's "(none)", which is no valid CRUSH
+            # name: the OSD then fails to set its CRUSH location (host=HOSTNAME) at
+            # start. Give the cluster's daemons a UTS namespace named "localhost"
+            # (where scripts/ceph-cluster puts the OSD in the CRUSH map).
+            cmd = ["unshare", "--uts", "--", "sh", "-c",
+                   'echo localhost >/proc/sys/kernel/hostname && exec "$0" "$@"', *cmd]
+        t = time.monotonic()
+        log = self.dir.parent / "ceph-cluster.log"
+        try:
+            with log.open("wb") as out:
+                status = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=out,
+                                        timeout=900).returncode
+        except subprocess.TimeoutExpired:
+            status = -1
+        if status != 0:
+            text = log.read_text(errors="replace")
+            say(f"scripts/ceph-cluster exited {status}:\n{text[-4000:]}")
+            # its own lines say which step failed; the daemon's log tail follows them
+            steps = [line for line in text.splitlines() if line.startswith("ceph-cluster:")]
+            self.error = f"scripts/ceph-cluster exited {status}: {'; '.join(steps)[-1000:]}"
+            raise RuntimeError(self.error)
+        self.up = True
+        self.error = ""
+        started = time.monotonic() - t
+        t = time.monotonic()
+        data = self.dir.parent / "rbd-image.data"
+        try:
+            make_image(data, RBD_SIZE)
+            run(self.rbd("import", "--no-progress", "--image-feature", "layering", str(data),
+                         RBD_IMAGE), timeout=900)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            self.error = f"creating {RBD_IMAGE}: {exc}"
+            raise RuntimeError(self.error) from None
+        finally:
+            data.unlink(missing_ok=True)
+        return {"cluster_start_seconds": round(started, 1),
+                "image_fill_seconds": round(time.monotonic() - t, 1),
+                "image": RBD_IMAGE, "image_size": RBD_SIZE, "image_features": "layering",
+                "objectstore": "memstore", "osd_pid": self.osd_pid()}
+
+    def osd_pid(self) -> int:
+        if not self.up:
+            raise RuntimeError(f"the Ceph cluster is not up ({self.error})")
+        return int((self.dir / "run" / "osd.0.pid").read_text())
+
+    def stop(self) -> None:
+        if self.up:
+            self.up = False
+            self.error = "stopped"
+            run([CEPH_CLUSTER, "--stop", str(self.dir)], timeout=300)
+
+
 class PyvdusePeer(Peer):
     group = "pyvduse"
 
-    def __init__(self, work: Path, image: Path, backing: str) -> None:
-        self.id = f"pyvduse-{backing}"
-        self.label = f"pyvduse {backing}"
-        self.backing = backing
-        self.name = f"pyvduse{backing}"
+    def __init__(self, work: Path, image: Path, backend: str,
+                 ceph: CephCluster | None = None) -> None:
+        self.id = f"pyvduse-{backend}"
+        self.label = {"file": "pyvduse file", "null": "pyvduse null",
+                      "nbd": "pyvduse nbd", "rbd": "pyvduse rbd"}[backend]
+        self.backend = backend
+        self.backing = "file" if backend == "nbd" else backend
+        self.remote = backend == "rbd"
+        self.size = RBD_SIZE if backend == "rbd" else SIZE
+        self.name = f"pyvduse{backend}"
         super().__init__(work, image)
+        self.ceph = ceph
+        # pyvduse's nbd backend against its own nbdkit, the same command as nbdkit-file's
+        self.nbdkit = Nbdkit(work, image, "file", f"{self.id}-nbdkit") if backend == "nbd" else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfile = work / f"{self.name}.pid"
 
+    def backend_args(self, queues: int) -> list[str]:
+        if self.nbdkit is not None:
+            return ["nbd", f"uri=nbd+unix:///?socket={self.nbdkit.sock}",
+                    f"connections={queues}"]
+        if self.ceph is not None:
+            # librbd's cache off, as for qsd-rbd (cache.direct=on) and the kernel client
+            pool, image = RBD_IMAGE.split("/")
+            return ["rbd", f"pool={pool}", f"image={image}", f"conf={self.ceph.conf}",
+                    "cache=off"]
+        if self.backend == "file":
+            return ["file", f"path={self.image}"]
+        return ["null", f"size={SIZE}"]
+
     def command(self, queues: int) -> list[str]:
-        backend = (["file", f"path={self.image}"] if self.backing == "file"
-                   else ["null", f"size={SIZE}"])
         return [PYVDUSE, "serve", "--name", self.name, "--num-queues", str(queues),
-                "--queue-size", str(QUEUE_SIZE), "--pidfile", str(self.pidfile), *backend]
+                "--queue-size", str(QUEUE_SIZE), "--pidfile", str(self.pidfile),
+                *self.backend_args(queues)]
 
     def describe(self, queues: int) -> str:
-        return " ".join(self.command(queues)).replace(PYVDUSE, ".venv/bin/pyvduse")
+        cmd = " ".join(self.command(queues)).replace(PYVDUSE, ".venv/bin/pyvduse")
+        return f"{self.nbdkit.describe()} & {cmd}" if self.nbdkit is not None else cmd
 
     def start(self, queues: int) -> Served:
+        server_pid = None
+        if self.nbdkit is not None:
+            server_pid = self.nbdkit.start()
+        elif self.ceph is not None:
+            server_pid = self.ceph.osd_pid()
         self.pidfile.unlink(missing_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(self.command(queues), stdout=out,
                                          stderr=subprocess.STDOUT)
         wait_for("the pidfile", self.pidfile.exists, START_TIMEOUT, self.proc, self.log)
         disk = vdpa_disk(self.name)
-        dev = check_disk(disk, f"/vduse/{self.name}/")
-        return Served(dev, self.proc.pid, {"disk": disk})
+        dev = check_disk(disk, f"/vduse/{self.name}/", self.size)
+        return Served(dev, self.proc.pid, {"disk": disk}, server_pid)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        status = stop_process(proc, "pyvduse")
-        if status != 0:
-            raise RuntimeError(f"pyvduse exited {status}: {self.log.read_text()[-2000:]}")
-        if Path("/dev/vduse", self.name).exists():
-            raise RuntimeError(f"/dev/vduse/{self.name} left behind")
+        try:
+            if self.proc is not None:
+                proc, self.proc = self.proc, None
+                status = stop_process(proc, "pyvduse")
+                if status != 0:
+                    raise RuntimeError(f"pyvduse exited {status}: {self.log.read_text()[-2000:]}")
+                if Path("/dev/vduse", self.name).exists():
+                    raise RuntimeError(f"/dev/vduse/{self.name} left behind")
+        finally:
+            if self.nbdkit is not None:
+                self.nbdkit.stop()
 
 
 class QsdPeer(Peer):
     group = "qsd"
 
-    def __init__(self, work: Path, image: Path, backing: str, aio: str = "") -> None:
+    def __init__(self, work: Path, image: Path, backing: str, aio: str = "",
+                 ceph: CephCluster | None = None) -> None:
         self.backing = backing
         self.aio = aio
-        self.name = f"qsd{aio.replace('_', '')}" if backing == "file" else "qsdnull"
-        self.id = f"qsd-{aio}" if backing == "file" else "qsd-null"
-        self.label = f"QSD file aio={aio}" if backing == "file" else "QSD null-co"
+        self.ceph = ceph
+        self.remote = backing == "rbd"
+        self.size = RBD_SIZE if backing == "rbd" else SIZE
+        self.name = f"qsd{aio.replace('_', '')}" if backing == "file" else f"qsd{backing}"
+        self.id = f"qsd-{aio}" if backing == "file" else f"qsd-{backing}"
+        self.label = {"file": f"QSD file aio={aio}", "null": "QSD null-co",
+                      "rbd": "QSD rbd"}[backing]
         super().__init__(work, image)
         self.proc: subprocess.Popen[bytes] | None = None
         self.added = False
@@ -266,6 +433,11 @@ class QsdPeer(Peer):
         if self.backing == "file":
             blockdev = (f"driver=file,filename={self.image},node-name=disk0,aio={self.aio},"
                         "cache.direct=off")
+        elif self.ceph is not None:
+            # cache.direct=on: QEMU turns librbd's cache off (rbd_cache=false)
+            pool, image = RBD_IMAGE.split("/")
+            blockdev = (f"driver=rbd,pool={pool},image={image},conf={self.ceph.conf},"
+                        "node-name=disk0,cache.direct=on")
         else:
             blockdev = f"driver=null-co,node-name=disk0,size={SIZE},read-zeroes=on"
         export = (f"type=vduse-blk,id=e0,node-name=disk0,writable=on,name={self.name},"
@@ -277,6 +449,7 @@ class QsdPeer(Peer):
                 + f" & vdpa dev add name {self.name} mgmtdev vduse")
 
     def start(self, queues: int) -> Served:
+        server_pid = self.ceph.osd_pid() if self.ceph is not None else None
         env = dict(os.environ, TMPDIR=str(self.work))  # QSD needs a writable TMPDIR
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(self.command(queues), stdout=out,
@@ -296,8 +469,8 @@ class QsdPeer(Peer):
         self.added = True
         wait_for(f"the block device of {self.name}", lambda: bool(vdpa_disk(self.name)), 60)
         disk = vdpa_disk(self.name)
-        dev = check_disk(disk, f"/vduse/{self.name}/")
-        return Served(dev, self.proc.pid, {"disk": disk})
+        dev = check_disk(disk, f"/vduse/{self.name}/", self.size)
+        return Served(dev, self.proc.pid, {"disk": disk}, server_pid)
 
     def stop(self) -> None:
         if self.added:
@@ -316,6 +489,8 @@ class QsdPeer(Peer):
 
 
 class NbdPeer(Peer):
+    """nbdkit + the kernel nbd client; the daemon measured is nbdkit (also the server)."""
+
     group = "nbd"
     PLUGINS = ("file", "python", "null")
 
@@ -327,35 +502,24 @@ class NbdPeer(Peer):
         self.label = {"file": "nbdkit file", "python": "nbdkit Python plugin",
                       "null": "nbdkit null"}[plugin]
         super().__init__(work, image)
-        self.sock = work / f"nbdkit-{plugin}.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.nbdkit = Nbdkit(work, image, plugin, self.id)
         self.connected = False
 
-    def command(self) -> list[str]:
-        plugin = {"file": ["file", f"file={self.image}"],
-                  "python": ["python", PLUGIN, f"file={self.image}"],
-                  "null": ["null", f"size={SIZE}"]}[self.plugin]
-        return ["nbdkit", "-f", "-U", str(self.sock), *plugin]
-
     def client(self, queues: int) -> list[str]:
-        return ["nbd-client", "-unix", str(self.sock), f"/dev/{self.nbd}", "-b", "512",
+        return ["nbd-client", "-unix", str(self.nbdkit.sock), f"/dev/{self.nbd}", "-b", "512",
                 "-C", str(queues)]
 
     def describe(self, queues: int) -> str:
-        return (" ".join(self.command()).replace(PLUGIN, "bench/nbdkit_passthrough.py")
-                + " & " + " ".join(self.client(queues)))
+        return self.nbdkit.describe() + " & " + " ".join(self.client(queues))
 
     def start(self, queues: int) -> Served:
-        self.sock.unlink(missing_ok=True)
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT)
-        wait_for("nbdkit's socket", self.sock.exists, START_TIMEOUT, self.proc, self.log)
+        pid = self.nbdkit.start()
         run(self.client(queues), timeout=120)
         self.connected = True
         size_file = Path("/sys/block", self.nbd, "size")
         wait_for(f"{self.nbd} to have a size", lambda: int(size_file.read_text()) > 0, 60)
         dev = check_disk(self.nbd, "/virtual/block/nbd")
-        return Served(dev, self.proc.pid, {"disk": self.nbd})
+        return Served(dev, pid, {"disk": self.nbd}, pid)
 
     def stop(self) -> None:
         if self.connected:
@@ -363,40 +527,66 @@ class NbdPeer(Peer):
             self.connected = False
             size_file = Path("/sys/block", self.nbd, "size")
             wait_for(f"{self.nbd} to disconnect", lambda: int(size_file.read_text()) == 0, 60)
-        if self.proc is not None:
-            proc, self.proc = self.proc, None
-            status = stop_process(proc, "nbdkit")
-            if status != 0:
-                raise RuntimeError(f"nbdkit exited {status}: {self.log.read_text()[-2000:]}")
+        self.nbdkit.stop()
 
 
 class KernelPeer(Peer):
-    """The ceiling: fio straight on the tmpfs file, or on brd / null_blk. No daemon."""
+    """The ceiling: fio straight on the tmpfs file, or on brd / null_blk; and the
+    kernel rbd client. No daemon."""
 
     group = "kernel"
     daemon = False
 
-    def __init__(self, work: Path, image: Path, kind: str) -> None:
+    def __init__(self, work: Path, image: Path, kind: str,
+                 ceph: CephCluster | None = None) -> None:
         self.kind = kind
-        self.backing = {"file": "file", "brd": "ram", "null_blk": "null"}[kind]
+        self.ceph = ceph
+        self.backing = {"file": "file", "brd": "ram", "null_blk": "null", "rbd": "rbd"}[kind]
+        self.remote = kind == "rbd"
+        self.size = RBD_SIZE if kind == "rbd" else SIZE
         self.id = f"kernel-{kind}"
         self.label = {"file": "fio on the tmpfs file", "brd": "kernel brd",
-                      "null_blk": "kernel null_blk"}[kind]
+                      "null_blk": "kernel null_blk", "rbd": "kernel rbd"}[kind]
         super().__init__(work, image)
         self.loaded = False
+        self.mapped = ""
 
     def modprobe(self) -> list[str]:
         if self.kind == "brd":
             return ["modprobe", "brd", "rd_nr=1", f"rd_size={SIZE // 1024}", "max_part=0"]
+        if self.kind == "rbd":
+            return ["modprobe", "rbd"]
         return ["modprobe", "null_blk", "nr_devices=1", f"gb={SIZE >> 30}"]
 
+    def rbd_map(self) -> list[str]:
+        assert self.ceph is not None
+        # noudev: the guest may have no udev daemon to announce the device
+        return self.ceph.rbd("map", "-o", "noudev", RBD_IMAGE)
+
     def describe(self, queues: int) -> str:
-        return f"fio on {self.image.name} (tmpfs)" if self.kind == "file" else " ".join(
-            self.modprobe())
+        if self.kind == "file":
+            return f"fio on {self.image.name} (tmpfs)"
+        if self.kind == "rbd":
+            return " ".join(self.rbd_map()) + " (the kernel rbd client)"
+        return " ".join(self.modprobe())
 
     def start(self, queues: int) -> Served:
         if self.kind == "file":
             return Served(str(self.image), None)
+        if self.ceph is not None:
+            osd = self.ceph.osd_pid()
+            run(self.modprobe())
+            self.mapped = run(self.rbd_map(), timeout=300).stdout.strip()
+            if not self.mapped:  # find it in sysfs: /sys/bus/rbd/devices/ID/{pool,name}
+                pool, name = RBD_IMAGE.split("/")
+                for d in Path("/sys/bus/rbd/devices").iterdir():
+                    if ((d / "pool").read_text().strip(), (d / "name").read_text().strip()) \
+                            == (pool, name):
+                        self.mapped = f"/dev/rbd{d.name}"
+            disk = Path(self.mapped).name
+            wait_for(f"/sys/block/{disk}", Path("/sys/block", disk).exists, 30)
+            dev = check_disk(disk, "/virtual/block/rbd", self.size)
+            return Served(dev, None, {"disk": disk, "module": "rbd"}, osd)
         module = self.modprobe()[1]
         run(self.modprobe())
         self.loaded = True
@@ -406,17 +596,22 @@ class KernelPeer(Peer):
         return Served(dev, None, {"disk": disk, "module": module})
 
     def stop(self) -> None:
+        if self.mapped:
+            assert self.ceph is not None
+            mapped, self.mapped = self.mapped, ""
+            run(self.ceph.rbd("unmap", "-o", "noudev", mapped), timeout=120)
         if self.loaded:
             run(["rmmod", "brd" if self.kind == "brd" else "null_blk"], timeout=120)
             self.loaded = False
 
 
-def make_peers(work: Path, image: Path) -> list[Peer]:
+def make_peers(work: Path, image: Path, ceph: CephCluster) -> list[Peer]:
     return [
         PyvdusePeer(work, image, "file"),
         QsdPeer(work, image, "file", "threads"),
         QsdPeer(work, image, "file", "io_uring"),
         NbdPeer(work, image, "file"),
+        PyvdusePeer(work, image, "nbd"),
         NbdPeer(work, image, "python"),
         KernelPeer(work, image, "file"),
         PyvdusePeer(work, image, "null"),
@@ -424,6 +619,9 @@ def make_peers(work: Path, image: Path) -> list[Peer]:
         NbdPeer(work, image, "null"),
         KernelPeer(work, image, "null_blk"),
         KernelPeer(work, image, "brd"),
+        PyvdusePeer(work, image, "rbd", ceph),
+        QsdPeer(work, image, "rbd", ceph=ceph),
+        KernelPeer(work, image, "rbd", ceph),
     ]
 
 
@@ -506,17 +704,18 @@ def pyvduse_source() -> str:
     return "the working tree (the venv's editable install)"
 
 
-def make_image(path: Path) -> None:
-    """SIZE bytes of non-zero data, every page allocated (no holes) on the tmpfs."""
+def make_image(path: Path, size: int = SIZE) -> None:
+    """``size`` bytes of non-zero data, every page allocated (no holes) on the tmpfs."""
     block = os.urandom(1 << 20)
     with path.open("wb") as f:
-        for _ in range(SIZE >> 20):
+        for _ in range(size >> 20):
             f.write(block)
 
 
-def new_entry(peer: Peer) -> dict[str, Any]:
+def new_entry(peer: Peer, workloads: list[Workload]) -> dict[str, Any]:
     return {"id": peer.id, "label": peer.label, "group": peer.group, "backing": peer.backing,
-            "daemon": peer.daemon, "phases": [], "results": {}, "errors": []}
+            "daemon": peer.daemon, "remote": peer.remote, "size": peer.size,
+            "workloads": [w.id for w in workloads], "phases": [], "results": {}, "errors": []}
 
 
 def start_peer(peer: Peer, queues: int, record: dict[str, Any]) -> Served:
@@ -556,38 +755,49 @@ def run_job(peer: Peer, served: Served, w: Workload, fio: Fio, args: argparse.Na
             out: Path, queues: int) -> dict[str, Any]:
     fio_args = w.fio_args(served.device, args.runtime, args.ramp, str(out))
     cpu0 = cpu_seconds(served.pid) if served.pid else None
+    server0 = cpu_seconds(served.server_pid) if served.server_pid else None
     t = time.monotonic()
     fio.run(fio_args, timeout=args.runtime + args.ramp + 600)
     m = fio_metrics(json.loads(out.read_text()))
     m["wall_seconds"] = round(time.monotonic() - t, 2)
+    seconds = args.runtime + args.ramp
     if served.pid is not None and cpu0 is not None:
         cpu = cpu_seconds(served.pid) - cpu0
         m["daemon_cpu_seconds"] = round(cpu, 3)
         # The daemon idles (blocked on its kicks) outside fio's I/O window, so
         # CPU over ramp + runtime is its load under I/O.
-        m["daemon_cpu_percent"] = round(100 * cpu / (args.runtime + args.ramp), 1)
+        m["daemon_cpu_percent"] = round(100 * cpu / seconds, 1)
+    if served.server_pid is not None and server0 is not None:
+        cpu = cpu_seconds(served.server_pid) - server0
+        m["server_cpu_seconds"] = round(cpu, 3)
+        m["server_cpu_percent"] = round(100 * cpu / seconds, 1)
     m["queues"] = queues
     return m
 
 
 def run_all(peers: list[Peer], workloads: list[Workload], fio: Fio, args: argparse.Namespace,
-            fio_dir: Path, save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+            fio_dir: Path, entries: dict[str, dict[str, Any]],
+            save: Callable[[list[dict[str, Any]]], None]) -> None:
     """Serve every peer at once and run each workload on each peer in turn.
 
     Peers take turns job by job (the starting peer rotates from one workload to the
     next), so a change in the host's load while the benchmark runs spreads over
     all peers instead of landing on whichever peer happened to run then. An idle
-    server costs nothing: each waits on its kick eventfds or sockets.
+    server costs nothing: each waits on its kick eventfds or sockets. A peer runs
+    only the workloads of its entry (the RBD peers: a subset); the results go
+    into ``entries``.
     """
-    entries = {peer.id: new_entry(peer) for peer in peers}
     rotation = 0
     for queues in sorted({w.queues for w in workloads}):
         batch = [w for w in workloads if w.queues == queues]
         up: list[tuple[Peer, Served, dict[str, Any]]] = []
         try:
             for peer in peers:
+                mine = [w.id for w in batch if w.id in entries[peer.id]["workloads"]]
+                if not mine:
+                    continue
                 record: dict[str, Any] = {"queues": queues, "command": peer.describe(queues),
-                                          "workloads": [w.id for w in batch]}
+                                          "workloads": mine}
                 entries[peer.id]["phases"].append(record)
                 say(f"{peer.id}: starting with {queues} queue(s): {record['command']}")
                 try:
@@ -604,6 +814,8 @@ def run_all(peers: list[Peer], workloads: list[Workload], fio: Fio, args: argpar
                 rotation += 1
                 for peer, served, _record in order:
                     entry = entries[peer.id]
+                    if w.id not in entry["workloads"]:
+                        continue
                     out = fio_dir / peer.id / f"{w.id}.json"
                     out.parent.mkdir(parents=True, exist_ok=True)
                     try:
@@ -618,6 +830,8 @@ def run_all(peers: list[Peer], workloads: list[Workload], fio: Fio, args: argpar
                         f"p99 {m['lat_p99_us']:,.0f} us"
                         + (f" daemon CPU {m['daemon_cpu_percent']}%"
                            if "daemon_cpu_percent" in m else "")
+                        + (f" server CPU {m['server_cpu_percent']}%"
+                           if "server_cpu_percent" in m else "")
                         + f" ({m['wall_seconds']} s)")
                 save(list(entries.values()))
         finally:
@@ -630,7 +844,6 @@ def run_all(peers: list[Peer], workloads: list[Workload], fio: Fio, args: argpar
                 if peer.log.exists():
                     record["log_tail"] = peer.log.read_text(errors="replace")[-1500:]
             save(list(entries.values()))
-    return list(entries.values())
 
 
 def main() -> int:
@@ -642,6 +855,9 @@ def main() -> int:
                    help=f"only {', '.join(SMOKE_WORKLOADS)} per peer (use a short --runtime)")
     p.add_argument("--peers", help="comma-separated peer ids (default: all)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
+    p.add_argument("--rbd-workloads",
+                   help="comma-separated workload ids the RBD peers run, or 'all' (default: "
+                        f"{', '.join(RBD_WORKLOADS)}; with --workloads: those)")
     args = p.parse_args()
 
     if not Path("/dev/vduse/control").exists():
@@ -659,7 +875,14 @@ def main() -> int:
     if args.workloads:
         wanted = args.workloads.split(",")
         workloads = [w for w in WORKLOADS if w.id in wanted]
-    peers = make_peers(work, image)
+    rbd_wanted: list[str] | None = list(RBD_WORKLOADS)
+    if args.rbd_workloads == "all" or (args.workloads and not args.rbd_workloads):
+        rbd_wanted = None
+    elif args.rbd_workloads:
+        rbd_wanted = args.rbd_workloads.split(",")
+    rbd_workloads = [w for w in workloads if rbd_wanted is None or w.id in rbd_wanted]
+    ceph = CephCluster(work)
+    peers = make_peers(work, image, ceph)
     if args.peers:
         wanted = args.peers.split(",")
         unknown = set(wanted) - {peer.id for peer in peers}
@@ -667,10 +890,14 @@ def main() -> int:
             say(f"unknown peer(s): {', '.join(sorted(unknown))}")
             return 2
         peers = [peer for peer in peers if peer.id in wanted]
+    local = [peer for peer in peers if not peer.remote]
+    remote = [peer for peer in peers if peer.remote]
 
-    t = time.monotonic()
-    make_image(image)
-    say(f"backing file: {SIZE >> 20} MiB of data on the tmpfs in {time.monotonic() - t:.1f} s")
+    if local:
+        t = time.monotonic()
+        make_image(image)
+        say(f"backing file: {SIZE >> 20} MiB of data on the tmpfs in "
+            f"{time.monotonic() - t:.1f} s")
     run(["modprobe", "nbd", f"nbds_max={len(NbdPeer.PLUGINS)}"])
     fio = Fio(work)
 
@@ -682,12 +909,15 @@ def main() -> int:
         "qemu_storage_daemon": version_of(["qemu-storage-daemon", "--version"]),
         "nbdkit": version_of(["nbdkit", "--version"]),
         "nbd_client": version_of(["nbd-client", "-V"]),
+        "ceph": version_of(["ceph", "--version"]) if remote else None,
         "python": platform.python_version(),
         "pyvduse_source": pyvduse_source(),
         "runtime": args.runtime,
         "ramp": args.ramp,
         "smoke": args.smoke,
         "size": SIZE,
+        "rbd_size": RBD_SIZE,
+        "rbd_workloads": [w.id for w in rbd_workloads],
         "queue_size": QUEUE_SIZE,
         "fio_common": "--ioengine=libaio --direct=1 --time_based --norandommap --randrepeat=0 "
                       "--group_reporting --lat_percentiles=1 --output-format=json",
@@ -708,13 +938,33 @@ def main() -> int:
         tmp.write_text(json.dumps(raw, indent=1) + "\n")
         tmp.replace(out_file)
 
-    entries = run_all(peers, workloads, fio, args, fio_dir, save)
+    entries = {peer.id: new_entry(peer, rbd_workloads if peer.remote else workloads)
+               for peer in peers}
+    if local:
+        run_all(local, workloads, fio, args, fio_dir, entries, save)
+    image.unlink(missing_ok=True)  # room on the tmpfs for the Ceph cluster
+    if remote and rbd_workloads:
+        say(f"starting a Ceph cluster; RBD peers on a {RBD_SIZE >> 20} MiB image, workloads: "
+            + ", ".join(w.id for w in rbd_workloads))
+        try:
+            meta["rbd"] = ceph.start()
+            say(f"Ceph cluster up after {meta['rbd']['cluster_start_seconds']} s, image "
+                f"{RBD_IMAGE} filled in {meta['rbd']['image_fill_seconds']} s")
+        except Exception as exc:  # the peers fail to start, saying why
+            say(f"Ceph cluster FAILED: {exc}")
+        try:
+            run_all(remote, rbd_workloads, fio, args, fio_dir, entries, save)
+        finally:
+            try:
+                ceph.stop()
+            except Exception as exc:
+                say(f"stopping the Ceph cluster FAILED: {exc}")
+    save(list(entries.values()))
     failed = False
-    for entry in entries:
+    for entry in entries.values():
         failed |= bool(entry["errors"])
         for err in entry["errors"]:
             say(f"{entry['id']}: error: {err}")
-    image.unlink(missing_ok=True)
     say("FAILED: some peers or workloads did not run" if failed else "all peers ran")
     return 1 if failed else 0
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # bench/ is not a package
 
 REPO = Path(__file__).resolve().parent.parent
-VM_MEMORY = "4G"  # 1 GiB backing file + 1 GiB brd + fio's copy on the guest's tmpfs
+VM_MEMORY = "4G"  # 1 GiB backing file + 1 GiB brd + fio's copy on the guest's tmpfs;
+# the Ceph cluster of the RBD peers runs after those are gone
 
 
 def say(msg: str) -> None:
@@ -186,6 +187,8 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
         guest_cmd += ["--peers", args.peers]
     if args.workloads:
         guest_cmd += ["--workloads", args.workloads]
+    if args.rbd_workloads:
+        guest_cmd += ["--rbd-workloads", args.rbd_workloads]
     env_args = []
     if args.commit:
         # Serve pyvduse from that commit's sources: PYTHONPATH comes before the
@@ -253,6 +256,10 @@ def main(argv: list[str]) -> int:
                         "(default build/bench/<name of --out>)")
     p.add_argument("--peers", help="comma-separated peer ids (default: all)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
+    p.add_argument("--rbd-workloads", metavar="IDS",
+                   help="comma-separated workload ids the RBD peers (pyvduse-rbd, qsd-rbd, "
+                        "kernel-rbd) run, or 'all' (default: the 4K QD1/QD32 and 1M jobs; "
+                        "with --workloads: those)")
     p.add_argument("--commit", metavar="REV",
                    help="benchmark src/pyvduse as committed in REV (e.g. HEAD) instead of the "
                         "working tree (which may hold someone's uncommitted changes)")

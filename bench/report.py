@@ -35,6 +35,14 @@ RATIO_PEERS = [
     (PYVDUSE, NBD_PYTHON), (PYVDUSE, "kernel-file"),
     (PYVDUSE_NULL, "qsd-null"), (PYVDUSE_NULL, "nbdkit-null"), (PYVDUSE_NULL, "kernel-null_blk"),
 ]
+# Remote storage: pyvduse as the client of the same server as its peer. pyvduse's
+# nbd backend against the kernel nbd client, both on an nbdkit file instance of
+# the same command; pyvduse's rbd backend against QSD's rbd driver and the kernel
+# rbd client, all on the same image of the same Ceph cluster.
+PYVDUSE_NBD, PYVDUSE_RBD = "pyvduse-nbd", "pyvduse-rbd"
+REMOTE_RATIO_PEERS = [
+    (PYVDUSE_NBD, "nbdkit-file"), (PYVDUSE_RBD, "qsd-rbd"), (PYVDUSE_RBD, "kernel-rbd"),
+]
 
 
 def _get(peers: dict[str, Any], peer: str, workload: str, key: str = "iops") -> float | None:
@@ -61,11 +69,17 @@ def rss_peak(entry: dict[str, Any], queues: int = 1) -> int | None:
     return None
 
 
-def cpu_us_per_io(result: dict[str, Any], seconds: float) -> float | None:
-    cpu = result.get("daemon_cpu_seconds")
+def cpu_us_per_io(result: dict[str, Any], seconds: float,
+                  key: str = "daemon_cpu_seconds") -> float | None:
+    cpu = result.get(key)
     if cpu is None or not result.get("iops"):
         return None
     return 1e6 * float(cpu) / (float(result["iops"]) * seconds)
+
+
+def scheduled(entry: dict[str, Any], workload: str) -> bool:
+    """Whether the peer was to run ``workload`` (the RBD peers run a subset)."""
+    return workload in entry.get("workloads", [workload])
 
 
 def _target(tid: str, what: str, value: float | None, required: float, detail: str,
@@ -100,12 +114,19 @@ def compute(raw: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
     peers = {p["id"]: p for p in raw["peers"]}
     for entry in peers.values():
         for result in entry["results"].values():
+            if "server_cpu_seconds" not in result and entry["group"] == "nbd":
+                # runs before the server CPU was recorded: nbdkit is the daemon
+                for k in ("cpu_seconds", "cpu_percent"):
+                    if f"daemon_{k}" in result:
+                        result[f"server_{k}"] = result[f"daemon_{k}"]
             result["daemon_cpu_us_per_io"] = cpu_us_per_io(result, seconds)
+            result["server_cpu_us_per_io"] = cpu_us_per_io(result, seconds,
+                                                           "server_cpu_seconds")
 
     ratios: dict[str, dict[str, float | None]] = {}
     for w in workloads:
         ratios[w] = {f"{a} / {b}": _ratio(_get(peers, a, w), _get(peers, b, w))
-                     for a, b in RATIO_PEERS}
+                     for a, b in RATIO_PEERS + REMOTE_RATIO_PEERS}
 
     def qsd_best(w: str) -> tuple[str | None, float | None]:
         best = [(v, q) for q in QSD_FILE if (v := _get(peers, q, w)) is not None]
@@ -155,7 +176,10 @@ def compute(raw: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
         "workloads": raw["workloads"],
         "peers": raw["peers"],
         "ratios_iops": ratios,
-        "scaling": {p["id"]: scaling(p["id"]) for p in raw["peers"]},
+        "remote_ratio_columns": [f"{a} / {b}" for a, b in REMOTE_RATIO_PEERS
+                                 if a in peers and b in peers],
+        "scaling": {p["id"]: scaling(p["id"]) for p in raw["peers"]
+                    if scheduled(p, SCALING_FROM) and scheduled(p, SCALING_TO)},
         "targets": targets,
         "targets_met": sum(1 for t in targets if t["met"]),
         "targets_total": len(targets),
@@ -185,6 +209,7 @@ def markdown(res: dict[str, Any]) -> str:
     peers = res["peers"]
     labels = {p["id"]: p["label"] for p in peers}
     wl = {w["id"]: w for w in res["workloads"]}
+    rbd = any(p.get("remote") for p in peers)
     out: list[str] = []
     add = out.append
     title = "pyvduse side-by-side benchmark" + (" (smoke run)" if guest.get("smoke") else "")
@@ -205,7 +230,9 @@ def markdown(res: dict[str, Any]) -> str:
         ("fio", guest["fio"]),
         ("pyvduse", f"{host.get('pyvduse_commit', '?')}, Python {guest['python']}"),
         ("fio jobs", f"{guest['fio_common']}, runtime {guest['runtime']:g} s after "
-                     f"{guest['ramp']:g} s ramp, 1 GiB device, queue size {guest['queue_size']}"),
+                     f"{guest['ramp']:g} s ramp, 1 GiB device, queue size {guest['queue_size']}"
+                     + (f" (RBD peers: {_mib(guest['rbd_size'])} image)" if rbd else "")),
+        *([("Ceph (RBD peers)", _ceph_cell(guest))] if rbd else []),
         ("full run took", f"{host.get('wall_seconds', 0) / 60:.1f} min (VM boot to power-off)"),
     ]:
         add(f"| {k} | {v} |")
@@ -220,27 +247,26 @@ def markdown(res: dict[str, Any]) -> str:
     add("")
 
     add("## Targets\n")
-    add("QSD = the better of `aio=threads` and `aio=io_uring` for that figure "
-        "(higher IOPS, higher scaling, lower RSS).\n")
-    add("| target | measured | required | result | detail |\n|---|---|---|---|---|")
-    for t in res["targets"]:
-        if t["unit"] == "x":
-            meas, req = _ratio_cell(t["value"]), f">= {t['required']:.1f}x"
-        else:
-            meas, req = _mib(t["value"]), f"<= {_mib(t['required'])}"
-        mark = {True: "✅", False: "❌", None: "⚠️"}[t["met"]]
-        add(f"| {t['target']} | {meas} | {req} | {mark} {t['verdict']} | {t['detail']} |")
-    add(f"\n{res['targets_met']} of {res['targets_total']} targets met.\n")
+    if not {PYVDUSE, NBD_PYTHON, *QSD_FILE} & set(labels):
+        add(f"None measured: this run had none of {PYVDUSE}, {', '.join(QSD_FILE)} and "
+            f"{NBD_PYTHON}.\n")
+    else:
+        targets_md(res, add)
 
-    add("## Ratios pyvduse / peer (IOPS, same run)\n")
-    cols = list(next(iter(res["ratios_iops"].values())).keys()) if res["ratios_iops"] else []
-    short = {c: "/".join(labels.get(x.strip(), x.strip()) for x in c.split("/")) for c in cols}
-    add("| workload | " + " | ".join(short[c] for c in cols) + " |")
-    add("|---" * (len(cols) + 1) + "|")
-    for w, row in res["ratios_iops"].items():
-        add(f"| {wl[w]['label']} | " + " | ".join(_ratio_cell(row[c]) for c in cols) + " |")
-    add("\nScaling, IOPS of the mixed job on 2 queues + 2 jobs / on 1 queue + 1 job: "
+    # the columns whose two peers both ran (all of them in a full run)
+    cols = [f"{a} / {b}" for a, b in RATIO_PEERS if a in labels and b in labels]
+    if cols:
+        add("## Ratios pyvduse / peer (IOPS, same run)\n")
+        add("| workload | " + " | ".join(_column(c, labels) for c in cols) + " |")
+        add("|---" * (len(cols) + 1) + "|")
+        for w, row in res["ratios_iops"].items():
+            add(f"| {wl[w]['label']} | "
+                + " | ".join(_ratio_cell(row.get(c)) for c in cols) + " |")
+        add("")
+    add("Scaling, IOPS of the mixed job on 2 queues + 2 jobs / on 1 queue + 1 job: "
         + ", ".join(f"{labels[p]} {_ratio_cell(s)}" for p, s in res["scaling"].items()) + ".\n")
+
+    remote_md(res, add)
 
     add("## Every figure\n")
     add("IOPS and MiB/s: reads + writes. Latency: fio's total latency (submission to "
@@ -255,6 +281,9 @@ def markdown(res: dict[str, Any]) -> str:
             "daemon CPU µs/IO |\n|---|---:|---:|---:|---:|---:|---:|")
         for p in peers:
             r = p["results"].get(w["id"])
+            if r is None and not scheduled(p, w["id"]):
+                add(f"| {p['label']} | not run ({_not_scheduled(p)}) | | | | | |")
+                continue
             if r is None:
                 err = "; ".join(e for e in p["errors"] if e.startswith(w["id"])
                                 or "queue(s)" in e) or "not run"
@@ -269,7 +298,10 @@ def markdown(res: dict[str, Any]) -> str:
     add("## Daemons: memory and start-up\n")
     add("Peak RSS = VmHWM of the server process at the end of the phase (1 GiB device): "
         "the 1-queue phase ran the seven other workloads (1 MiB requests included), the "
-        "2-queue phase only the mixed 4K job.\n")
+        "2-queue phase only the mixed 4K job."
+        + (" The RBD peers' device is the smaller image and their phases ran only their "
+           "workloads; pyvduse nbd's figure is pyvduse's, without its nbdkit." if rbd else "")
+        + "\n")
     add("| peer | RSS after start (1 queue) | peak RSS, 1 queue | peak RSS, 2 queues | "
         "start-up s (1 q / 2 q) |\n|---|---:|---:|---:|---:|")
     for p in peers:
@@ -296,11 +328,108 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def targets_md(res: dict[str, Any], add: Any) -> None:
+    add("QSD = the better of `aio=threads` and `aio=io_uring` for that figure "
+        "(higher IOPS, higher scaling, lower RSS).\n")
+    add("| target | measured | required | result | detail |\n|---|---|---|---|---|")
+    for t in res["targets"]:
+        if t["unit"] == "x":
+            meas, req = _ratio_cell(t["value"]), f">= {t['required']:.1f}x"
+        else:
+            meas, req = _mib(t["value"]), f"<= {_mib(t['required'])}"
+        mark = {True: "✅", False: "❌", None: "⚠️"}[t["met"]]
+        add(f"| {t['target']} | {meas} | {req} | {mark} {t['verdict']} | {t['detail']} |")
+    add(f"\n{res['targets_met']} of {res['targets_total']} targets met.\n")
+
+
+def _column(col: str, labels: dict[str, str]) -> str:
+    return "/".join(labels.get(x.strip(), x.strip()) for x in col.split("/"))
+
+
+def _not_scheduled(entry: dict[str, Any]) -> str:
+    return "the RBD peers run a subset of the workloads" if entry.get("remote") else \
+        "not among this peer's workloads"
+
+
+def _ceph_cell(guest: dict[str, Any]) -> str:
+    info = guest.get("rbd") or {}
+    text = (f"{guest.get('ceph') or '?'}; one-node cluster in the guest (scripts/ceph-cluster: "
+            f"one monitor, manager and OSD, memstore), image `{info.get('image', 'rbd/bench')}` "
+            f"of {_mib(guest.get('rbd_size'))}, features `layering`, filled with data; "
+            f"client caches off")
+    if info:
+        text += (f"; cluster up in {info['cluster_start_seconds']:g} s, image filled in "
+                 f"{info['image_fill_seconds']:g} s")
+    return text
+
+
+def remote_md(res: dict[str, Any], add: Any) -> None:
+    """The remote storage section: pyvduse as the client of an NBD server or a Ceph
+    cluster against the other clients of the same server; nothing when no such pair ran."""
+    cols = res.get("remote_ratio_columns") or []
+    if not cols:
+        return
+    ids = {x.strip() for c in cols for x in c.split("/")}
+    peers = [p for p in res["peers"] if p["id"] in ids]
+    labels = {p["id"]: p["label"] for p in res["peers"]}
+    guest = res["guest"]
+    ran = [w for w in res["workloads"] if any(scheduled(p, w["id"]) for p in peers)]
+    add("## Remote storage: pyvduse as a client (IOPS, same run)\n")
+    add("The same server, a different client. **pyvduse nbd**: pyvduse's `nbd` backend "
+        "against its own nbdkit `file` instance (the same nbdkit command as nbdkit file's, "
+        "on the same backing file), against the kernel nbd client (nbdkit file). "
+        "**pyvduse rbd**, **QSD rbd** (QEMU's `rbd` driver) and **kernel rbd** (the kernel "
+        "client, `rbd map`): the same image of one Ceph cluster in the guest, client caches "
+        "off (pyvduse `cache=off`, QSD `cache.direct=on`); they run after every other peer, "
+        "in a phase of their own with the cluster started for it, "
+        + (f"on {', '.join(guest['rbd_workloads'])} only."
+           if guest.get("rbd_workloads") is not None else "on every workload.") + "\n")
+    add("| workload | " + " | ".join(_column(c, labels) for c in cols) + " |")
+    add("|---" * (len(cols) + 1) + "|")
+    for w in ran:
+        row = res["ratios_iops"][w["id"]]
+        add(f"| {w['label']} | " + " | ".join(_ratio_cell(row.get(c)) for c in cols) + " |")
+    add("")
+    add("Client CPU: utime + stime of the process that turns block requests into NBD or RBD "
+        "requests (pyvduse, QSD) during the job, as % of one vCPU over ramp + runtime; the "
+        "kernel clients' work (and the kernel's virtio/VDUSE and socket work for every peer) "
+        "is not measured. Server CPU: the same for the server, nbdkit or the Ceph OSD "
+        "(`ceph-osd`; the monitor and manager are not counted). Per I/O: client + server "
+        "CPU, where measured, divided by the I/Os.\n")
+    add("| workload | peer | IOPS | MiB/s | mean lat µs | p99 lat µs | client CPU % | "
+        "server CPU % | client + server CPU µs/IO |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for w in ran:
+        for p in peers:
+            if not scheduled(p, w["id"]):
+                continue
+            r = p["results"].get(w["id"])
+            if r is None:
+                add(f"| {w['label']} | {p['label']} | failed | | | | | | |")
+                continue
+            client = None if p["group"] in ("nbd", "kernel") else r.get("daemon_cpu_percent")
+            client_us = (None if p["group"] in ("nbd", "kernel")
+                         else r.get("daemon_cpu_us_per_io"))
+            parts = [v for v in (client_us, r.get("server_cpu_us_per_io")) if v is not None]
+            add(f"| {w['label']} | {p['label']} | {_fmt(r['iops'])} | "
+                f"{_fmt(r['bw_bytes'] / 2**20, 1)} | {_fmt(r['lat_mean_us'])} | "
+                f"{_fmt(r['lat_p99_us'])} | "
+                f"{'kernel' if p['group'] in ('nbd', 'kernel') else _fmt(client)} | "
+                f"{_fmt(r.get('server_cpu_percent'))} | "
+                f"{_fmt(sum(parts)) if parts else 'n/a'} |")
+    add("")
+
+
 # -------------------------------------------------------------------- chart
 
 COLORS = {"pyvduse": "#d62728", "qsd": "#1f77b4", "nbd": "#2ca02c", "kernel": "#7f7f7f"}
 SHADES = {"qsd-io_uring": "#6baed6", "nbdkit-python": "#ff7f0e", "kernel-brd": "#b0b0b0",
           "kernel-null_blk": "#b0b0b0"}
+
+
+def by_label(peer: str) -> str:
+    """Short name of a ratio's other peer in a chart panel's subtitle."""
+    return {"nbdkit-file": "kernel nbd", "qsd-rbd": "QSD rbd",
+            "kernel-rbd": "kernel rbd"}.get(peer, peer)
 
 
 def _short(v: float) -> str:
@@ -324,14 +453,17 @@ def chart(res: dict[str, Any], path: Path) -> None:
     panels = len(workloads) + 1
     ncols = 3
     nrows = math.ceil(panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(19, 5.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(19, max(5.0, 0.4 * len(peers)) * nrows),
+                             squeeze=False)
     names = [p["label"] for p in peers]
     colors = [SHADES.get(p["id"], COLORS.get(p["group"], "#333333")) for p in peers]
-    hatches = ["//" if p["backing"] in ("null", "ram") else "" for p in peers]
+    sections = ["null" if p["backing"] in ("null", "ram") else
+                "rbd" if p["backing"] == "rbd" else "file" for p in peers]
+    hatches = [{"null": "//", "rbd": ".."}.get(x, "") for x in sections]
     ypos = list(range(len(peers)))[::-1]
 
     def bars(ax: Any, values: list[float | None], title: str, fmt: Any, xlabel: str,
-             missing: str = "failed / not run") -> None:
+             missing: list[str]) -> None:
         vals = [v or 0.0 for v in values]
         present = [v for v in vals if v > 0]
         log = bool(present) and max(present) / min(present) > 25
@@ -342,11 +474,11 @@ def chart(res: dict[str, Any], path: Path) -> None:
             ax.set_xscale("log")
         top = max(present) if present else 1
         ax.set_xlim(min(present) / 3 if log else 0, top * (4 if log else 1.3))
-        for y, v in zip(ypos, vals, strict=True):
+        for y, v, gone in zip(ypos, vals, missing, strict=True):
             ax.text(v if v > 0 else (ax.get_xlim()[0] * 1.1 if log else 0), y,
-                    f" {fmt(v)}" if v > 0 else f" {missing}", va="center", fontsize=9)
-        # a rule between the file-backed peers and the null / RAM devices
-        for y, (a, b) in zip(ypos, itertools.pairwise(hatches), strict=False):
+                    f" {fmt(v)}" if v > 0 else f" {gone}", va="center", fontsize=9)
+        # a rule between the file-backed peers, the null / RAM devices and RBD
+        for y, (a, b) in zip(ypos, itertools.pairwise(sections), strict=False):
             if a != b:
                 ax.axhline(y - 0.5, color="black", linewidth=0.8, alpha=0.5)
         ax.set_yticks(ypos)
@@ -368,12 +500,22 @@ def chart(res: dict[str, Any], path: Path) -> None:
         if by.get(PYVDUSE) and qsd:
             ratio = by[PYVDUSE] / max(qsd)
         sub = f"\npyvduse / best QSD = {ratio:.2f}x" if ratio is not None else ""
-        bars(ax, vals, f"{w['label']}{sub}", _short, "IOPS")
+        lines: dict[str, list[str]] = {}
+        for a, b in REMOTE_RATIO_PEERS:
+            if by.get(a) and by.get(b):
+                lines.setdefault(a, []).append(f"{by_label(b)} = {by[a] / by[b]:.2f}x")
+        for a, parts in lines.items():
+            sub += f"\npyvduse {a.split('-')[1]} / " + ", / ".join(parts)
+        missing = ["failed / not run" if scheduled(p, w["id"]) else
+                   "not run (RBD subset)" if p.get("remote") else "not run" for p in peers]
+        bars(ax, vals, f"{w['label']}{sub}", _short, "IOPS", missing)
     rss_ax = flat[len(workloads)]
     rss = [rss_peak(p) if p["daemon"] else None for p in peers]
     bars(rss_ax, [r / 2**20 if r else None for r in rss],
-         "Daemon peak RSS, 1 queue, 1 GiB device\n(kernel peers: no daemon)",
-         lambda v: f"{v:.1f} MiB", "MiB", missing="no daemon")
+         "Daemon peak RSS, 1 queue, 1 GiB device\n(kernel peers: no daemon"
+         + ("; RBD: 256 MiB image" if "rbd" in sections else "") + ")",
+         lambda v: f"{v:.1f} MiB", "MiB",
+         ["failed / not run" if p["daemon"] else "no daemon" for p in peers])
     for ax in flat[panels:]:
         ax.axis("off")
     host, guest = res["host"], res["guest"]
@@ -382,7 +524,8 @@ def chart(res: dict[str, Any], path: Path) -> None:
         f"IOPS per workload ({host['date']})\n"
         f"fio libaio direct=1, {guest['runtime']:g} s per job, in one QEMU TCG guest "
         f"({guest['guest_cpus']} vCPU, kernel {guest['guest_kernel']}): compare ratios, "
-        f"not absolute figures.  Hatched = null/RAM device.",
+        f"not absolute figures.  Hatched = null/RAM device"
+        + ("; dotted = Ceph RBD image." if "rbd" in sections else "."),
         fontsize=13, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.975))
     fig.savefig(path, dpi=90, metadata={"Software": None})

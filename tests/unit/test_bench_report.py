@@ -90,3 +90,132 @@ def test_missing_peers_are_not_measured_and_errors_are_listed() -> None:
     md = report.markdown(res)
     assert "vdpa dev add qsd0: Invalid argument" in md
     assert "0 of 15 targets met" in md
+
+
+RBD = ["randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32",
+       "seqread-1m-qd8", "seqwrite-1m-qd8"]
+
+
+def remote_peer(pid: str, iops: dict[str, float], *, group: str, server_cpu: float | None,
+                rbd: bool = False, errors: list[str] | None = None) -> dict[str, Any]:
+    entry = peer(pid, iops, errors=errors)
+    entry["group"] = group
+    if rbd:
+        entry.update(remote=True, backing="rbd", workloads=list(RBD), size=256 << 20)
+        entry["phases"] = entry["phases"][:1]
+    else:
+        entry.update(remote=False, workloads=list(WORKLOADS))
+    if group == "kernel":
+        entry["daemon"] = False
+    for result in entry["results"].values():
+        if group in ("kernel", "nbd"):
+            result.pop("daemon_cpu_seconds")
+            result.pop("daemon_cpu_percent")
+        if group == "nbd":  # the kernel nbd client: nbdkit is both daemon and server
+            result.update(daemon_cpu_seconds=server_cpu, daemon_cpu_percent=25.0)
+        if server_cpu is not None:
+            result.update(server_cpu_seconds=server_cpu, server_cpu_percent=25.0)
+    return entry
+
+
+def remote_run(kernel_rbd_errors: list[str] | None = None) -> dict[str, Any]:
+    data = raw([
+        peer("pyvduse-file", flat(1000.0), rss=20 << 20),
+        remote_peer("nbdkit-file", flat(500.0), group="nbd", server_cpu=3.0),
+        remote_peer("pyvduse-nbd", flat(600.0), group="pyvduse", server_cpu=3.0),
+        remote_peer("pyvduse-rbd", dict.fromkeys(RBD, 300.0), group="pyvduse", server_cpu=6.0,
+                    rbd=True),
+        remote_peer("qsd-rbd", dict.fromkeys(RBD, 400.0), group="qsd", server_cpu=6.0,
+                    rbd=True),
+        remote_peer("kernel-rbd", {} if kernel_rbd_errors else dict.fromkeys(RBD, 250.0),
+                    group="kernel", server_cpu=6.0, rbd=True, errors=kernel_rbd_errors),
+    ])
+    data["meta"].update(rbd_size=256 << 20, rbd_workloads=list(RBD), ceph="ceph version 16.2",
+                        rbd={"cluster_start_seconds": 40.0, "image_fill_seconds": 9.5,
+                             "image": "rbd/bench"})
+    return data
+
+
+def test_remote_ratios_same_server_other_client() -> None:
+    res = report.compute(remote_run(), HOST)
+    row = res["ratios_iops"]["randread-4k-qd1"]
+    assert row["pyvduse-nbd / nbdkit-file"] == pytest.approx(1.2)
+    assert row["pyvduse-rbd / qsd-rbd"] == pytest.approx(0.75)
+    assert row["pyvduse-rbd / kernel-rbd"] == pytest.approx(1.2)
+    # the RBD peers do not run the mixed jobs: no ratio there, the nbd one only
+    mixed = res["ratios_iops"]["mixed-4k-qd16-2q2j"]
+    assert mixed["pyvduse-rbd / qsd-rbd"] is None
+    assert mixed["pyvduse-nbd / nbdkit-file"] == pytest.approx(1.2)
+    assert res["remote_ratio_columns"] == ["pyvduse-nbd / nbdkit-file", "pyvduse-rbd / qsd-rbd",
+                                           "pyvduse-rbd / kernel-rbd"]
+    # no scaling figure for peers that did not run both mixed jobs
+    assert "qsd-rbd" not in res["scaling"] and "pyvduse-nbd" in res["scaling"]
+    # CPU per I/O: 6 s of OSD time over 12 s at 300 IOPS
+    rbd = res["peers"][3]["results"]["randread-4k-qd1"]
+    assert rbd["server_cpu_us_per_io"] == pytest.approx(1e6 * 6 / (300 * 12))
+    # the remote pairs set no target of their own
+    assert res["targets_total"] == 5 + len(WORKLOADS) + 2
+
+
+def test_remote_section_in_the_report() -> None:
+    res = report.compute(remote_run(), HOST)
+    md = report.markdown(res)
+    section = md.split("## Remote storage")[1].split("## Every figure")[0]
+    assert ("| workload | pyvduse nbd/nbdkit file | pyvduse rbd/qsd rbd | pyvduse rbd/kernel rbd |"
+            in section)
+    assert "| randread-4k-qd1 | 1.20x | 0.75x | 1.20x |" in section
+    assert "| mixed-4k-qd16-1q1j | 1.20x | n/a | n/a |" in section
+    # client CPU: pyvduse's own; the kernel clients' is not measured; server CPU for all
+    assert "| randread-4k-qd1 | nbdkit file | 500 | 2.0 | 100 | 300 | kernel | 25 | 500 |" \
+        in section
+    assert "| randread-4k-qd1 | pyvduse nbd | 600 | 2.3 | 100 | 300 | 10 | 25 | 583 |" in section
+    assert "| randread-4k-qd1 | kernel rbd | 250 | 1.0 | 100 | 300 | kernel | 25 | 2,000 |" \
+        in section
+    assert "mixed-4k-qd16-1q1j | qsd rbd" not in section
+    # the every-figure tables say why an RBD peer has no mixed figures, and it is no error
+    figures = md.split("## Every figure")[1]
+    assert "| qsd rbd | not run (the RBD peers run a subset of the workloads) |" in figures
+    assert "## Errors" not in md
+    assert "Ceph (RBD peers) | ceph version 16.2;" in md
+    assert "(RBD peers: 256.0 MiB image)" in md
+
+
+def test_remote_peer_failures_are_listed() -> None:
+    res = report.compute(remote_run(["start with 1 queue(s): rbd map: No such device"]), HOST)
+    assert res["ratios_iops"]["randread-4k-qd1"]["pyvduse-rbd / kernel-rbd"] is None
+    md = report.markdown(res)
+    assert "| randread-4k-qd1 | kernel rbd | failed |" in md
+    assert "* kernel rbd: start with 1 queue(s): rbd map: No such device" in md
+
+
+def test_no_remote_section_without_remote_pairs() -> None:
+    res = report.compute(raw([peer("pyvduse-file", flat(1000.0)),
+                              peer("nbdkit-file", flat(500.0))]), HOST)
+    assert res["remote_ratio_columns"] == []
+    assert "Remote storage" not in report.markdown(res)
+
+
+def test_older_runs_count_nbdkit_as_the_server() -> None:
+    """raw.json of runs before the server CPU was measured: nbdkit is the daemon."""
+    nbdkit_file = peer("nbdkit-file", flat(500.0)) | {"group": "nbd"}
+    res = report.compute(raw([nbdkit_file, peer("pyvduse-nbd", flat(500.0))]), HOST)
+    nbdkit = res["peers"][0]["results"]["randread-4k-qd1"]
+    assert nbdkit["server_cpu_percent"] == 10.0
+    assert "server_cpu_percent" not in res["peers"][1]["results"]["randread-4k-qd1"]
+
+
+def test_chart_with_remote_peers(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    res = report.compute(remote_run(), HOST)
+    report.chart(res, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
+
+
+def test_a_run_of_the_remote_peers_only() -> None:
+    """bench/run --peers pyvduse-nbd,nbdkit-file,...: no target, no empty ratio table."""
+    data = remote_run()
+    data["peers"] = data["peers"][1:]  # without pyvduse-file
+    md = report.markdown(report.compute(data, HOST))
+    assert "None measured: this run had none of pyvduse-file" in md
+    assert "## Ratios pyvduse / peer" not in md
+    assert "| randread-4k-qd1 | 1.20x | 0.75x | 1.20x |" in md
