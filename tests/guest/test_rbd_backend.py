@@ -1,0 +1,105 @@
+"""The ``rbd`` backend under the real kernel: a Ceph RBD image served as /dev/vdX.
+
+A throwaway one-node Ceph cluster (scripts/ceph-cluster) runs inside the guest;
+data written through the device, a file system on it, and what the cluster
+stores (``rbd export``) are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import scratch_dir, serving
+from test_blk_kernel import MiB, direct_io, run
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_SIZE = 64 * MiB
+
+
+@pytest.fixture(scope="module")
+def ceph_conf() -> Iterator[Path]:
+    directory = scratch_dir() / "ceph"
+    started = subprocess.run([str(REPO / "scripts" / "ceph-cluster"), str(directory)],
+                             capture_output=True, text=True, timeout=900, check=False)
+    assert started.returncode == 0, f"the Ceph cluster did not start:\n{started.stderr}"
+    conf = Path(started.stdout.strip().splitlines()[-1])
+    try:
+        yield conf
+    finally:
+        subprocess.run([str(REPO / "scripts" / "ceph-cluster"), "--stop", str(directory)],
+                       capture_output=True, timeout=300, check=False)
+
+
+def rbd(conf: Path, *args: str) -> None:
+    run("rbd", "-c", str(conf), *args)
+
+
+def exported(conf: Path, image: str) -> bytes:
+    """The image's content as the cluster stores it."""
+    target = scratch_dir() / f"{image}.export"
+    target.unlink(missing_ok=True)
+    rbd(conf, "export", f"rbd/{image}", str(target))
+    try:
+        return target.read_bytes()
+    finally:
+        target.unlink()
+
+
+def test_rbd_image_byte_exact_with_a_file_system(ceph_conf: Path) -> None:
+    rbd(ceph_conf, "create", "--size", str(IMAGE_SIZE // MiB), "rbd/vm0")
+    with serving("pv-rbd", "--num-queues", "2", "rbd", "pool=rbd", "image=vm0",
+                 f"conf={ceph_conf}") as daemon:
+        device = daemon.device
+        assert int(Path("/sys/block", daemon.disk, "size").read_text()) * 512 == IMAGE_SIZE
+        rng = random.Random(9)
+        writes = {}
+        for _ in range(16):
+            length = rng.choice([4096, 65536, 1024 * 1024])
+            offset = rng.randrange(0, IMAGE_SIZE - length, 4096)
+            data = rng.randbytes(length)
+            direct_io(device, offset, data)
+            writes[offset] = data
+        run("blkdiscard", "-z", "-o", str(40 * MiB), "-l", str(4 * MiB), device)
+        run("sync")  # a flush: librbd's cache (if on) reaches the cluster
+        stored = exported(ceph_conf, "vm0")
+        for offset, data in sorted(writes.items()):
+            got = direct_io(device, offset, length=len(data))
+            assert got == stored[offset:offset + len(data)], f"device and image differ at {offset}"
+        assert stored[40 * MiB:44 * MiB] == bytes(4 * MiB)
+
+        run("mkfs.ext4", "-q", "-F", device)
+        mount = scratch_dir() / "rbd-mnt"
+        mount.mkdir(exist_ok=True)
+        payload = os.urandom(5 * MiB + 77)
+        run("mount", device, str(mount))
+        try:
+            (mount / "data.bin").write_bytes(payload)
+            run("sync")
+        finally:
+            run("umount", str(mount))
+        run("e2fsck", "-fn", device)
+    # the file system lives in the cluster: a second daemon sees it
+    with serving("pv-rbd2", "rbd", "image=rbd/vm0", f"conf={ceph_conf}",
+                 "readonly=on") as daemon:
+        assert Path("/sys/block", daemon.disk, "ro").read_text().strip() == "1"
+        run("mount", "-o", "ro", daemon.device, str(mount))
+        try:
+            assert (mount / "data.bin").read_bytes() == payload
+        finally:
+            run("umount", str(mount))
+
+
+def test_fio_verify_with_many_requests_in_flight(ceph_conf: Path) -> None:
+    rbd(ceph_conf, "create", "--size", "32", "rbd/fio0")
+    with serving("pv-rbdfio", "--num-queues", "2", "rbd", "pool=rbd", "image=fio0",
+                 f"conf={ceph_conf}") as daemon:
+        result = run("fio", "--name=verify", f"--filename={daemon.device}", "--direct=1",
+                     "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=32",
+                     "--numjobs=2", "--offset_increment=16M", "--size=8M",
+                     "--verify=crc32c", "--verify_fatal=1", "--group_reporting")
+        assert "err= 0" in result.stdout, result.stdout
