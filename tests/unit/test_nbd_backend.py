@@ -223,6 +223,7 @@ CONFIGS = {
     "nbdkit-no-write-zeroes": ("nbdkit", ["--filter=nozero", "memory", "4M",
                                           "zeromode=none"], {}),
     "nbdkit-tcp": ("nbdkit", ["memory", "4M"], {"tcp": True}),
+    "nbdkit-file": ("nbdkit", ["file"], {"file": True}),
     "qemu-nbd-raw-file": ("qemu-nbd", ["-f", "raw", "--cache=writeback"], {"file": True}),
 }
 
