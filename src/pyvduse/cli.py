@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import NoReturn
@@ -24,6 +25,7 @@ from pyvduse.export import BlkExport
 log = logging.getLogger("pyvduse")
 
 EXIT_USAGE = 2
+SIZE_CHECK_INTERVAL = 2.0  # seconds between size checks of a resizable backend
 DEFAULT_IO_THREADS = 2
 EXIT_FAILURE = 1
 
@@ -150,6 +152,14 @@ class _StopSignal:
         self.event.set()
 
 
+def _refresh_size(export: BlkExport) -> None:
+    """Follow a resizable backend's size; a failure is logged and tried again later."""
+    try:
+        export.refresh_size()
+    except Exception as exc:  # the backend or the kernel refused: keep serving
+        log.warning("%s: checking the backend's size failed: %s", export.name, exc)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run ``pyvduse serve``; return the exit status."""
     stop = _StopSignal()
@@ -180,10 +190,14 @@ def serve(args: argparse.Namespace) -> int:
         log.info("serving %s backend on %s%s: %d bytes, %d queue(s) of %d%s", args.backend,
                  args.name, where, config.capacity, config.num_queues, config.queue_size,
                  ", read-only" if config.readonly else "")
+        next_size_check = time.monotonic() + SIZE_CHECK_INTERVAL
         with _pidfile(args.pidfile):
             while not stop.event.wait(0.5):
                 if export.device.failed.is_set():
                     break
+                if backend.resizable and time.monotonic() >= next_size_check:
+                    next_size_check = time.monotonic() + SIZE_CHECK_INTERVAL
+                    _refresh_size(export)
         if stop.received is not None:
             log.info("%s received, shutting down", signal.Signals(stop.received).name)
     finally:

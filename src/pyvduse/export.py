@@ -9,6 +9,7 @@ creates and removes; nothing in it depends on ``main()``.
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Literal
 
 from pyvduse.backends.base import Backend
@@ -44,8 +45,8 @@ class BlkExport:
         self.config = config
         self.attach_mode: AttachMode = attach
         self.attach_timeout = attach_timeout
-        self.device = VduseDevice(name, BlkDevice(backend, config), kernel,
-                                  queue_threads=queue_threads)
+        self.model = BlkDevice(backend, config)
+        self.device = VduseDevice(name, self.model, kernel, queue_threads=queue_threads)
         self.attached: AttachedDevice | None = None
 
     def start(self) -> AttachedDevice | None:
@@ -60,6 +61,35 @@ class BlkExport:
             self.device.destroy()
             raise
         return self.attached
+
+    def refresh_size(self) -> int | None:
+        """Read the backend's size again; if it changed, serve and announce the new one.
+
+        The new capacity (rounded down to whole logical blocks) is written to
+        the config space and the driver gets a config interrupt, as a disk
+        resize does. Growing, requests may use the new blocks before the driver
+        hears of them; shrinking, the driver hears first. Returns the new
+        capacity in bytes, or None if it did not change (or the new size holds
+        no block: that is logged and ignored).
+        """
+        config = self.model.config
+        size = self.backend.size()
+        capacity = size - size % config.logical_block_size
+        if capacity == config.capacity:
+            return None
+        if capacity <= 0:
+            log.error("%s: the backend now reports %d bytes, no whole block; the device keeps "
+                      "its size of %d bytes", self.name, size, config.capacity)
+            return None
+        sectors = struct.pack("<Q", capacity >> 9)
+        if capacity > config.capacity:
+            self.model.set_capacity(capacity)
+            self.device.update_config(0, sectors)
+        else:
+            self.device.update_config(0, sectors)
+            self.model.set_capacity(capacity)
+        log.info("%s: resized from %d to %d bytes", self.name, config.capacity, capacity)
+        return capacity
 
     def stop(self) -> None:
         """Detach (serving the driver's reset meanwhile), destroy, close the backend."""

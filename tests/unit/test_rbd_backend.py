@@ -38,7 +38,10 @@ from pyvduse.backends import BACKENDS, open_backend
 from pyvduse.backends import rbd as rbd_module
 from pyvduse.backends.base import Done
 from pyvduse.backends.rbd import ImageSpec, RbdBackend, import_librbd, parse_image_spec
+from pyvduse.blk import BlkConfig
 from pyvduse.errors import ConfigError
+from pyvduse.export import BlkExport
+from pyvduse.testing import DriverMemory, FakeVduse
 from pyvduse.testing.conformance import check_backend
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
@@ -642,3 +645,25 @@ def test_a_missing_binding_says_what_to_install(monkeypatch: pytest.MonkeyPatch)
     assert str(excinfo.value) == ("backend 'rbd': the rbd backend needs Debian's python3-rbd "
                                   "(apt-get install python3-rbd): No module named 'rados'")
     assert rbd_module.sys.path == path  # the extra search path is gone again
+
+
+def test_a_resize_in_the_cluster_reaches_the_driver(cluster: Cluster) -> None:
+    spec = cluster.new_image(4 * MiB)
+    backend = cluster.backend(spec)
+    assert backend.resizable
+    fake = FakeVduse(DriverMemory(size=8 * MiB))
+    export = BlkExport("rbdrs", backend, BlkConfig.for_backend(backend), attach="none",
+                       kernel=fake)
+    export.start()
+    try:
+        assert fake.channels["rbdrs"].start() == 0
+        assert export.refresh_size() is None
+        cluster.cli("resize", "--size", "10M", spec)
+        wait_until(lambda: backend.size() == 10 * MiB, timeout=10, what="librbd to see it")
+        assert export.refresh_size() == 10 * MiB
+        assert int.from_bytes(fake.channels["rbdrs"].config[:8], "little") == 10 * MiB >> 9
+        assert fake.channels["rbdrs"].config_irqs == 1
+    finally:
+        export.stop()  # closes the backend
+        fake.memory.close()
+    assert backend.size() == 10 * MiB  # the last size seen, once closed

@@ -97,6 +97,12 @@ class Backend:
     #: ones use :meth:`readv`/:meth:`writev` on the queue's thread).
     submit_min_bytes: int | None = None
 
+    #: True if :meth:`size` can change while the device serves (an image
+    #: resized in a cluster): the daemon then calls :meth:`size` again every
+    #: few seconds and tells the driver of a new size (config interrupt). Keep
+    #: ``size()`` cheap then. False (the default): the size is read once.
+    resizable: bool = False
+
     def size(self) -> int:
         """Size of the storage in bytes (required).
 

@@ -33,8 +33,12 @@ Options (``pyvduse serve rbd key=value ...``):
 The constructor connects to the cluster and opens the image; a bad option,
 an unreachable cluster (after ``timeout`` seconds), a missing pool, image or
 snapshot, or a refusal by the cluster is a :class:`ConfigError` with one line
-naming the image. The disk's size is the image's when it was opened (a later
-resize is not seen). :attr:`RbdBackend.preferred_block_size` is 512. A
+naming the image. The disk's size is the image's: the backend is
+:attr:`~pyvduse.backends.base.Backend.resizable`, so when the image is
+resized in the cluster (``rbd resize``) the daemon notices within seconds
+and announces the new capacity to the driver with a config interrupt (a
+shrink first fails requests beyond the new end with ``EINVAL``).
+:attr:`RbdBackend.preferred_block_size` is 512. A
 writable image offers flush (``rbd_aio_flush``), discard
 (``rbd_aio_discard``) and write-zeroes, native when librbd has
 ``rbd_aio_write_zeroes`` (thick, without deallocating, unless the driver
@@ -65,7 +69,7 @@ when the first backend is built; if a plain ``import rbd`` fails,
 the system's Python 3 and also loads into other CPython builds of the same
 version), and only for that import.
 
-Not supported: resizing while running, ``rbd_cache`` tuning beyond on/off
+Not supported: ``rbd_cache`` tuning beyond on/off
 (other settings go in the configuration file), encryption, FUA (flush is
 used instead).
 """
@@ -424,8 +428,16 @@ class RbdBackend(Backend):
 
     # -- geometry and capabilities ----------------------------------------------------
 
+    #: An image can be resized in the cluster while it is served: the daemon
+    #: follows :meth:`size` and tells the driver.
+    resizable = True
+
     def size(self) -> int:
-        """The image's size in bytes when it was opened."""
+        """The image's current size in bytes (librbd keeps it up to date when the
+        image is resized elsewhere); the last one seen once the backend is closed."""
+        with self._lock:
+            if not self._closed:
+                self._size = int(self._image.size())
         return self._size
 
     @property

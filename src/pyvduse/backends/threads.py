@@ -47,6 +47,7 @@ class ThreadPoolBackend(Backend):
         self.backend = backend
         self.name = backend.name
         self.submit_min_bytes = min_bytes
+        self.resizable = backend.resizable
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._serve, name=f"io-{i}", daemon=True)
                          for i in range(threads)]

@@ -21,6 +21,11 @@ class BlkDevice:
         self.queue_size = config.queue_size
         self.handle = self.handler.handle
 
+    def set_capacity(self, capacity: int) -> None:
+        """Serve ``capacity`` bytes from now on (the config space is the transport's job)."""
+        self.handler.set_capacity(capacity)
+        self.config = self.handler.config
+
     @property
     def features(self) -> int:
         """Feature bits offered to the driver."""

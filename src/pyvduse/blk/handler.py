@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pyvduse.backends.base import Backend
@@ -123,6 +124,12 @@ class BlkHandler:
             v.VIRTIO_BLK_ID_BYTES, b"\0")
         self._last_error_log = float("-inf")  # the first error is always reported
         self._errors_since_log = 0
+
+    def set_capacity(self, capacity: int) -> None:
+        """Serve ``capacity`` bytes from now on (a multiple of the logical block size)."""
+        self.config = replace(self.config, capacity=capacity)
+        self._capacity_sectors = capacity >> _SECTOR_SHIFT
+        self._capacity_bytes = self._capacity_sectors << _SECTOR_SHIFT
 
     def handle(self, chain: Chain, complete: Completer) -> int:
         """Serve one request; return the number of bytes written into the chain.
