@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,21 @@ def test_fio_verify_with_many_requests_in_flight(ceph_conf: Path) -> None:
                      "--numjobs=2", "--offset_increment=16M", "--size=8M",
                      "--verify=crc32c", "--verify_fatal=1", "--group_reporting")
         assert "err= 0" in result.stdout, result.stdout
+
+
+def test_rbd_resize_reaches_the_kernel(ceph_conf: Path) -> None:
+    rbd(ceph_conf, "create", "--size", "32", "rbd/grow0")
+    with serving("pv-rbdgrow", "rbd", "pool=rbd", "image=grow0",
+                 f"conf={ceph_conf}") as daemon:
+        size_file = Path("/sys/block", daemon.disk, "size")
+        assert int(size_file.read_text()) * 512 == 32 * MiB
+        rbd(ceph_conf, "resize", "--size", "48", "rbd/grow0")
+        deadline = time.monotonic() + 120
+        while int(size_file.read_text()) * 512 != 48 * MiB:
+            assert time.monotonic() < deadline, "the kernel never saw the new size"
+            time.sleep(0.5)
+        data = os.urandom(64 * 1024)
+        direct_io(daemon.device, 40 * MiB, data)
+        assert direct_io(daemon.device, 40 * MiB, length=len(data)) == data
+        assert exported(ceph_conf, "grow0")[40 * MiB:40 * MiB + len(data)] == data
+    assert "pv-rbdgrow: resized from 33554432 to 50331648 bytes" in daemon.output()
