@@ -25,8 +25,10 @@ IMAGE_SIZE = 64 * MiB
 @pytest.fixture(scope="module")
 def ceph_conf() -> Iterator[Path]:
     directory = scratch_dir() / "ceph"
+    # an emulated guest is slow: allow every step of the cluster's start 6 times as long
+    env = {**os.environ, "CEPH_CLUSTER_TIME_FACTOR": "6"}
     started = subprocess.run([str(REPO / "scripts" / "ceph-cluster"), str(directory)],
-                             capture_output=True, text=True, timeout=900, check=False)
+                             capture_output=True, text=True, timeout=1800, check=False, env=env)
     assert started.returncode == 0, f"the Ceph cluster did not start:\n{started.stderr}"
     conf = Path(started.stdout.strip().splitlines()[-1])
     try:
@@ -54,7 +56,7 @@ def exported(conf: Path, image: str) -> bytes:
 def test_rbd_image_byte_exact_with_a_file_system(ceph_conf: Path) -> None:
     rbd(ceph_conf, "create", "--size", str(IMAGE_SIZE // MiB), "rbd/vm0")
     with serving("pv-rbd", "--num-queues", "2", "rbd", "pool=rbd", "image=vm0",
-                 f"conf={ceph_conf}") as daemon:
+                 f"conf={ceph_conf}", "timeout=60") as daemon:
         device = daemon.device
         assert int(Path("/sys/block", daemon.disk, "size").read_text()) * 512 == IMAGE_SIZE
         rng = random.Random(9)
@@ -86,7 +88,7 @@ def test_rbd_image_byte_exact_with_a_file_system(ceph_conf: Path) -> None:
         run("e2fsck", "-fn", device)
     # the file system lives in the cluster: a second daemon sees it
     with serving("pv-rbd2", "rbd", "image=rbd/vm0", f"conf={ceph_conf}",
-                 "readonly=on") as daemon:
+                 "readonly=on", "timeout=60") as daemon:
         assert Path("/sys/block", daemon.disk, "ro").read_text().strip() == "1"
         run("mount", "-o", "ro", daemon.device, str(mount))
         try:
@@ -98,7 +100,7 @@ def test_rbd_image_byte_exact_with_a_file_system(ceph_conf: Path) -> None:
 def test_fio_verify_with_many_requests_in_flight(ceph_conf: Path) -> None:
     rbd(ceph_conf, "create", "--size", "32", "rbd/fio0")
     with serving("pv-rbdfio", "--num-queues", "2", "rbd", "pool=rbd", "image=fio0",
-                 f"conf={ceph_conf}") as daemon:
+                 f"conf={ceph_conf}", "timeout=60") as daemon:
         result = run("fio", "--name=verify", f"--filename={daemon.device}", "--direct=1",
                      "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=32",
                      "--numjobs=2", "--offset_increment=16M", "--size=8M",
@@ -109,7 +111,7 @@ def test_fio_verify_with_many_requests_in_flight(ceph_conf: Path) -> None:
 def test_rbd_resize_reaches_the_kernel(ceph_conf: Path) -> None:
     rbd(ceph_conf, "create", "--size", "32", "rbd/grow0")
     with serving("pv-rbdgrow", "rbd", "pool=rbd", "image=grow0",
-                 f"conf={ceph_conf}") as daemon:
+                 f"conf={ceph_conf}", "timeout=60") as daemon:
         size_file = Path("/sys/block", daemon.disk, "size")
         assert int(size_file.read_text()) * 512 == 32 * MiB
         rbd(ceph_conf, "resize", "--size", "48", "rbd/grow0")
