@@ -205,7 +205,6 @@ def test_older_runs_count_nbdkit_as_the_server() -> None:
 
 
 def test_chart_with_remote_peers(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     res = report.compute(remote_run(), HOST)
     report.chart(res, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 10_000
