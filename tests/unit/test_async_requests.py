@@ -13,7 +13,7 @@ import pytest
 from test_device import Rig, pattern, thread_names, wait_until
 
 import pyvduse.queue_worker as queue_worker_module
-from pyvduse.backends.base import Backend, Done
+from pyvduse.backends.base import AsynchronousBackend, Backend, Done
 from pyvduse.backends.file import FileBackend
 from pyvduse.backends.memory import MemoryBackend
 from pyvduse.backends.threads import ThreadPoolBackend
@@ -329,3 +329,33 @@ def test_thread_pool_logs_a_failing_done(caplog: pytest.LogCaptureFixture) -> No
         assert done.wait(5)
     finally:
         pool.close()
+
+
+class OnlyReads(AsynchronousBackend):
+    """An asynchronous backend defining submit_readv alone: read-only, reads wait."""
+
+    def size(self) -> int:
+        return MiB
+
+    def submit_readv(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
+        def work() -> None:
+            if offset >= MiB // 2:
+                done(OSError(5, "far half unreadable"))
+                return
+            for buf in bufs:
+                buf[:] = bytes([offset >> 12 & 0xFF]) * len(buf)
+            done(None)
+
+        threading.Thread(target=work).start()
+
+
+def test_asynchronous_backend_waits_and_infers_what_it_can_do() -> None:
+    backend = OnlyReads()
+    assert backend.submit_min_bytes == 0
+    assert (backend.can_write, backend.can_flush, backend.can_discard,
+            backend.can_write_zeroes) == (False, False, False, False)
+    buf = bytearray(4096)
+    backend.read(3 * 4096, memoryview(buf))
+    assert buf == b"\x03" * 4096
+    with pytest.raises(OSError, match="far half unreadable"):
+        backend.readv(MiB // 2, [memoryview(buf)])

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Protocol
 
-from pyvduse.backends.base import Backend
+from pyvduse.backends.base import AsynchronousBackend, Backend
 from pyvduse.backends.file import FileBackend
 from pyvduse.backends.memory import MemoryBackend
 from pyvduse.backends.nbd import NbdBackend
@@ -27,6 +27,7 @@ from pyvduse.errors import ConfigError
 
 __all__ = [
     "BACKENDS",
+    "AsynchronousBackend",
     "Backend",
     "BackendFactory",
     "BackendOptions",

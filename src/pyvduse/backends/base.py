@@ -65,6 +65,7 @@ after the last request.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 ZERO_CHUNK = bytes(1 << 20)
@@ -255,6 +256,85 @@ class Backend:
         alignment ``O_DIRECT`` needs).
         """
         return 512
+
+
+class AsynchronousBackend(Backend):
+    """Base class of backends that work through the ``submit_*`` methods.
+
+    Every request goes through them (:attr:`submit_min_bytes` is 0); the
+    synchronous methods submit and wait for ``done``, raising what the
+    request failed with. What the backend can do is inferred from which
+    ``submit_*`` methods the subclass defines (override the ``can_*``
+    properties when it is only known per instance, as for a remote export).
+    """
+
+    submit_min_bytes: int | None = 0
+
+    @staticmethod
+    def _wait(start: Callable[[Done], None]) -> None:
+        """Run ``start(done)`` and wait for its ``done``; raise the error it reports."""
+        finished = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        start(done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        """Submit a read of ``buf`` and wait for it."""
+        self._wait(lambda done: self.submit_readv(offset, [buf], done))
+
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Submit a read into ``bufs`` and wait for it."""
+        self._wait(lambda done: self.submit_readv(offset, bufs, done))
+
+    def write(self, offset: int, buf: memoryview) -> None:
+        """Submit a write of ``buf`` and wait for it."""
+        self._wait(lambda done: self.submit_writev(offset, [buf], done))
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Submit a write of ``bufs`` and wait for it."""
+        self._wait(lambda done: self.submit_writev(offset, bufs, done))
+
+    def flush(self) -> None:
+        """Submit a flush and wait for it."""
+        self._wait(self.submit_flush)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Submit a discard and wait for it."""
+        self._wait(lambda done: self.submit_discard(offset, length, done))
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Submit a write-zeroes and wait for it."""
+        self._wait(lambda done: self.submit_write_zeroes(offset, length, may_unmap, done))
+
+    def _submits(self, method: str) -> bool:
+        return getattr(type(self), method) is not getattr(Backend, method)
+
+    @property
+    def can_write(self) -> bool:
+        """True if the class defines ``submit_writev``."""
+        return self._submits("submit_writev")
+
+    @property
+    def can_flush(self) -> bool:
+        """True if the class defines ``submit_flush``."""
+        return self._submits("submit_flush")
+
+    @property
+    def can_discard(self) -> bool:
+        """True if the class defines ``submit_discard``."""
+        return self._submits("submit_discard")
+
+    @property
+    def can_write_zeroes(self) -> bool:
+        """True if writable or the class defines ``submit_write_zeroes``."""
+        return self.can_write or self._submits("submit_write_zeroes")
 
 
 def run_and_report(done: Done, method: Callable[..., None], *args: object) -> None:

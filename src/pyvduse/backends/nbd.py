@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pyvduse.backends.base import ZERO_CHUNK, Backend, Done
+from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done
 from pyvduse.backends.options import BackendOptions
 from pyvduse.errors import BackendError, ConfigError
 
@@ -825,7 +825,7 @@ def _seconds(options: BackendOptions, key: str, default: float, *, zero_ok: bool
     return value
 
 
-class NbdBackend(Backend):
+class NbdBackend(AsynchronousBackend):
     """A disk on an NBD server (see the module docstring for options and behaviour).
 
     The constructor connects (``connections`` times when the server allows
@@ -836,7 +836,6 @@ class NbdBackend(Backend):
     """
 
     name = "nbd"
-    submit_min_bytes: int | None = 0
 
     def __init__(self, url: str, *, connections: int = 1, reconnect_delay: float = 1.0,
                  retry_timeout: float = 60.0, timeout: float = 10.0) -> None:
@@ -1105,49 +1104,6 @@ class NbdBackend(Backend):
             conn.pending[handle] = cmd
         conn.send(handle, cmd)
         return None
-
-    # -- synchronous requests: submit and wait --------------------------------------------
-
-    def _wait(self, start: Callable[[Done], None]) -> None:
-        finished = threading.Event()
-        outcome: list[BaseException | None] = []
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        start(done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
-
-    def read(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``offset`` (one or more round trips)."""
-        self._wait(lambda done: self.submit_readv(offset, [buf], done))
-
-    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Fill ``bufs`` in order from ``offset``."""
-        self._wait(lambda done: self.submit_readv(offset, bufs, done))
-
-    def write(self, offset: int, buf: memoryview) -> None:
-        """Store ``buf`` at ``offset``."""
-        self._wait(lambda done: self.submit_writev(offset, [buf], done))
-
-    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Store ``bufs`` in order at ``offset``."""
-        self._wait(lambda done: self.submit_writev(offset, bufs, done))
-
-    def flush(self) -> None:
-        """Flush the server's cache (if it has a flush command)."""
-        self._wait(self.submit_flush)
-
-    def discard(self, offset: int, length: int) -> None:
-        """Trim the range on the server (if it takes trims)."""
-        self._wait(lambda done: self.submit_discard(offset, length, done))
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        """Zero the range on the server."""
-        self._wait(lambda done: self.submit_write_zeroes(offset, length, may_unmap, done))
 
     # -- connection management ------------------------------------------------------------
 

@@ -88,7 +88,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Self
 
-from pyvduse.backends.base import ZERO_CHUNK, Backend, Done
+from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done
 from pyvduse.backends.options import BackendOptions
 from pyvduse.errors import ConfigError
 
@@ -266,7 +266,7 @@ def _os_error(exc: BaseException, what: str) -> OSError:
 # -- the backend ------------------------------------------------------------------------
 
 
-class RbdBackend(Backend):
+class RbdBackend(AsynchronousBackend):
     """An RBD image (see the module docstring for options and behaviour).
 
     The constructor connects and opens the image, raising :class:`ConfigError`
@@ -277,7 +277,6 @@ class RbdBackend(Backend):
     """
 
     name = "rbd"
-    submit_min_bytes: int | None = 0
 
     def __init__(self, image: str, *, conf: str | None = None, client_id: str = "admin",
                  keyring: str | None = None, mon_host: str | None = None,
@@ -602,49 +601,6 @@ class RbdBackend(Backend):
                 for _ in parts[n:]:
                     group.part_done(exc)
                 return
-
-    # -- synchronous requests: submit and wait --------------------------------------------
-
-    def _wait(self, start: Callable[[Done], None]) -> None:
-        finished = threading.Event()
-        outcome: list[BaseException | None] = []
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        start(done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
-
-    def read(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``offset``."""
-        self._wait(lambda done: self.submit_readv(offset, [buf], done))
-
-    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Fill ``bufs`` in order from ``offset``."""
-        self._wait(lambda done: self.submit_readv(offset, bufs, done))
-
-    def write(self, offset: int, buf: memoryview) -> None:
-        """Store ``buf`` at ``offset``."""
-        self._wait(lambda done: self.submit_writev(offset, [buf], done))
-
-    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Store ``bufs`` in order at ``offset``."""
-        self._wait(lambda done: self.submit_writev(offset, bufs, done))
-
-    def flush(self) -> None:
-        """Flush librbd's cache to the OSDs."""
-        self._wait(self.submit_flush)
-
-    def discard(self, offset: int, length: int) -> None:
-        """Discard the range in the image."""
-        self._wait(lambda done: self.submit_discard(offset, length, done))
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        """Zero the range in the image."""
-        self._wait(lambda done: self.submit_write_zeroes(offset, length, may_unmap, done))
 
     # -- closing ----------------------------------------------------------------------
 
