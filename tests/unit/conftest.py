@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from pyvduse import cli
+from pyvduse.backends.base import Done
 from pyvduse.testing import FakeVduse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,3 +207,31 @@ def image_server() -> Iterator[ImageServer]:
         yield server
     finally:
         server.stop()
+
+
+class Recorder:
+    """``done`` callables for submitted requests (nbd, rbd tests), and what each was called with."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.results: dict[int, list[BaseException | None]] = {}
+
+    def done(self, key: int) -> Done:
+        self.results[key] = []
+
+        def done(error: BaseException | None) -> None:
+            with self.cond:
+                self.results[key].append(error)
+                self.cond.notify_all()
+
+        return done
+
+    def wait(self, timeout: float = 30.0) -> dict[int, BaseException | None]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: all(self.results.values()), timeout), (
+                f"done never called for {[k for k, r in self.results.items() if not r]}")
+        time.sleep(0.01)  # a second call would come right after the first
+        assert all(len(r) == 1 for r in self.results.values()), "done called twice"
+        outcome = {key: r[0] for key, r in self.results.items()}
+        self.results = {}
+        return outcome

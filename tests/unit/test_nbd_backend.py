@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Recorder
 from test_device import Rig, thread_names, wait_until
 
 from pyvduse.backends import BACKENDS, open_backend
 from pyvduse.backends import nbd as nbd_module
-from pyvduse.backends.base import Done
 from pyvduse.backends.nbd import NbdBackend, parse_nbd_url
 from pyvduse.errors import ConfigError
 from pyvduse.testing.conformance import check_backend
@@ -161,33 +161,6 @@ def servers(sockdir: Path) -> Iterator[Start]:
     for server in started:
         server.kill()
     wait_until(lambda: not thread_names("nbd-"), what="the nbd client threads to end")
-
-
-class Recorder:
-    """``done`` callables for submitted requests, and what each one was called with."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.results: dict[int, list[BaseException | None]] = {}
-
-    def done(self, key: int) -> Done:
-        self.results[key] = []
-
-        def done(error: BaseException | None) -> None:
-            with self.cond:
-                self.results[key].append(error)
-                self.cond.notify_all()
-
-        return done
-
-    def wait(self, timeout: float = 10.0) -> dict[int, BaseException | None]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: all(self.results.values()), timeout), (
-                f"done never called for {[k for k, r in self.results.items() if not r]}")
-        assert all(len(r) == 1 for r in self.results.values()), "done called twice"
-        outcome = {key: r[0] for key, r in self.results.items()}
-        self.results = {}
-        return outcome
 
 
 def uneven(view: memoryview, seed: int) -> list[memoryview]:

@@ -24,7 +24,6 @@ import random
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import Recorder
 from test_device import Rig, wait_until
 
 from pyvduse.backends import BACKENDS, open_backend
@@ -160,34 +160,6 @@ def cluster() -> Iterator[Cluster]:
                                      capture_output=True, timeout=120, check=False)
             assert stopped.returncode == 0, stopped.stderr.decode()
         shutil.rmtree(top, ignore_errors=True)
-
-
-class Recorder:
-    """``done`` callables for submitted requests, and what each one was called with."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.results: dict[int, list[BaseException | None]] = {}
-
-    def done(self, key: int) -> Done:
-        self.results[key] = []
-
-        def done(error: BaseException | None) -> None:
-            with self.cond:
-                self.results[key].append(error)
-                self.cond.notify_all()
-
-        return done
-
-    def wait(self, timeout: float = 30.0) -> dict[int, BaseException | None]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: all(self.results.values()), timeout), (
-                f"done never called for {[k for k, r in self.results.items() if not r]}")
-        time.sleep(0.01)  # a second call would come right after the first
-        assert all(len(r) == 1 for r in self.results.values()), "done called twice"
-        outcome = {key: r[0] for key, r in self.results.items()}
-        self.results = {}
-        return outcome
 
 
 def uneven(view: memoryview, seed: int) -> list[memoryview]:

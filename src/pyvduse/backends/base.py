@@ -258,6 +258,32 @@ class Backend:
         return 512
 
 
+class DoneGroup:
+    """The ``done`` of a request split into ``parts`` operations.
+
+    Give :meth:`part_done` to every part: once all parts ended, ``done`` is
+    called once, with the first error any part reported (or None).
+    """
+
+    __slots__ = ("_done", "_error", "_left", "_lock")
+
+    def __init__(self, done: Done, parts: int) -> None:
+        self._done = done
+        self._left = parts
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def part_done(self, error: BaseException | None) -> None:
+        """One part ended (``error`` if it failed)."""
+        with self._lock:
+            if error is not None and self._error is None:
+                self._error = error
+            self._left -= 1
+            if self._left:
+                return
+        self._done(self._error)
+
+
 class AsynchronousBackend(Backend):
     """Base class of backends that work through the ``submit_*`` methods.
 

@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done
+from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done, DoneGroup
 from pyvduse.backends.options import BackendOptions
 from pyvduse.errors import BackendError, ConfigError
 
@@ -559,27 +559,6 @@ class _Command:
         return f"{_COMMAND_NAMES.get(self.kind, self.kind)} {self.offset}+{self.length}"
 
 
-class _Group:
-    """The ``done`` of a request split into ``parts`` commands: reports once, the first error."""
-
-    __slots__ = ("_done", "_error", "_left", "_lock")
-
-    def __init__(self, done: Done, parts: int) -> None:
-        self._done = done
-        self._left = parts
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def part_done(self, error: BaseException | None) -> None:
-        with self._lock:
-            if error is not None and self._error is None:
-                self._error = error
-            self._left -= 1
-            if self._left:
-                return
-        self._done(self._error)
-
-
 class _RateLimited:
     """Logs at most one message per interval; the next one says how many were left out."""
 
@@ -1047,7 +1026,7 @@ class NbdBackend(AsynchronousBackend):
             self._submit([_Command(kind, offset, total, views, done)])
             return
         parts = range(0, total, step)
-        group = _Group(done, len(parts))
+        group = DoneGroup(done, len(parts))
         self._submit([_Command(kind, offset + pos, min(step, total - pos),
                                _slice(views, pos, min(step, total - pos)), group.part_done)
                       for pos in parts])
@@ -1059,7 +1038,7 @@ class NbdBackend(AsynchronousBackend):
             self._submit([_Command(kind, offset, length, (), done, flags)])
             return
         parts = range(0, length, step)
-        group = _Group(done, len(parts))
+        group = DoneGroup(done, len(parts))
         self._submit([_Command(kind, offset + pos, min(step, length - pos), (), group.part_done,
                                flags) for pos in parts])
 

@@ -77,6 +77,7 @@ used instead).
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import logging
 import math
@@ -88,7 +89,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Self
 
-from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done
+from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done, DoneGroup
 from pyvduse.backends.options import BackendOptions
 from pyvduse.errors import ConfigError
 
@@ -211,27 +212,6 @@ def _call_done(done: Done, error: BaseException | None) -> None:
         done(error)
     except Exception:
         log.exception("rbd: a request's completion failed")
-
-
-class _Group:
-    """The ``done`` of a request made of ``parts`` operations: reports once, the first error."""
-
-    __slots__ = ("_done", "_error", "_left", "_lock")
-
-    def __init__(self, done: Done, parts: int) -> None:
-        self._done = done
-        self._left = parts
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def part_done(self, error: BaseException | None) -> None:
-        with self._lock:
-            if error is not None and self._error is None:
-                self._error = error
-            self._left -= 1
-            if self._left:
-                return
-        _call_done(self._done, self._error)
 
 
 def _seconds(options: BackendOptions, key: str, default: float) -> float:
@@ -586,7 +566,7 @@ class RbdBackend(AsynchronousBackend):
                          zero_flags=flags)
             return
         parts = range(0, length, ZERO_WRITE_CHUNK)
-        group = _Group(done, len(parts))
+        group = DoneGroup(functools.partial(_call_done, done), len(parts))
         for n, pos in enumerate(parts):
             step = min(ZERO_WRITE_CHUNK, length - pos)
             data = _ZERO_BYTES if step == ZERO_WRITE_CHUNK else bytes(step)
