@@ -244,8 +244,8 @@ def write_report(raw_dir: Path, out: Path, host: dict[str, Any]) -> dict[str, An
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true",
-                   help="every peer, 2 workloads, 1 s each: checks that every peer still runs "
-                        "(~3 min); writes to build/bench-smoke unless --out")
+                   help="every peer, 3 workloads (the RBD peers: 1), 1 s each: checks that "
+                        "every peer still runs (~5 min); writes to build/bench-smoke unless --out")
     p.add_argument("--runtime", type=float, help="fio seconds per job (default 10; smoke 1)")
     p.add_argument("--ramp", type=float, help="fio ramp seconds per job (default 2; smoke 0)")
     p.add_argument("--out", type=Path,
