@@ -788,22 +788,6 @@ def _zero_fill(views: Sequence[memoryview]) -> None:
 # -- the backend ------------------------------------------------------------------------
 
 
-def _seconds(options: BackendOptions, key: str, default: float, *, zero_ok: bool) -> float:
-    """Option ``key`` as a finite number of seconds (> 0, or >= 0 with ``zero_ok``)."""
-    raw = options.string(key, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        bound = "0 or more" if zero_ok else "more than 0"
-        raise ConfigError(f"backend 'nbd': option {key}={raw}: not a number of seconds "
-                          f"({bound})")
-    return value
-
-
 class NbdBackend(AsynchronousBackend):
     """A disk on an NBD server (see the module docstring for options and behaviour).
 
@@ -889,9 +873,9 @@ class NbdBackend(AsynchronousBackend):
         if not 1 <= connections <= MAX_CONNECTIONS:
             raise ConfigError(f"backend 'nbd': option connections={raw}: not a whole number "
                               f"from 1 to {MAX_CONNECTIONS}")
-        reconnect_delay = _seconds(options, "reconnect-delay", 1.0, zero_ok=False)
-        retry_timeout = _seconds(options, "retry-timeout", 60.0, zero_ok=True)
-        timeout = _seconds(options, "timeout", 10.0, zero_ok=False)
+        reconnect_delay = options.seconds("reconnect-delay", 1.0)
+        retry_timeout = options.seconds("retry-timeout", 60.0, zero_ok=True)
+        timeout = options.seconds("timeout", 10.0)
         options.finish()
         return cls(url, connections=connections, reconnect_delay=reconnect_delay,
                    retry_timeout=retry_timeout, timeout=timeout)

@@ -11,6 +11,7 @@ message is one line naming the backend, the key and the offending value.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Iterable, Sequence
 
@@ -135,6 +136,20 @@ class BackendOptions:
             raise self._error(
                 f"option {key}={raw}: not a size (use e.g. 512, 4k, 1M, 1G or 1GiB)"
             ) from None
+
+    def seconds(self, key: str, default: float, *, zero_ok: bool = False) -> float:
+        """Return ``key`` as a finite number of seconds, above 0 (or 0 too with ``zero_ok``)."""
+        raw = self.string(key, "")
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            bound = "0 or more" if zero_ok else "more than 0"
+            raise self._error(f"option {key}={raw}: not a number of seconds ({bound})")
+        return value
 
     def boolean(self, key: str, default: bool | _Required = REQUIRED) -> bool:
         """Return ``key`` as a flag: on/off, yes/no, true/false or 1/0 (any case)."""

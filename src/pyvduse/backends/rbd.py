@@ -214,21 +214,6 @@ def _call_done(done: Done, error: BaseException | None) -> None:
         log.exception("rbd: a request's completion failed")
 
 
-def _seconds(options: BackendOptions, key: str, default: float) -> float:
-    """Option ``key`` as a finite number of seconds above 0."""
-    raw = options.string(key, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"backend 'rbd': option {key}={raw}: not a number of seconds "
-                          "(more than 0)")
-    return value
-
-
 def _reason(exc: BaseException) -> str:
     """One line about a failure of the binding (its messages may span lines)."""
     text = " ".join(str(exc).split())
@@ -305,7 +290,7 @@ class RbdBackend(AsynchronousBackend):
         keyring = options.string("keyring", "") or None
         mon_host = options.string("mon-host", "") or None
         readonly = options.boolean("readonly", False)
-        timeout = _seconds(options, "timeout", 10.0)
+        timeout = options.seconds("timeout", 10.0)
         cache: bool | None = None
         if "cache" in options:
             cache = options.boolean("cache")
