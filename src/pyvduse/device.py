@@ -59,6 +59,14 @@ class DeviceModel(Protocol):
         """Serve one request: a :data:`~pyvduse.queue_worker.RequestHandler`. Never raises."""
         ...
 
+    def plug(self) -> None:
+        """A batch of :meth:`handle` calls begins on this thread. Never raises."""
+        ...
+
+    def unplug(self) -> None:
+        """The batch ends: requests it left pending must be started now. Never raises."""
+        ...
+
 
 class VduseDevice:
     """One VDUSE device serving ``model``. See the module docstring for the lifecycle."""
@@ -277,7 +285,8 @@ class VduseDevice:
                 self.channel.vq_setup_kickfd(index, kick_fd)
                 self.workers[index] = QueueWorker(f"{self.name}-vq{index}", queue,
                                                   self.model.handle, kick_fd,
-                                                  self._notifier(index))
+                                                  self._notifier(index), self.model.plug,
+                                                  self.model.unplug)
             for first in range(self.queue_threads):
                 served = [i for i in sorted(self.workers) if i % self.queue_threads == first]
                 if served:

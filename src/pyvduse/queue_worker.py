@@ -51,6 +51,10 @@ BATCHES_PER_TURN = 4
 _STUCK_LOG_INTERVAL = 10.0  # seconds between reports of requests that do not finish
 
 
+def _nothing() -> None:
+    pass
+
+
 def _clear(fd: int) -> None:
     """Reset an eventfd that poll reported readable (another reader may have raced us)."""
     try:
@@ -63,14 +67,19 @@ class QueueWorker:
     """The serving state of one queue: drains it, takes later completions.
 
     Per :meth:`drain` it collects finished requests, pops every available
-    chain with kicks suppressed, publishes the used index once per batch and
+    chain with kicks suppressed and hands it to the handler (each batch between
+    ``plug`` and ``unplug``, which must not raise: see
+    :meth:`pyvduse.backends.base.Backend.plug`), publishes the used index once per batch and
     interrupts the driver once per batch if the driver asked for it
     (EVENT_IDX or the NO_INTERRUPT flag). Run by a :class:`QueueThread`.
     """
 
     def __init__(self, name: str, queue: SplitQueue, handle: RequestHandler, kick_fd: int,
-                 notify: Callable[[], None]) -> None:
+                 notify: Callable[[], None], plug: Callable[[], None] = _nothing,
+                 unplug: Callable[[], None] = _nothing) -> None:
         self.name = name
+        self._plug = plug  # around each batch of requests handled (Backend.plug/unplug)
+        self._unplug = unplug
         self.queue = queue
         self.kick_fd = kick_fd
         self._handle = handle
@@ -135,6 +144,8 @@ class QueueWorker:
         pop = queue.pop  # bound once: the loop below runs per request
         push = queue.push
         done = self._done
+        plug = self._plug
+        unplug = self._unplug
         while not self.stopping:
             queue.disable_kicks()
             count = queue.pending()
@@ -142,26 +153,34 @@ class QueueWorker:
             while count or reaped:
                 if batches is not None:
                     if not batches:
+                        if reaped:  # what the last reap pushed must not wait for more work
+                            self.publish()
                         return True
                     batches -= 1
                 pending = 0
-                for _ in range(count):
-                    try:
-                        chain = pop()
-                    except ChainError as exc:
-                        self.bad_chains += 1
-                        log.warning("%s: %s; completed with length 0", self.name, exc)
-                        push(exc.head, 0)
-                        continue
-                    except RingError as exc:
-                        self.bad_chains += 1
-                        log.warning("%s: %s; skipped", self.name, exc)
-                        continue
-                    written = handle(chain, complete)
-                    if written >= 0:
-                        push(chain.head, written)
-                    else:
-                        pending += 1
+                if count:
+                    plug()
+                try:
+                    for _ in range(count):
+                        try:
+                            chain = pop()
+                        except ChainError as exc:
+                            self.bad_chains += 1
+                            log.warning("%s: %s; completed with length 0", self.name, exc)
+                            push(exc.head, 0)
+                            continue
+                        except RingError as exc:
+                            self.bad_chains += 1
+                            log.warning("%s: %s; skipped", self.name, exc)
+                            continue
+                        written = handle(chain, complete)
+                        if written >= 0:
+                            push(chain.head, written)
+                        else:
+                            pending += 1
+                finally:
+                    if count:
+                        unplug()  # the batch's requests start now at the latest
                 self.requests += count
                 self.inflight += pending
                 self.publish()

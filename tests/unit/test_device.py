@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from pyvduse.blk import BlkConfig, BlkDevice
 from pyvduse.device import VduseDevice
 from pyvduse.errors import KernelError, PyvduseError
 from pyvduse.kernel import DeviceSpec
-from pyvduse.queue_worker import QueueThread, QueueWorker
+from pyvduse.queue_worker import PENDING, QueueThread, QueueWorker
 from pyvduse.testing import DriverMemory, FakeChannel, FakeVduse, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.uapi import vduse as u
@@ -689,3 +690,89 @@ def test_drain_yields_after_its_batches_while_work_keeps_coming() -> None:
         gmem.invalidate()
         os.close(kick)
         dmem.close()
+
+
+def test_completions_reaped_when_the_batches_run_out_are_published() -> None:
+    # A completion handed in while a turn's last batch runs is pushed by the reap that
+    # follows it; the turn ends there, and the next turn may find nothing new to do. The
+    # completion must reach the driver anyway (it once stayed pushed but unpublished:
+    # a request lost for good, the driver waiting forever).
+    dmem = DriverMemory(size=MiB)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ring = MockSplitRing(dmem, 8)
+    gmem = dmem.guest_memory()
+    queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
+                       event_idx=True, indirect=True)
+    status = dmem.buffer(1, writable=True)
+    interrupts: list[int] = []
+
+    def handle(chain: Any, complete: Callable[[int, int], None]) -> int:
+        complete(chain.head, 1)  # a backend that finishes before submit returns
+        return PENDING
+
+    worker = QueueWorker("w", queue, handle, kick, lambda: interrupts.append(1))
+    try:
+        head = ring.add_chain([status])
+        ring.set_used_event(0)
+        assert worker.drain(batches=1) is True  # the reap after the batch found work
+        assert worker.drain(batches=1) is False  # nothing new: kicks enabled
+        assert ring.take_used() == [(head, 1)]
+        assert worker.inflight == 0
+        assert interrupts, "the driver asked to be interrupted and was not"
+    finally:
+        worker.close()
+        queue.release()
+        gmem.invalidate()
+        os.close(kick)
+        dmem.close()
+
+
+def test_each_batch_is_handled_between_plug_and_unplug() -> None:
+    dmem = DriverMemory(size=MiB)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ring = MockSplitRing(dmem, 8)
+    gmem = dmem.guest_memory()
+    queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
+                       event_idx=True, indirect=True)
+    status = dmem.buffer(1, writable=True)
+    events: list[str] = []
+
+    def handle(chain: Any, complete: Callable[[int, int], None]) -> int:
+        events.append("handle")
+        if len(events) == 3:
+            ring.add_chain([status])  # arrives during the first batch: a second batch
+        return 1
+
+    worker = QueueWorker("w", queue, handle, kick, lambda: None,
+                         plug=lambda: events.append("plug"),
+                         unplug=lambda: events.append("unplug"))
+    try:
+        ring.add_chain([status])
+        ring.add_chain([status])
+        assert worker.drain() is False
+        assert events == ["plug", "handle", "handle", "unplug", "plug", "handle", "unplug"]
+        assert len(ring.take_used()) == 3
+        events.clear()
+        assert worker.drain() is False  # nothing to do: no empty batch
+        assert events == []
+    finally:
+        worker.close()
+        queue.release()
+        gmem.invalidate()
+        os.close(kick)
+        dmem.close()
+
+
+class FailingUnplug(Ram):
+    def unplug(self) -> None:
+        raise RuntimeError("bug in unplug")
+
+
+def test_a_failing_unplug_is_logged_and_the_queue_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    backend = FailingUnplug(MiB)
+    device = BlkDevice(backend, BlkConfig.for_backend(backend))
+    with caplog.at_level("ERROR"):
+        device.plug()
+        device.unplug()
+    assert "unplug() failed" in caplog.text and "bug in unplug" in caplog.text

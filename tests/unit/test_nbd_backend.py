@@ -300,6 +300,62 @@ def test_many_requests_in_flight_move_the_exact_bytes(servers: Start, sockdir: P
         backend.close()
 
 
+@pytest.mark.parametrize("connections", [1, 3])
+def test_a_plugged_batch_is_sent_when_unplugged(servers: Start, connections: int) -> None:
+    server = servers("nbdkit", "memory", "4M")
+    backend = NbdBackend(server.url, connections=connections, **FAST)
+    rec = Recorder()
+    try:
+        sources = [data(4096 * (1 + n % 3), n) for n in range(40)]
+        backend.plug()
+        for n, source in enumerate(sources):
+            backend.submit_writev(n * 16384, [memoryview(source)], rec.done(n))
+        # Another thread that did not plug is not held back by this thread's batch.
+        other = Recorder()
+        out = bytearray(4096)
+        thread = threading.Thread(
+            target=lambda: backend.submit_readv(MiB, [memoryview(out)], other.done(0)))
+        thread.start()
+        thread.join()
+        assert other.wait() == {0: None}
+        time.sleep(0.2)
+        assert not any(rec.results.values()), "a held write was sent before unplug()"
+        assert backend.in_flight == len(sources)
+        backend.unplug()
+        assert set(rec.wait().values()) == {None}
+        backend.unplug()  # nothing held: nothing happens
+        outs = [bytearray(len(source)) for source in sources]
+        backend.plug()
+        for n, out in enumerate(outs):
+            backend.submit_readv(n * 16384, [memoryview(out)], rec.done(n))
+        backend.unplug()
+        assert set(rec.wait().values()) == {None}
+        assert outs == [bytearray(source) for source in sources]
+    finally:
+        backend.close()
+
+
+def test_a_plugged_batch_on_a_broken_connection_is_sent_again(servers: Start,
+                                                              sockdir: Path) -> None:
+    disk = image(sockdir)
+    server = servers("qemu-nbd", "-f", "raw", str(disk))
+    backend = NbdBackend(server.url, **FAST)
+    rec = Recorder()
+    try:
+        source = data(8192, 5)
+        backend.plug()
+        backend.submit_writev(8192, [memoryview(source)], rec.done(0))
+        server.kill()  # the held command's connection breaks before it was ever sent
+        wait_until(lambda: backend.live_connections == 0, what="the connection to break")
+        server.start()
+        backend.unplug()  # finds its connection broken: the reader handed the command on
+        assert rec.wait() == {0: None}
+        backend.flush()
+        assert disk.read_bytes()[8192:16384] == source
+    finally:
+        backend.close()
+
+
 def test_long_requests_are_split_to_the_server_maximum(servers: Start) -> None:
     # The server refuses any request over 64 KiB: 1 MiB must go as 16 commands.
     server = servers("nbdkit", "--filter=blocksize-policy", "memory", "4M",

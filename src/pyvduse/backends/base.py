@@ -50,6 +50,14 @@ them. The default ``submit_*`` methods run the synchronous method and call
 ``done``. :class:`pyvduse.backends.threads.ThreadPoolBackend` gives any
 synchronous backend this interface with a pool of threads.
 
+Batches: a queue thread submits the requests it finds in the ring as one
+batch, between :meth:`Backend.plug` and :meth:`Backend.unplug` on that
+thread. A backend may hold the requests submitted while plugged and start
+them all at once when unplugged (one system call for many requests, as the
+nbd backend sends them); by default both do nothing and every request starts
+when it is submitted. Plugging is per thread: a request submitted on a thread
+that did not plug must start at once.
+
 Threading contract: with ``--num-queues N`` the request methods are called
 concurrently from N threads, one per queue, so a backend must be
 thread-safe. The device does not serialize requests: two in flight at once
@@ -197,6 +205,12 @@ class Backend:
         """Release resources; called once, after the last request. The default does nothing."""
 
     # -- asynchronous requests (see the module docstring) -------------------------------
+
+    def plug(self) -> None:
+        """A batch of submissions begins on this thread: they may be held until :meth:`unplug`."""
+
+    def unplug(self) -> None:
+        """The batch of this thread ends: start every request held since :meth:`plug`."""
 
     def submit_readv(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
         """Start :meth:`readv`; call ``done`` when ``bufs`` are filled or the read failed."""

@@ -81,6 +81,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done, DoneGroup
 from pyvduse.backends.options import BackendOptions
+from pyvduse.backends.socket_io import (
+    ReceiveBuffer,
+    recv_exact,
+    send_all,
+    slice_views,
+)
 from pyvduse.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -194,7 +200,6 @@ _COMMAND_NAMES = {CMD_READ: "read", CMD_WRITE: "write", CMD_FLUSH: "flush",
                   CMD_TRIM: "trim", CMD_WRITE_ZEROES: "write-zeroes", CMD_DISC: "disconnect"}
 #: Longest option reply or error chunk payload accepted (messages are at most 4 KiB).
 _MAX_MESSAGE = 1 << 16
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _ZEROES = memoryview(ZERO_CHUNK)
 
 
@@ -305,74 +310,20 @@ class ExportInfo:
         return bool(self.flags & flag)
 
 
-def _recv_exact(sock: socket.socket, length: int) -> bytes:
-    """Receive exactly ``length`` bytes; ``EOFError`` if the peer closes first."""
-    buf = bytearray(length)
-    _recv_into_all(sock, [memoryview(buf)])
-    return bytes(buf)
-
-
-def _recv_into_all(sock: socket.socket, views: Sequence[memoryview]) -> None:
-    """Fill every view in order from ``sock`` (scatter reads); ``EOFError`` on end of stream."""
-    pending = [view for view in views if len(view)]
-    while pending:
-        got = sock.recvmsg_into(pending[:_IOV_MAX])[0]
-        if got <= 0:
-            raise EOFError("the server closed the connection")
-        pending = _advance(pending, got)
-
-
-def _send_all(sock: socket.socket, views: Sequence[bytes | memoryview]) -> None:
-    """Send every buffer in order (gather writes), resuming after partial sends."""
-    pending = [memoryview(view) for view in views if len(view)]
-    while pending:
-        sent = sock.sendmsg(pending[:_IOV_MAX])
-        pending = _advance(pending, sent)
-
-
-def _advance(views: list[memoryview], done: int) -> list[memoryview]:
-    """What remains of ``views`` after ``done`` bytes moved (no empty views)."""
-    index = 0
-    while index < len(views) and done >= len(views[index]):
-        done -= len(views[index])
-        index += 1
-    rest = views[index:]
-    if done:
-        rest[0] = rest[0][done:]
-    return rest
-
-
-def _slice(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
-    """The views covering bytes ``[start, start + length)`` of the concatenation of ``views``."""
-    out: list[memoryview] = []
-    for view in views:
-        size = len(view)
-        if start >= size:
-            start -= size
-            continue
-        take = min(size - start, length)
-        out.append(view[start:start + take])
-        length -= take
-        start = 0
-        if not length:
-            break
-    return out
-
-
 def _send_option(sock: socket.socket, option: int, data: bytes = b"") -> None:
-    _send_all(sock, [_OPTION.pack(IHAVEOPT, option, len(data)), data])
+    send_all(sock, [_OPTION.pack(IHAVEOPT, option, len(data)), data])
 
 
 def _recv_option_reply(sock: socket.socket, option: int) -> tuple[int, bytes]:
     """Receive one option reply to ``option``: ``(reply type, data)``."""
-    magic, got_option, reply, length = _OPTION_REPLY.unpack(_recv_exact(sock, _OPTION_REPLY.size))
+    magic, got_option, reply, length = _OPTION_REPLY.unpack(recv_exact(sock, _OPTION_REPLY.size))
     if magic != OPT_REPLY_MAGIC:
         raise NbdError(f"bad option reply magic {magic:#x}")
     if got_option != option:
         raise NbdError(f"the server answered option {got_option} to option {option}")
     if length > _MAX_MESSAGE:
         raise NbdError(f"option reply of {length} bytes is too long")
-    return reply, _recv_exact(sock, length)
+    return reply, recv_exact(sock, length)
 
 
 def _option_error(reply: int, data: bytes, export: str) -> NbdError:
@@ -399,7 +350,7 @@ def negotiate(sock: socket.socket, export: str) -> ExportInfo:
     refuses or gets wrong, :class:`OSError`/:class:`EOFError` for a broken
     connection.
     """
-    magic, opt_magic, hflags = struct.unpack(">QQH", _recv_exact(sock, 18))
+    magic, opt_magic, hflags = struct.unpack(">QQH", recv_exact(sock, 18))
     if magic != NBDMAGIC:
         raise NbdError("not an NBD server (no NBDMAGIC)")
     if opt_magic == CLISERV_MAGIC:
@@ -409,7 +360,7 @@ def negotiate(sock: socket.socket, export: str) -> ExportInfo:
     fixed = bool(hflags & FLAG_FIXED_NEWSTYLE)
     no_zeroes = bool(hflags & FLAG_NO_ZEROES)
     cflags = (FLAG_C_FIXED_NEWSTYLE if fixed else 0) | (FLAG_C_NO_ZEROES if no_zeroes else 0)
-    _send_all(sock, [struct.pack(">I", cflags)])
+    send_all(sock, [struct.pack(">I", cflags)])
     name = export.encode()
     structured = False
     if fixed:
@@ -423,9 +374,9 @@ def negotiate(sock: socket.socket, export: str) -> ExportInfo:
             return info
     # No NBD_OPT_GO: the old way, which cannot report errors (the server just hangs up).
     _send_option(sock, OPT_EXPORT_NAME, name)
-    size, flags = struct.unpack(">QH", _recv_exact(sock, 10))
+    size, flags = struct.unpack(">QH", recv_exact(sock, 10))
     if not no_zeroes:
-        _recv_exact(sock, 124)
+        recv_exact(sock, 124)
     return ExportInfo(size=size, flags=_transmission_flags(flags), structured=structured)
 
 
@@ -620,18 +571,27 @@ class _Connection:
 
     # -- sending --------------------------------------------------------------------------
 
-    def send(self, handle: int, cmd: _Command) -> None:
-        """Send a registered command; a failure breaks the connection (the reader re-queues)."""
-        header = _REQUEST.pack(REQUEST_MAGIC, cmd.flags, cmd.kind, handle, cmd.offset,
-                               cmd.length)
+    def send(self, commands: Sequence[tuple[int, _Command]]) -> None:
+        """Send registered commands (handle, command) in one go; a failure breaks the
+        connection (the reader re-queues them)."""
+        if len(commands) == 1:
+            handle, cmd = commands[0]
+            header = _REQUEST.pack(REQUEST_MAGIC, cmd.flags, cmd.kind, handle, cmd.offset,
+                                   cmd.length)
+            buffers: list[bytes | memoryview] = ([header, *cmd.bufs] if cmd.kind == CMD_WRITE
+                                                 else [header])
+        else:
+            buffers = []
+            for handle, cmd in commands:
+                buffers.append(_REQUEST.pack(REQUEST_MAGIC, cmd.flags, cmd.kind, handle,
+                                             cmd.offset, cmd.length))
+                if cmd.kind == CMD_WRITE:
+                    buffers += cmd.bufs
         with self.send_lock:
-            if self.broken:  # the reader already handed the command on
+            if self.broken:  # the reader already handed the commands on
                 return
             try:
-                if cmd.kind == CMD_WRITE:
-                    _send_all(self.sock, [header, *cmd.bufs])
-                else:
-                    self.sock.sendall(header)
+                send_all(self.sock, buffers)
             except OSError:
                 self.shut()  # the reader sees the end of the stream and takes over
 
@@ -687,17 +647,12 @@ class _Connection:
         _call_done(cmd.done, error)
 
     def _read_replies(self) -> None:
-        sock = self.sock
-        magic_buf = bytearray(4)
-        magic_view = memoryview(magic_buf)
-        rest = bytearray(_STRUCTURED_REST.size)
-        rest_view = memoryview(rest)
+        stream = ReceiveBuffer(self.sock)
+        structured = self.info.structured
         while True:
-            _recv_into_all(sock, [magic_view])
-            (magic,) = _MAGIC.unpack(magic_buf)
+            (magic,) = stream.unpack(_MAGIC)
             if magic == SIMPLE_REPLY_MAGIC:
-                _recv_into_all(sock, [rest_view[:_SIMPLE_REST.size]])
-                error, handle = _SIMPLE_REST.unpack_from(rest)
+                error, handle = stream.unpack(_SIMPLE_REST)
                 cmd = self._command(handle)
                 if error:
                     if error == _NBD_ESHUTDOWN:
@@ -705,15 +660,14 @@ class _Connection:
                     self._finish(handle, _server_error(error, "", cmd))
                     continue
                 if cmd.kind == CMD_READ:
-                    _recv_into_all(sock, cmd.bufs)
+                    stream.read_into(cmd.bufs)
                 self._finish(handle, None)
             elif magic == STRUCTURED_REPLY_MAGIC:
-                if not self.info.structured:
+                if not structured:
                     raise _ProtocolError("structured reply without negotiation")
-                _recv_into_all(sock, [rest_view])
-                flags, kind, handle, length = _STRUCTURED_REST.unpack_from(rest)
+                flags, kind, handle, length = stream.unpack(_STRUCTURED_REST)
                 cmd = self._command(handle)
-                self._chunk(cmd, kind, length)
+                self._chunk(stream, cmd, kind, length)
                 if flags & REPLY_FLAG_DONE:
                     error = cmd.error
                     if error is None and cmd.kind == CMD_READ and cmd.covered != cmd.length:
@@ -725,9 +679,9 @@ class _Connection:
             else:
                 raise _ProtocolError(f"bad reply magic {magic:#x}")
 
-    def _chunk(self, cmd: _Command, kind: int, length: int) -> None:
+    @staticmethod
+    def _chunk(stream: ReceiveBuffer, cmd: _Command, kind: int, length: int) -> None:
         """Take one structured reply chunk's payload of ``length`` bytes for ``cmd``."""
-        sock = self.sock
         if kind == REPLY_TYPE_NONE:
             if length:
                 raise _ProtocolError("NBD_REPLY_TYPE_NONE with a payload")
@@ -737,25 +691,25 @@ class _Connection:
             if kind == REPLY_TYPE_OFFSET_DATA:
                 if length <= _OFFSET.size:
                     raise _ProtocolError(f"data chunk of {length} bytes")
-                (offset,) = _OFFSET.unpack(_recv_exact(sock, _OFFSET.size))
+                (offset,) = stream.unpack(_OFFSET)
                 size = length - _OFFSET.size
             else:
                 if length != _HOLE.size:
                     raise _ProtocolError(f"hole chunk of {length} bytes")
-                offset, size = _HOLE.unpack(_recv_exact(sock, _HOLE.size))
+                offset, size = stream.unpack(_HOLE)
             start = offset - cmd.offset
             if start < 0 or size <= 0 or start + size > cmd.length:
                 raise _ProtocolError(f"chunk {offset}+{size} outside {cmd.describe()}")
-            views = _slice(cmd.bufs, start, size)
+            views = slice_views(cmd.bufs, start, size)
             if kind == REPLY_TYPE_OFFSET_DATA:
-                _recv_into_all(sock, views)
+                stream.read_into(views)
             else:
                 _zero_fill(views)
             cmd.covered += size
         elif kind & REPLY_TYPE_ERROR_BIT:
             if length < _ERROR_HEAD.size or length > _MAX_MESSAGE:
                 raise _ProtocolError(f"error chunk of {length} bytes")
-            payload = _recv_exact(sock, length)
+            payload = stream.take(length)
             value, message_length = _ERROR_HEAD.unpack_from(payload)
             if _ERROR_HEAD.size + message_length > length:
                 raise _ProtocolError("error message longer than its chunk")
@@ -826,6 +780,7 @@ class NbdBackend(AsynchronousBackend):
         self._connecting: socket.socket | None = None
         self._next_number = 0
         self._rr = 0
+        self._batch = threading.local()  # .held: commands a plugged thread registered
         self._log_lost = _RateLimited()
         self._log_retry = _RateLimited()
         self._log_back = _RateLimited()
@@ -1012,7 +967,7 @@ class NbdBackend(AsynchronousBackend):
         parts = range(0, total, step)
         group = DoneGroup(done, len(parts))
         self._submit([_Command(kind, offset + pos, min(step, total - pos),
-                               _slice(views, pos, min(step, total - pos)), group.part_done)
+                               slice_views(views, pos, min(step, total - pos)), group.part_done)
                       for pos in parts])
 
     def _submit_ranges(self, kind: int, offset: int, length: int, flags: int,
@@ -1065,8 +1020,34 @@ class NbdBackend(AsynchronousBackend):
             handle = conn.next_handle
             conn.next_handle = handle + 1 if handle < (1 << 64) - 1 else 1
             conn.pending[handle] = cmd
-        conn.send(handle, cmd)
+        held: list[tuple[_Connection, int, _Command]] | None = getattr(self._batch, "held",
+                                                                        None)
+        if held is not None:
+            held.append((conn, handle, cmd))
+        else:
+            conn.send([(handle, cmd)])
         return None
+
+    def plug(self) -> None:
+        """Hold the commands this thread submits until :meth:`unplug` (one send per batch)."""
+        self._batch.held = []
+
+    def unplug(self) -> None:
+        """Send the commands held since :meth:`plug`: one ``sendmsg`` per connection."""
+        held: list[tuple[_Connection, int, _Command]] | None = getattr(self._batch, "held",
+                                                                        None)
+        self._batch.held = None
+        if not held:
+            return
+        conn = held[0][0]
+        if all(entry[0] is conn for entry in held):
+            conn.send([(handle, cmd) for _, handle, cmd in held])
+            return
+        by_connection: dict[_Connection, list[tuple[int, _Command]]] = {}
+        for conn, handle, cmd in held:
+            by_connection.setdefault(conn, []).append((handle, cmd))
+        for conn, commands in by_connection.items():
+            conn.send(commands)
 
     # -- connection management ------------------------------------------------------------
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from pyvduse.backends.base import Backend
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.handler import BlkHandler
 from pyvduse.uapi.virtio import VIRTIO_ID_BLOCK
+
+log = logging.getLogger(__name__)
 
 
 class BlkDevice:
@@ -20,6 +24,21 @@ class BlkDevice:
         self.num_queues = config.num_queues
         self.queue_size = config.queue_size
         self.handle = self.handler.handle
+
+    def plug(self) -> None:
+        """A batch of requests begins on this thread (:meth:`Backend.plug`)."""
+        try:
+            self.backend.plug()
+        except Exception:  # a backend bug must not stop the queue
+            log.exception("backend %s: plug() failed", type(self.backend).__name__)
+
+    def unplug(self) -> None:
+        """The batch ends: the backend starts what it held (:meth:`Backend.unplug`)."""
+        try:
+            self.backend.unplug()
+        except Exception:  # requests it held may never finish: say so, loudly
+            log.exception("backend %s: unplug() failed; requests of this batch may never "
+                          "complete", type(self.backend).__name__)
 
     def set_capacity(self, capacity: int) -> None:
         """Serve ``capacity`` bytes from now on (the config space is the transport's job)."""
