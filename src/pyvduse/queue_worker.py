@@ -13,9 +13,13 @@ contend for it, while a single thread batches the queues' work).
 A request is completed either at once (the handler returns the bytes it
 wrote into the chain) or later (the handler returns :data:`PENDING` and calls
 the ``complete`` callable it was given, from any thread, when the backend is
-done). Only the serving thread touches the used ring: later completions reach
-it through a queue and an eventfd, so many requests of one queue can be in
-flight at once without any lock on the ring.
+done). Whoever pushes to the used ring holds the queue's ring lock: the
+serving thread for the whole of each batch, or the thread that completes a
+request while the serving thread is not in a batch, which then pushes,
+publishes and interrupts the driver itself (one thread wake-up less per
+request). A completion arriving during a batch reaches the serving thread
+through a queue and an eventfd instead: the completing thread never waits for
+the lock.
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ class QueueWorker:
         #: Signalled by :meth:`complete`; the serving thread polls it.
         self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: deque[tuple[int, int]] = deque()
+        #: Held by whoever pushes to the used ring: the serving thread for a whole
+        #: batch, :meth:`complete` on another thread for one completion.
+        self.ring_lock = threading.Lock()
         #: Set when the thread stops taking requests: :meth:`drain` returns at once.
         self.stopping = False
         #: Set when the driver broke the ring: the queue is not drained again until reset.
@@ -104,9 +111,28 @@ class QueueWorker:
             self.done_fd = -1
 
     def complete(self, head: int, written: int) -> None:
-        """Finish a chain the handler left :data:`PENDING`; any thread, once per chain."""
-        self._done.append((head, written))
-        os.eventfd_write(self.done_fd, 1)
+        """Finish a chain the handler left :data:`PENDING`; any thread, once per chain.
+
+        When the serving thread is not in a batch (it holds the ring lock
+        throughout one), the completion is pushed, published and signalled
+        right here, on the caller's thread: the serving thread need not wake
+        up for it. Otherwise it is queued for the serving thread's next reap.
+        """
+        lock = self.ring_lock
+        if not lock.acquire(blocking=False):
+            self._done.append((head, written))
+            os.eventfd_write(self.done_fd, 1)
+            return
+        try:
+            self.queue.push(head, written)
+            self.publish()
+        except Exception:  # the ring is broken or gone: nothing else can take it
+            log.exception("%s: completion of chain %d dropped", self.name, head)
+        finally:
+            if self.stopping:  # the serving thread waits for the last request
+                os.eventfd_write(self.done_fd, 1)
+            self.inflight -= 1
+            lock.release()
 
     def reap(self) -> int:
         """Push every completion handed in by :meth:`complete`; return how many."""
@@ -146,48 +172,53 @@ class QueueWorker:
         done = self._done
         plug = self._plug
         unplug = self._unplug
+        lock = self.ring_lock
         while not self.stopping:
             queue.disable_kicks()
             count = queue.pending()
-            reaped = self.reap() if done else 0
-            while count or reaped:
-                if batches is not None:
-                    if not batches:
-                        if reaped:  # what the last reap pushed must not wait for more work
-                            self.publish()
-                        return True
-                    batches -= 1
-                pending = 0
-                if count:
-                    plug()
-                try:
-                    for _ in range(count):
-                        try:
-                            chain = pop()
-                        except ChainError as exc:
-                            self.bad_chains += 1
-                            log.warning("%s: %s; completed with length 0", self.name, exc)
-                            push(exc.head, 0)
-                            continue
-                        except RingError as exc:
-                            self.bad_chains += 1
-                            log.warning("%s: %s; skipped", self.name, exc)
-                            continue
-                        written = handle(chain, complete)
-                        if written >= 0:
-                            push(chain.head, written)
-                        else:
-                            pending += 1
-                finally:
-                    if count:
-                        unplug()  # the batch's requests start now at the latest
-                self.requests += count
-                self.inflight += pending
-                self.publish()
-                if self.stopping:
-                    return False
-                count = queue.pending()
+            lock.acquire()
+            try:
                 reaped = self.reap() if done else 0
+                while count or reaped:
+                    if batches is not None:
+                        if not batches:
+                            if reaped:  # what the last reap pushed must not wait for more work
+                                self.publish()
+                            return True
+                        batches -= 1
+                    pending = 0
+                    if count:
+                        plug()
+                    try:
+                        for _ in range(count):
+                            try:
+                                chain = pop()
+                            except ChainError as exc:
+                                self.bad_chains += 1
+                                log.warning("%s: %s; completed with length 0", self.name, exc)
+                                push(exc.head, 0)
+                                continue
+                            except RingError as exc:
+                                self.bad_chains += 1
+                                log.warning("%s: %s; skipped", self.name, exc)
+                                continue
+                            written = handle(chain, complete)
+                            if written >= 0:
+                                push(chain.head, written)
+                            else:
+                                pending += 1
+                    finally:
+                        if count:
+                            unplug()  # the batch's requests start now at the latest
+                    self.requests += count
+                    self.inflight += pending
+                    self.publish()
+                    if self.stopping:
+                        return False
+                    count = queue.pending()
+                    reaped = self.reap() if done else 0
+            finally:
+                lock.release()
             if not queue.enable_kicks():
                 return False
         return False
@@ -271,14 +302,16 @@ class QueueThread:
             poller.register(worker.done_fd, select.POLLIN)
         waited = 0.0
         while True:
+            inflight = 0
             for worker in self.workers:
-                try:
-                    if worker.reap():
-                        worker.publish()
-                except RingError as exc:
-                    log.error("%s: %s; completions dropped", worker.name, exc)
-                    worker.inflight = 0
-            inflight = sum(worker.inflight for worker in self.workers)
+                with worker.ring_lock:  # pushes from other threads end before we look
+                    try:
+                        if worker.reap():
+                            worker.publish()
+                    except RingError as exc:
+                        log.error("%s: %s; completions dropped", worker.name, exc)
+                        worker.inflight = 0
+                    inflight += worker.inflight
             if not inflight:
                 return
             ready = poller.poll(_STUCK_LOG_INTERVAL * 1000)

@@ -776,3 +776,54 @@ def test_a_failing_unplug_is_logged_and_the_queue_goes_on(
         device.plug()
         device.unplug()
     assert "unplug() failed" in caplog.text and "bug in unplug" in caplog.text
+
+
+def test_a_completion_outside_a_batch_reaches_the_driver_from_the_completing_thread() -> None:
+    dmem = DriverMemory(size=MiB)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ring = MockSplitRing(dmem, 8)
+    gmem = dmem.guest_memory()
+    queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
+                       event_idx=True, indirect=True)
+    status = dmem.buffer(1, writable=True)
+    held: list[tuple[int, Callable[[int, int], None]]] = []
+    interrupted_on: list[str] = []
+
+    def handle(chain: Any, complete: Callable[[int, int], None]) -> int:
+        if held:  # the second request: the first one completes while this batch runs
+            first, finish = held[0]
+            thread = threading.Thread(target=finish, args=(first, 1), name="late")
+            thread.start()
+            thread.join()
+        held.append((chain.head, complete))
+        return PENDING
+
+    worker = QueueWorker("w", queue, handle, kick,
+                         lambda: interrupted_on.append(threading.current_thread().name))
+    try:
+        first = ring.add_chain([status])
+        second = ring.add_chain([status])
+        ring.set_used_event(0)
+        assert worker.drain() is False
+        # The first request completed during the batch: queued for the serving thread,
+        # which pushed it with its next reap.
+        assert ring.take_used() == [(first, 1)]
+        assert os.eventfd_read(worker.done_fd) == 1
+        assert worker.inflight == 1
+        ring.set_used_event(1)
+        # The second completes while no batch runs: pushed, published and signalled by
+        # the completing thread itself, with no drain.
+        thread = threading.Thread(target=held[1][1], args=(second, 1), name="outside")
+        thread.start()
+        thread.join()
+        assert ring.take_used() == [(second, 1)]
+        assert interrupted_on[-1] == "outside"
+        assert worker.inflight == 0
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(worker.done_fd)  # the serving thread was not woken
+    finally:
+        worker.close()
+        queue.release()
+        gmem.invalidate()
+        os.close(kick)
+        dmem.close()
