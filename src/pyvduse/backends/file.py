@@ -39,6 +39,7 @@ from typing import Self
 
 from pyvduse.backends.base import Backend
 from pyvduse.backends.options import BackendOptions
+from pyvduse.backends.socket_io import advance
 from pyvduse.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -135,18 +136,6 @@ def _ioctl_range(fd: int, request: int, offset: int, length: int) -> None:
 _Vectored = Callable[[int, list[memoryview], int], int]
 
 
-def _advance(bufs: list[memoryview], done: int) -> list[memoryview]:
-    """Return what remains of ``bufs`` (no empty views) after ``done`` bytes moved."""
-    index = 0
-    while index < len(bufs) and done >= len(bufs[index]):
-        done -= len(bufs[index])
-        index += 1
-    rest = bufs[index:]
-    if done:
-        rest[0] = rest[0][done:]
-    return rest
-
-
 def transfer_all(op: _Vectored, fd: int, bufs: Sequence[memoryview], offset: int) -> None:
     """Run ``op`` (``os.preadv`` or ``os.pwritev``) until every byte of ``bufs`` moved.
 
@@ -161,7 +150,7 @@ def transfer_all(op: _Vectored, fd: int, bufs: Sequence[memoryview], offset: int
             raise BackendError(
                 errno.EIO, f"no progress at offset {offset} (did the file shrink?)")
         offset += done
-        pending = _advance(pending, done)
+        pending = advance(pending, done)
 
 
 def _chunks(bufs: Sequence[memoryview], limit: int) -> Iterator[list[memoryview]]:

@@ -48,7 +48,8 @@ def send_all(sock: socket.socket, views: Sequence[bytes | memoryview]) -> None:
 
 
 def advance(views: list[memoryview], done: int) -> list[memoryview]:
-    """What remains of ``views`` after ``done`` bytes moved (no empty views)."""
+    """What remains of ``views`` after ``done`` bytes moved (no empty views); for any
+    partial scatter/gather transfer (sockets, preadv/pwritev)."""
     index = 0
     while index < len(views) and done >= len(views[index]):
         done -= len(views[index])
