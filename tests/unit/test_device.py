@@ -635,132 +635,110 @@ def test_create_failure_when_the_kernel_refuses_the_device() -> None:
 # -- the queue worker on its own --------------------------------------------------------------
 
 
-def test_queue_thread_stop_is_idempotent() -> None:
-    dmem = DriverMemory(size=MiB)
-    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        ring = MockSplitRing(dmem, 8)
-        gmem = dmem.guest_memory()
-        queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
-                           event_idx=True, indirect=True)
+@dataclass
+class LoneQueue:
+    """One 8-entry split ring in driver memory, served by workers without a device."""
 
-        def worker() -> QueueWorker:
-            return QueueWorker("w", queue, lambda chain, complete: 0, kick, lambda: None)
+    ring: MockSplitRing
+    queue: SplitQueue
+    kick: int
+    status: Buffer  # a one-byte writable buffer: a chain of it is a request
+    workers: list[QueueWorker]
 
-        started = QueueThread("w-started", [worker()])
-        started.start()
-        started.stop()
-        started.stop()  # documented as idempotent
-        never = QueueThread("w-never", [worker()])
-        never.stop()
-        never.stop()
-        assert thread_names("w-") == []
-        assert all(w.done_fd == -1 for w in started.workers + never.workers)
-        queue.release()
-        gmem.invalidate()
-    finally:
-        os.close(kick)
-        dmem.close()
+    def worker(self, handle: Callable[[Any, Callable[[int, int], None]], int],
+               notify: Callable[[], None] = lambda: None, **kwargs: Any) -> QueueWorker:
+        """A worker of the queue, closed with it."""
+        worker = QueueWorker("w", self.queue, handle, self.kick, notify, **kwargs)
+        self.workers.append(worker)
+        return worker
 
 
-def test_drain_yields_after_its_batches_while_work_keeps_coming() -> None:
+@pytest.fixture
+def lone() -> Iterator[LoneQueue]:
     dmem = DriverMemory(size=MiB)
     kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     ring = MockSplitRing(dmem, 8)
     gmem = dmem.guest_memory()
     queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
                        event_idx=True, indirect=True)
-    status = dmem.buffer(1, writable=True)
-
-    def handle(chain: object, complete: object) -> int:
-        ring.add_chain([status])  # a driver that never stops submitting
-        ring.take_used()
-        return 1
-
-    worker = QueueWorker("w", queue, handle, kick, lambda: None)
+    lone = LoneQueue(ring, queue, kick, dmem.buffer(1, writable=True), [])
     try:
-        ring.add_chain([status])
-        assert worker.drain(batches=3) is True  # work left: the thread serves others first
-        assert worker.requests == 3
-        assert worker.drain(batches=2) is True
-        assert worker.requests == 5
+        yield lone
     finally:
-        worker.close()
+        for worker in lone.workers:
+            worker.close()
         queue.release()
         gmem.invalidate()
         os.close(kick)
         dmem.close()
 
 
-def test_completions_reaped_when_the_batches_run_out_are_published() -> None:
+def test_queue_thread_stop_is_idempotent(lone: LoneQueue) -> None:
+    started = QueueThread("w-started", [lone.worker(lambda chain, complete: 0)])
+    started.start()
+    started.stop()
+    started.stop()  # documented as idempotent
+    never = QueueThread("w-never", [lone.worker(lambda chain, complete: 0)])
+    never.stop()
+    never.stop()
+    assert thread_names("w-") == []
+    assert all(w.done_fd == -1 for w in started.workers + never.workers)
+
+
+def test_drain_yields_after_its_batches_while_work_keeps_coming(lone: LoneQueue) -> None:
+    def handle(chain: object, complete: object) -> int:
+        lone.ring.add_chain([lone.status])  # a driver that never stops submitting
+        lone.ring.take_used()
+        return 1
+
+    worker = lone.worker(handle)
+    lone.ring.add_chain([lone.status])
+    assert worker.drain(batches=3) is True  # work left: the thread serves others first
+    assert worker.requests == 3
+    assert worker.drain(batches=2) is True
+    assert worker.requests == 5
+
+
+def test_completions_reaped_when_the_batches_run_out_are_published(lone: LoneQueue) -> None:
     # A completion handed in while a turn's last batch runs is pushed by the reap that
     # follows it; the turn ends there, and the next turn may find nothing new to do. The
     # completion must reach the driver anyway (it once stayed pushed but unpublished:
     # a request lost for good, the driver waiting forever).
-    dmem = DriverMemory(size=MiB)
-    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    ring = MockSplitRing(dmem, 8)
-    gmem = dmem.guest_memory()
-    queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
-                       event_idx=True, indirect=True)
-    status = dmem.buffer(1, writable=True)
     interrupts: list[int] = []
 
     def handle(chain: Any, complete: Callable[[int, int], None]) -> int:
         complete(chain.head, 1)  # a backend that finishes before submit returns
         return PENDING
 
-    worker = QueueWorker("w", queue, handle, kick, lambda: interrupts.append(1))
-    try:
-        head = ring.add_chain([status])
-        ring.set_used_event(0)
-        assert worker.drain(batches=1) is True  # the reap after the batch found work
-        assert worker.drain(batches=1) is False  # nothing new: kicks enabled
-        assert ring.take_used() == [(head, 1)]
-        assert worker.inflight == 0
-        assert interrupts, "the driver asked to be interrupted and was not"
-    finally:
-        worker.close()
-        queue.release()
-        gmem.invalidate()
-        os.close(kick)
-        dmem.close()
+    worker = lone.worker(handle, lambda: interrupts.append(1))
+    head = lone.ring.add_chain([lone.status])
+    lone.ring.set_used_event(0)
+    assert worker.drain(batches=1) is True  # the reap after the batch found work
+    assert worker.drain(batches=1) is False  # nothing new: kicks enabled
+    assert lone.ring.take_used() == [(head, 1)]
+    assert worker.inflight == 0
+    assert interrupts, "the driver asked to be interrupted and was not"
 
 
-def test_each_batch_is_handled_between_plug_and_unplug() -> None:
-    dmem = DriverMemory(size=MiB)
-    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    ring = MockSplitRing(dmem, 8)
-    gmem = dmem.guest_memory()
-    queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
-                       event_idx=True, indirect=True)
-    status = dmem.buffer(1, writable=True)
+def test_each_batch_is_handled_between_plug_and_unplug(lone: LoneQueue) -> None:
     events: list[str] = []
 
     def handle(chain: Any, complete: Callable[[int, int], None]) -> int:
         events.append("handle")
         if len(events) == 3:
-            ring.add_chain([status])  # arrives during the first batch: a second batch
+            lone.ring.add_chain([lone.status])  # arrives during the first batch: a second batch
         return 1
 
-    worker = QueueWorker("w", queue, handle, kick, lambda: None,
-                         plug=lambda: events.append("plug"),
+    worker = lone.worker(handle, plug=lambda: events.append("plug"),
                          unplug=lambda: events.append("unplug"))
-    try:
-        ring.add_chain([status])
-        ring.add_chain([status])
-        assert worker.drain() is False
-        assert events == ["plug", "handle", "handle", "unplug", "plug", "handle", "unplug"]
-        assert len(ring.take_used()) == 3
-        events.clear()
-        assert worker.drain() is False  # nothing to do: no empty batch
-        assert events == []
-    finally:
-        worker.close()
-        queue.release()
-        gmem.invalidate()
-        os.close(kick)
-        dmem.close()
+    lone.ring.add_chain([lone.status])
+    lone.ring.add_chain([lone.status])
+    assert worker.drain() is False
+    assert events == ["plug", "handle", "handle", "unplug", "plug", "handle", "unplug"]
+    assert len(lone.ring.take_used()) == 3
+    events.clear()
+    assert worker.drain() is False  # nothing to do: no empty batch
+    assert events == []
 
 
 class FailingUnplug(Ram):
@@ -778,14 +756,8 @@ def test_a_failing_unplug_is_logged_and_the_queue_goes_on(
     assert "unplug() failed" in caplog.text and "bug in unplug" in caplog.text
 
 
-def test_a_completion_outside_a_batch_reaches_the_driver_from_the_completing_thread() -> None:
-    dmem = DriverMemory(size=MiB)
-    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    ring = MockSplitRing(dmem, 8)
-    gmem = dmem.guest_memory()
-    queue = SplitQueue(gmem, 8, ring.desc_addr, ring.avail_addr, ring.used_addr,
-                       event_idx=True, indirect=True)
-    status = dmem.buffer(1, writable=True)
+def test_a_completion_outside_a_batch_reaches_the_driver_from_the_completing_thread(
+        lone: LoneQueue) -> None:
     held: list[tuple[int, Callable[[int, int], None]]] = []
     interrupted_on: list[str] = []
 
@@ -798,32 +770,24 @@ def test_a_completion_outside_a_batch_reaches_the_driver_from_the_completing_thr
         held.append((chain.head, complete))
         return PENDING
 
-    worker = QueueWorker("w", queue, handle, kick,
-                         lambda: interrupted_on.append(threading.current_thread().name))
-    try:
-        first = ring.add_chain([status])
-        second = ring.add_chain([status])
-        ring.set_used_event(0)
-        assert worker.drain() is False
-        # The first request completed during the batch: queued for the serving thread,
-        # which pushed it with its next reap.
-        assert ring.take_used() == [(first, 1)]
-        assert os.eventfd_read(worker.done_fd) == 1
-        assert worker.inflight == 1
-        ring.set_used_event(1)
-        # The second completes while no batch runs: pushed, published and signalled by
-        # the completing thread itself, with no drain.
-        thread = threading.Thread(target=held[1][1], args=(second, 1), name="outside")
-        thread.start()
-        thread.join()
-        assert ring.take_used() == [(second, 1)]
-        assert interrupted_on[-1] == "outside"
-        assert worker.inflight == 0
-        with pytest.raises(BlockingIOError):
-            os.eventfd_read(worker.done_fd)  # the serving thread was not woken
-    finally:
-        worker.close()
-        queue.release()
-        gmem.invalidate()
-        os.close(kick)
-        dmem.close()
+    worker = lone.worker(handle, lambda: interrupted_on.append(threading.current_thread().name))
+    first = lone.ring.add_chain([lone.status])
+    second = lone.ring.add_chain([lone.status])
+    lone.ring.set_used_event(0)
+    assert worker.drain() is False
+    # The first request completed during the batch: queued for the serving thread,
+    # which pushed it with its next reap.
+    assert lone.ring.take_used() == [(first, 1)]
+    assert os.eventfd_read(worker.done_fd) == 1
+    assert worker.inflight == 1
+    lone.ring.set_used_event(1)
+    # The second completes while no batch runs: pushed, published and signalled by
+    # the completing thread itself, with no drain.
+    thread = threading.Thread(target=held[1][1], args=(second, 1), name="outside")
+    thread.start()
+    thread.join()
+    assert lone.ring.take_used() == [(second, 1)]
+    assert interrupted_on[-1] == "outside"
+    assert worker.inflight == 0
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(worker.done_fd)  # the serving thread was not woken
