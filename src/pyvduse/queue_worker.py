@@ -19,7 +19,10 @@ request while the serving thread is not in a batch, which then pushes,
 publishes and interrupts the driver itself (one thread wake-up less per
 request). A completion arriving during a batch reaches the serving thread
 through a queue and an eventfd instead: the completing thread never waits for
-the lock.
+the lock. A backend thread that completes many requests in a row (a network
+reader with many replies in hand) wraps them in :func:`deferred_interrupts`:
+each is still pushed and published at once, but the driver is interrupted
+once per queue for all of them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from pyvduse.errors import RingError
 from pyvduse.virtqueue import Chain, ChainError, SplitQueue
@@ -57,6 +61,40 @@ _STUCK_LOG_INTERVAL = 10.0  # seconds between reports of requests that do not fi
 
 def _nothing() -> None:
     pass
+
+
+_this_thread = threading.local()  # .owed: the workers whose interrupt a burst defers
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[Callable[[], None]]:
+    """Interrupt the driver once per queue for the completions made in this block.
+
+    For a backend thread that completes several requests in a row: within
+    the block, a completion made on this thread is pushed and published as
+    usual but its interrupt waits for the block's end, or for a call of the
+    callable the block yields (call it before blocking, e.g. before waiting
+    for more replies, so that no completion's interrupt waits on the
+    network). Blocks on one thread do not nest: an inner block adds to the
+    outer one. Never waits for a queue's thread: if that thread is in a batch,
+    it sends the interrupt itself.
+    """
+    if getattr(_this_thread, "owed", None) is not None:  # an outer block signals
+        yield _nothing
+        return
+    owed: dict[QueueWorker, None] = {}
+
+    def signal() -> None:
+        while owed:
+            worker, _ = owed.popitem()
+            worker._signal_deferred()
+
+    _this_thread.owed = owed
+    try:
+        yield signal
+    finally:
+        _this_thread.owed = None
+        signal()
 
 
 def _clear(fd: int) -> None:
@@ -94,6 +132,8 @@ class QueueWorker:
         #: Held by whoever pushes to the used ring: the serving thread for a whole
         #: batch, :meth:`complete` on another thread for one completion.
         self.ring_lock = threading.Lock()
+        #: A completion's deferred interrupt is left to the serving thread (in a batch then).
+        self._interrupt_owed = False
         #: Set when the thread stops taking requests: :meth:`drain` returns at once.
         self.stopping = False
         #: Set when the driver broke the ring: the queue is not drained again until reset.
@@ -116,7 +156,8 @@ class QueueWorker:
         When the serving thread is not in a batch (it holds the ring lock
         throughout one), the completion is pushed, published and signalled
         right here, on the caller's thread: the serving thread need not wake
-        up for it. Otherwise it is queued for the serving thread's next reap.
+        up for it (within :func:`deferred_interrupts` the interrupt waits for
+        the block's end). Otherwise it is queued for the serving thread's next reap.
         """
         lock = self.ring_lock
         if not lock.acquire(blocking=False):
@@ -124,8 +165,14 @@ class QueueWorker:
             os.eventfd_write(self.done_fd, 1)
             return
         try:
-            self.queue.push(head, written)
-            self.publish()
+            queue = self.queue
+            queue.push(head, written)
+            owed = getattr(_this_thread, "owed", None)
+            if owed is None or self.stopping:
+                self.publish()
+            else:
+                queue.publish()
+                owed[self] = None
         except Exception:  # the ring is broken or gone: nothing else can take it
             log.exception("%s: completion of chain %d dropped", self.name, head)
         finally:
@@ -133,6 +180,23 @@ class QueueWorker:
                 os.eventfd_write(self.done_fd, 1)
             self.inflight -= 1
             lock.release()
+
+    def _signal_deferred(self) -> None:
+        """Interrupt the driver for completions :meth:`complete` published without one."""
+        if self.stopping:  # the serving thread's last publish covers them
+            return
+        if not self.ring_lock.acquire(blocking=False):
+            # The serving thread is in a batch: it publishes (and interrupts) when it
+            # sees the flag, at the latest on the wake-up this eventfd write causes.
+            self._interrupt_owed = True
+            os.eventfd_write(self.done_fd, 1)
+            return
+        try:
+            self.publish()
+        except Exception:  # the ring is broken or gone: nothing else can take it
+            log.exception("%s: interrupt of completed chains dropped", self.name)
+        finally:
+            self.ring_lock.release()
 
     def reap(self) -> int:
         """Push every completion handed in by :meth:`complete`; return how many."""
@@ -178,6 +242,9 @@ class QueueWorker:
             count = queue.pending()
             lock.acquire()
             try:
+                if self._interrupt_owed:
+                    self._interrupt_owed = False
+                    self.publish()
                 reaped = self.reap() if done else 0
                 while count or reaped:
                     if batches is not None:
@@ -306,8 +373,8 @@ class QueueThread:
             for worker in self.workers:
                 with worker.ring_lock:  # pushes from other threads end before we look
                     try:
-                        if worker.reap():
-                            worker.publish()
+                        worker.reap()
+                        worker.publish()  # also interrupts for deferred completions
                     except RingError as exc:
                         log.error("%s: %s; completions dropped", worker.name, exc)
                         worker.inflight = 0

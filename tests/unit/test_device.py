@@ -17,7 +17,7 @@ from pyvduse.blk import BlkConfig, BlkDevice
 from pyvduse.device import VduseDevice
 from pyvduse.errors import KernelError, PyvduseError
 from pyvduse.kernel import DeviceSpec
-from pyvduse.queue_worker import PENDING, QueueThread, QueueWorker
+from pyvduse.queue_worker import PENDING, QueueThread, QueueWorker, deferred_interrupts
 from pyvduse.testing import DriverMemory, FakeChannel, FakeVduse, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.uapi import vduse as u
@@ -791,3 +791,63 @@ def test_a_completion_outside_a_batch_reaches_the_driver_from_the_completing_thr
     assert worker.inflight == 0
     with pytest.raises(BlockingIOError):
         os.eventfd_read(worker.done_fd)  # the serving thread was not woken
+
+
+def held_requests(lone: LoneQueue, count: int) -> tuple[QueueWorker, list[int], list[int]]:
+    """A worker that left ``count`` requests pending; its interrupts are counted."""
+    interrupts: list[int] = []
+    worker = lone.worker(lambda chain, complete: PENDING, lambda: interrupts.append(1))
+    heads = [lone.ring.add_chain([lone.status]) for _ in range(count)]
+    assert worker.drain() is False
+    lone.ring.set_used_event(0)  # the driver wants to hear of the first completion
+    return worker, heads, interrupts
+
+
+def test_completions_in_a_deferred_block_interrupt_once_at_its_end(lone: LoneQueue) -> None:
+    worker, heads, interrupts = held_requests(lone, 3)
+    with deferred_interrupts():
+        for head in heads:
+            worker.complete(head, 1)
+        assert lone.ring.used_idx() == 3  # published at once...
+        assert interrupts == []  # ...signalled later
+    assert interrupts == [1]
+    assert lone.ring.take_used() == [(head, 1) for head in heads]
+    assert worker.inflight == 0
+
+
+def test_the_signal_of_a_deferred_block_interrupts_for_what_completed_so_far(
+        lone: LoneQueue) -> None:
+    worker, heads, interrupts = held_requests(lone, 2)
+    with deferred_interrupts() as signal:
+        worker.complete(heads[0], 1)
+        signal()  # e.g. before waiting for more replies
+        assert interrupts == [1]
+        assert lone.ring.take_used() == [(heads[0], 1)]  # the driver re-arms used_event
+        with deferred_interrupts():  # nested: the outer block signals
+            worker.complete(heads[1], 1)
+        assert interrupts == [1]
+    assert interrupts == [1, 1]
+
+
+def test_a_deferred_interrupt_during_a_batch_is_sent_by_the_serving_thread(
+        lone: LoneQueue) -> None:
+    worker, heads, interrupts = held_requests(lone, 1)
+    with deferred_interrupts():
+        worker.complete(heads[0], 1)
+        worker.ring_lock.acquire()  # as the serving thread does for a batch
+    worker.ring_lock.release()
+    assert interrupts == []  # the block's end did not wait for the lock...
+    assert os.eventfd_read(worker.done_fd) == 1  # ...it woke the serving thread
+    assert worker.drain() is False
+    assert interrupts == [1]
+    assert lone.ring.take_used() == [(heads[0], 1)]
+
+
+def test_a_stopping_queue_is_interrupted_at_once_even_in_a_deferred_block(
+        lone: LoneQueue) -> None:
+    worker, heads, interrupts = held_requests(lone, 1)
+    worker.stopping = True
+    with deferred_interrupts():
+        worker.complete(heads[0], 1)
+        assert interrupts == [1]
+    assert interrupts == [1]

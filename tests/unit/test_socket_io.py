@@ -109,3 +109,18 @@ def test_send_all_and_views_helpers(pair: tuple[socket.socket, socket.socket]) -
     assert [bytes(v) for v in advance(list(views), 3)] == [b"defg"]
     assert [bytes(v) for v in slice_views(views, 2, 3)] == [b"c", b"de"]
     assert slice_views(views, 7, 0) == []
+
+
+def test_before_receive_runs_only_when_the_buffered_bytes_are_used_up(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    reader, writer = pair
+    calls: list[int] = []
+    buffer = ReceiveBuffer(reader, before_receive=lambda: calls.append(buffer.buffered))
+    writer.sendall(HEADER.pack(0, 1) + HEADER.pack(0, 2))
+    assert buffer.unpack(HEADER) == (0, 1)
+    assert calls == [0]  # nothing buffered yet: before the first receive
+    assert buffer.unpack(HEADER) == (0, 2)
+    assert calls == [0]  # the second record came with the first receive
+    writer.sendall(HEADER.pack(0, 3))
+    assert buffer.unpack(HEADER) == (0, 3)
+    assert calls == [0, 0]

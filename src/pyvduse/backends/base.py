@@ -48,7 +48,11 @@ exception on failure (the error contract above applies to ``exc``). If a
 memoryviews stay valid and belong to the backend; afterwards it must not use
 them. The default ``submit_*`` methods run the synchronous method and call
 ``done``. :class:`pyvduse.backends.threads.ThreadPoolBackend` gives any
-synchronous backend this interface with a pool of threads.
+synchronous backend this interface with a pool of threads. A thread that
+finishes several requests in a row (a network reader with many replies in
+hand) calls their ``done`` inside ``with deferred_interrupts() as signal:``
+(from this module), and ``signal()`` before it blocks: the driver is then
+interrupted once for all of them instead of once per request.
 
 Batches: a queue thread submits the requests it finds in the ring as one
 batch, between :meth:`Backend.plug` and :meth:`Backend.unplug` on that
@@ -75,6 +79,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+
+from pyvduse.queue_worker import deferred_interrupts
+
+__all__ = ["ZERO_CHUNK", "AsynchronousBackend", "Backend", "Done", "DoneGroup",
+           "deferred_interrupts", "run_and_report"]
 
 ZERO_CHUNK = bytes(1 << 20)
 

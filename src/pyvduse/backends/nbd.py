@@ -79,7 +79,13 @@ from dataclasses import dataclass
 from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done, DoneGroup
+from pyvduse.backends.base import (
+    ZERO_CHUNK,
+    AsynchronousBackend,
+    Done,
+    DoneGroup,
+    deferred_interrupts,
+)
 from pyvduse.backends.options import BackendOptions
 from pyvduse.backends.socket_io import (
     ReceiveBuffer,
@@ -647,7 +653,11 @@ class _Connection:
         _call_done(cmd.done, error)
 
     def _read_replies(self) -> None:
-        stream = ReceiveBuffer(self.sock)
+        # The replies of one receive complete their requests with one interrupt per queue.
+        with deferred_interrupts() as signal:
+            self._read_reply_stream(ReceiveBuffer(self.sock, before_receive=signal))
+
+    def _read_reply_stream(self, stream: ReceiveBuffer) -> None:
         structured = self.info.structured
         while True:
             (magic,) = stream.unpack(_MAGIC)

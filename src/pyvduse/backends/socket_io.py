@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -82,13 +82,17 @@ class ReceiveBuffer:
 
     ``unpack`` and ``take`` need at most ``size`` bytes at once (header
     sizes); ``read_into`` takes payloads of any length. End of stream raises
-    ``EOFError``; socket errors propagate.
+    ``EOFError``; socket errors propagate. ``before_receive`` is called before
+    each receive into the buffer, that is whenever what was received so far
+    has been read (a reader signals the work that data finished then).
     """
 
-    __slots__ = ("_buf", "_end", "_sock", "_start", "_view")
+    __slots__ = ("_before_receive", "_buf", "_end", "_sock", "_start", "_view")
 
-    def __init__(self, sock: socket.socket, size: int = 256 * 1024) -> None:
+    def __init__(self, sock: socket.socket, size: int = 256 * 1024,
+                 before_receive: Callable[[], None] | None = None) -> None:
         self._sock = sock
+        self._before_receive = before_receive
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._start = 0  # first unread byte
@@ -109,6 +113,8 @@ class ReceiveBuffer:
             have = self._end - self._start
             self._buf[:have] = self._view[self._start:self._end]
             self._start, self._end = 0, have
+        if self._before_receive is not None:
+            self._before_receive()
         while self._end - self._start < need:
             got = self._sock.recv_into(self._view[self._end:])
             if not got:
