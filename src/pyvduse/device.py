@@ -45,6 +45,8 @@ class DeviceModel(Protocol):
     device_id: int
     num_queues: int
     queue_size: int
+    #: False if :meth:`plug` and :meth:`unplug` do nothing: the queues then skip the calls.
+    batches: bool
 
     @property
     def features(self) -> int:
@@ -283,10 +285,11 @@ class VduseDevice:
                 kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._kick_fds[index] = kick_fd
                 self.channel.vq_setup_kickfd(index, kick_fd)
-                self.workers[index] = QueueWorker(f"{self.name}-vq{index}", queue,
-                                                  self.model.handle, kick_fd,
-                                                  self._notifier(index), self.model.plug,
-                                                  self.model.unplug)
+                model = self.model
+                self.workers[index] = QueueWorker(
+                    f"{self.name}-vq{index}", queue, model.handle, kick_fd,
+                    self._notifier(index), plug=model.plug if model.batches else None,
+                    unplug=model.unplug if model.batches else None)
             for first in range(self.queue_threads):
                 served = [i for i in sorted(self.workers) if i % self.queue_threads == first]
                 if served:

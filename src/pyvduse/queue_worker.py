@@ -117,11 +117,13 @@ class QueueWorker:
     """
 
     def __init__(self, name: str, queue: SplitQueue, handle: RequestHandler, kick_fd: int,
-                 notify: Callable[[], None], plug: Callable[[], None] = _nothing,
-                 unplug: Callable[[], None] = _nothing) -> None:
+                 notify: Callable[[], None], plug: Callable[[], None] | None = None,
+                 unplug: Callable[[], None] | None = None) -> None:
         self.name = name
-        self._plug = plug  # around each batch of requests handled (Backend.plug/unplug)
-        self._unplug = unplug
+        # Called around each batch of requests handled (Backend.plug/unplug), if given.
+        self._plugs = plug is not None or unplug is not None
+        self._plug = plug or _nothing
+        self._unplug = unplug or _nothing
         self.queue = queue
         self.kick_fd = kick_fd
         self._handle = handle
@@ -236,6 +238,7 @@ class QueueWorker:
         done = self._done
         plug = self._plug
         unplug = self._unplug
+        plugs = self._plugs
         lock = self.ring_lock
         while not self.stopping:
             queue.disable_kicks()
@@ -254,7 +257,8 @@ class QueueWorker:
                             return True
                         batches -= 1
                     pending = 0
-                    if count:
+                    plugged = count and plugs
+                    if plugged:
                         plug()
                     try:
                         for _ in range(count):
@@ -275,7 +279,7 @@ class QueueWorker:
                             else:
                                 pending += 1
                     finally:
-                        if count:
+                        if plugged:
                             unplug()  # the batch's requests start now at the latest
                     self.requests += count
                     self.inflight += pending

@@ -746,6 +746,11 @@ class FailingUnplug(Ram):
         raise RuntimeError("bug in unplug")
 
 
+def test_only_a_backend_that_batches_is_plugged() -> None:
+    assert BlkDevice(Ram(MiB), BlkConfig.for_backend(Ram(MiB))).batches is False
+    assert BlkDevice(FailingUnplug(MiB), BlkConfig.for_backend(Ram(MiB))).batches is True
+
+
 def test_a_failing_unplug_is_logged_and_the_queue_goes_on(
         caplog: pytest.LogCaptureFixture) -> None:
     backend = FailingUnplug(MiB)

@@ -190,9 +190,10 @@ class Backend:
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` in order with consecutive bytes from ``offset``.
 
-        The device calls this for every read request, with the request's
-        data buffers as it found them in guest memory: only their total
-        length is block-aligned, single views may have any length. The
+        The device calls this for read requests, with the request's data
+        buffers as it found them in guest memory: only their total length is
+        block-aligned, single views may have any length (a request of one
+        buffer goes to :meth:`read` instead if the class defines both). The
         default calls :meth:`read` once per view; define it when one
         vectored call (``os.preadv``, one network round trip) is cheaper.
         """
@@ -204,7 +205,8 @@ class Backend:
         """Store ``bufs`` in order at consecutive offsets from ``offset``.
 
         The write counterpart of :meth:`readv`: the device calls this for
-        every write request; the default calls :meth:`write` once per view.
+        write requests (one of one buffer goes to :meth:`write` if the class
+        defines both); the default calls :meth:`write` once per view.
         """
         for buf in bufs:
             self.write(offset, buf)

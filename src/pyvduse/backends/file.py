@@ -353,41 +353,50 @@ class FileBackend(Backend):
     # -- data ---------------------------------------------------------------------------
 
     def read(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``offset``."""
-        self.readv(offset, [buf])
+        """Fill ``buf`` from ``offset``: one ``preadv`` (the device calls this for one buffer)."""
+        try:
+            done = os.preadv(self._fd, [buf], offset)
+            if done != len(buf):
+                transfer_all(os.preadv, self._fd, [buf[done:]], offset + done)
+        except OSError as exc:
+            self._read_refused(exc, offset, [buf])
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Fill ``bufs`` in order from ``offset`` with ``preadv`` (bounced if O_DIRECT refuses)."""
+        """Fill ``bufs`` in order from ``offset`` with ``preadv``."""
         try:
-            if len(bufs) == 1:  # the common request: one call, no bookkeeping unless short
-                done = os.preadv(self._fd, bufs, offset)
-                if done != len(bufs[0]):
-                    transfer_all(os.preadv, self._fd, [bufs[0][done:]], offset + done)
-            else:
-                transfer_all(os.preadv, self._fd, bufs, offset)
+            transfer_all(os.preadv, self._fd, bufs, offset)
         except OSError as exc:
-            if not (self.direct and exc.errno == errno.EINVAL):
-                raise
-            self._bounced_read(offset, bufs)
+            self._read_refused(exc, offset, bufs)
+
+    def _read_refused(self, exc: OSError, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Read through an aligned bounce buffer if O_DIRECT refused ``bufs``; else re-raise."""
+        if not (self.direct and exc.errno == errno.EINVAL):
+            raise exc
+        self._bounced_read(offset, bufs)
 
     def write(self, offset: int, buf: memoryview) -> None:
-        """Store ``buf`` at ``offset``."""
-        self.writev(offset, [buf])
-
-    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Store ``bufs`` in order at ``offset`` with ``pwritev`` (bounced if O_DIRECT refuses)."""
+        """Store ``buf`` at ``offset``: one ``pwritev`` (the device calls this for one buffer)."""
         self._check_writable()
         try:
-            if len(bufs) == 1:  # the common request: one call, no bookkeeping unless short
-                done = os.pwritev(self._fd, bufs, offset)
-                if done != len(bufs[0]):
-                    transfer_all(os.pwritev, self._fd, [bufs[0][done:]], offset + done)
-                return
+            done = os.pwritev(self._fd, [buf], offset)
+            if done != len(buf):
+                transfer_all(os.pwritev, self._fd, [buf[done:]], offset + done)
+        except OSError as exc:
+            self._write_refused(exc, offset, [buf])
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Store ``bufs`` in order at ``offset`` with ``pwritev``."""
+        self._check_writable()
+        try:
             transfer_all(os.pwritev, self._fd, bufs, offset)
         except OSError as exc:
-            if not (self.direct and exc.errno == errno.EINVAL):
-                raise
-            self._bounced_write(offset, bufs)
+            self._write_refused(exc, offset, bufs)
+
+    def _write_refused(self, exc: OSError, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Write through an aligned bounce buffer if O_DIRECT refused ``bufs``; else re-raise."""
+        if not (self.direct and exc.errno == errno.EINVAL):
+            raise exc
+        self._bounced_write(offset, bufs)
 
     def flush(self) -> None:
         """``fdatasync`` the file or device."""

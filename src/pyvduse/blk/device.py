@@ -24,6 +24,9 @@ class BlkDevice:
         self.num_queues = config.num_queues
         self.queue_size = config.queue_size
         self.handle = self.handler.handle
+        cls = type(backend)
+        #: Whether the backend batches (overrides plug or unplug): else no calls are made.
+        self.batches = cls.plug is not Backend.plug or cls.unplug is not Backend.unplug
 
     def plug(self) -> None:
         """A batch of requests begins on this thread (:meth:`Backend.plug`)."""

@@ -111,13 +111,15 @@ class BlkHandler:
         submit_min = backend.submit_min_bytes
         self._async = submit_min is not None
         self._submit_min = 1 << 64 if submit_min is None else submit_min
-        # One data buffer: Backend's default readv/writev would make exactly one
-        # read/write call, so call it directly; a backend's own readv/writev gets [buf].
+        # One data buffer: a backend's own read/write takes it (so does the default
+        # readv/writev, one read/write call); one defining only readv/writev gets [buf].
         cls = type(backend)
         self._read_one: Callable[[int, memoryview], None] = (
-            backend.read if cls.readv is Backend.readv else self._read_via_readv)
+            backend.read if cls.readv is Backend.readv or cls.read is not Backend.read
+            else self._read_via_readv)
         self._write_one: Callable[[int, memoryview], None] = (
-            backend.write if cls.writev is Backend.writev else self._write_via_writev)
+            backend.write if cls.writev is Backend.writev or cls.write is not Backend.write
+            else self._write_via_writev)
         self._block_mask = config.logical_block_size - 1
         self._sector_mask = config.sectors_per_block - 1
         self._serial = config.serial.encode()[: v.VIRTIO_BLK_ID_BYTES].ljust(
@@ -280,7 +282,9 @@ class BlkHandler:
             if length >= self._submit_min and length:
                 return self._submit(backend.submit_readv, (offset, data_in), head, status_view,
                                     complete, req_type, sector, length + 1)
-            if length:
+            if length and len(data_in) == 1:
+                self._read_one(offset, data_in[0])
+            elif length:
                 backend.readv(offset, data_in)
             return length
         if req_type == v.VIRTIO_BLK_T_OUT:
@@ -291,7 +295,9 @@ class BlkHandler:
             if length >= self._submit_min and length:
                 return self._submit(backend.submit_writev, (offset, data_out), head,
                                     status_view, complete, req_type, sector, 1)
-            if length:
+            if length and len(data_out) == 1:
+                self._write_one(offset, data_out[0])
+            elif length:
                 backend.writev(offset, data_out)
             return 0
         if req_type == v.VIRTIO_BLK_T_FLUSH:
