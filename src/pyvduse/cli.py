@@ -27,6 +27,7 @@ log = logging.getLogger("pyvduse")
 EXIT_USAGE = 2
 SIZE_CHECK_INTERVAL = 2.0  # seconds between size checks of a resizable backend
 DEFAULT_IO_THREADS = 2
+DEFAULT_POLL_MAX_US = 256
 EXIT_FAILURE = 1
 
 
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads serving the queues, queue i on thread i %% N (default: "
                        "%(default)s; one thread batches all queues and spares the GIL "
                        "contention of several)")
+    serve.add_argument("--poll-max-us", type=_non_negative_int, default=DEFAULT_POLL_MAX_US,
+                       metavar="US",
+                       help="let a queue thread whose rings ran dry watch them for up to US "
+                       "microseconds before sleeping, adapting the time to the traffic (an idle "
+                       "device does not poll): less latency per request for some CPU time "
+                       "(default: %(default)s; 0: never poll)")
     serve.add_argument("--io-threads", type=_non_negative_int, default=DEFAULT_IO_THREADS,
                        metavar="N",
                        help="run the backend's large requests (and flushes, discards, "
@@ -179,7 +186,7 @@ def serve(args: argparse.Namespace) -> int:
         backend.close()
         raise
     export = BlkExport(args.name, backend, config, attach=args.attach,
-                       queue_threads=args.queue_threads)
+                       queue_threads=args.queue_threads, poll_max_ns=args.poll_max_us * 1000)
     try:
         attached = export.start()
     except BaseException:

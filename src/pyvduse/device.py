@@ -74,9 +74,13 @@ class VduseDevice:
     """One VDUSE device serving ``model``. See the module docstring for the lifecycle."""
 
     def __init__(self, name: str, model: DeviceModel, kernel: VduseKernel | None = None,
-                 queue_threads: int = 1) -> None:
+                 queue_threads: int = 1, poll_max_ns: int = 0) -> None:
         if queue_threads < 1:
             raise PyvduseError(f"{name}: at least one queue thread is needed, not {queue_threads}")
+        if poll_max_ns < 0:
+            raise PyvduseError(f"{name}: the polling window cannot be negative")
+        #: Queue threads poll their rings up to this long before sleeping (see QueueThread).
+        self.poll_max_ns = poll_max_ns
         self.name = name
         self.model = model
         self.kernel: VduseKernel = kernel if kernel is not None else LinuxVduse()
@@ -294,7 +298,7 @@ class VduseDevice:
                 served = [i for i in sorted(self.workers) if i % self.queue_threads == first]
                 if served:
                     thread = QueueThread(f"{self.name}-vq{','.join(map(str, served))}",
-                                         [self.workers[i] for i in served])
+                                         [self.workers[i] for i in served], self.poll_max_ns)
                     self._serving.append(thread)
                     thread.start()
 

@@ -39,14 +39,16 @@ class BlkExport:
 
     def __init__(self, name: str, backend: Backend, config: BlkConfig,
                  attach: AttachMode = "virtio", kernel: VduseKernel | None = None,
-                 attach_timeout: float = 30.0, queue_threads: int = 1) -> None:
+                 attach_timeout: float = 30.0, queue_threads: int = 1,
+                 poll_max_ns: int = 0) -> None:
         self.name = name
         self.backend = backend
         self.config = config
         self.attach_mode: AttachMode = attach
         self.attach_timeout = attach_timeout
         self.model = BlkDevice(backend, config)
-        self.device = VduseDevice(name, self.model, kernel, queue_threads=queue_threads)
+        self.device = VduseDevice(name, self.model, kernel, queue_threads=queue_threads,
+                                  poll_max_ns=poll_max_ns)
         self.attached: AttachedDevice | None = None
 
     def start(self) -> AttachedDevice | None:

@@ -17,7 +17,13 @@ from pyvduse.blk import BlkConfig, BlkDevice
 from pyvduse.device import VduseDevice
 from pyvduse.errors import KernelError, PyvduseError
 from pyvduse.kernel import DeviceSpec
-from pyvduse.queue_worker import PENDING, QueueThread, QueueWorker, deferred_interrupts
+from pyvduse.queue_worker import (
+    PENDING,
+    POLL_START_NS,
+    QueueThread,
+    QueueWorker,
+    deferred_interrupts,
+)
 from pyvduse.testing import DriverMemory, FakeChannel, FakeVduse, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.uapi import vduse as u
@@ -856,3 +862,68 @@ def test_a_stopping_queue_is_interrupted_at_once_even_in_a_deferred_block(
         worker.complete(heads[0], 1)
         assert interrupts == [1]
     assert interrupts == [1]
+
+
+# -- polling ----------------------------------------------------------------------------------
+
+
+def test_a_queue_drained_for_polling_asks_for_kicks_only_when_rearmed(lone: LoneQueue) -> None:
+    worker = lone.worker(lambda chain, complete: 1)
+    lone.ring.add_chain([lone.status])
+    assert worker.drain(rearm=False) is False
+    assert lone.ring.avail_event() == 0  # still asking for no kick past the first chain
+    assert worker.rearm() is False
+    assert lone.ring.avail_event() == 1
+    lone.ring.add_chain([lone.status], publish=True)
+    assert worker.has_work()
+    assert worker.rearm() is True  # the chain that came meanwhile is reported
+
+
+def test_a_polling_thread_serves_a_chain_that_came_without_a_kick(lone: LoneQueue) -> None:
+    worker = lone.worker(lambda chain, complete: 1)
+    thread = QueueThread("w-poll", [worker], poll_max_ns=10**9)
+    thread.poll_ns = 10**9  # as if the traffic had grown the window already
+    thread.start()
+    try:
+        time.sleep(0.05)  # the thread drained the empty ring and polls now
+        head = lone.ring.add_chain([lone.status])  # no kick: only polling can see it
+        wait_until(lambda: lone.ring.used_idx() == 1, what="the chain served by polling")
+        assert lone.ring.take_used() == [(head, 1)]
+        assert thread.polls_found >= 1
+    finally:
+        thread.stop()
+
+
+def test_without_polling_a_chain_waits_for_its_kick(lone: LoneQueue) -> None:
+    worker = lone.worker(lambda chain, complete: 1)
+    thread = QueueThread("w-nopoll", [worker])
+    thread.start()
+    try:
+        lone.ring.add_chain([lone.status])
+        time.sleep(0.1)
+        assert lone.ring.used_idx() == 0  # asleep on the kick eventfd
+        os.eventfd_write(lone.kick, 1)
+        wait_until(lambda: lone.ring.used_idx() == 1, what="the kicked chain")
+    finally:
+        thread.stop()
+
+
+def test_the_polling_window_grows_with_short_sleeps_and_shrinks_with_long_ones() -> None:
+    thread = QueueThread("w-adapt", [], poll_max_ns=100_000)
+    thread._adapt(50_000)  # a request came 50 us after the thread slept: polling would pay
+    assert thread.poll_ns == POLL_START_NS
+    for _ in range(10):
+        thread._adapt(50_000)
+    assert thread.poll_ns == 64_000  # doubled until it covers such a sleep
+    for _ in range(10):
+        thread._adapt(99_000)
+    assert thread.poll_ns == 100_000  # and never beyond the maximum
+    thread._adapt(10_000)  # within the window's reach: kept
+    assert thread.poll_ns == 100_000
+    thread._adapt(5_000_000)  # idle: polling would have been wasted
+    assert thread.poll_ns == 50_000
+    for _ in range(5):
+        thread._adapt(5_000_000)
+    assert thread.poll_ns == 0  # an idle device does not poll
+    with pytest.raises(ValueError, match="negative"):
+        QueueThread("w-bad", [], poll_max_ns=-1)
