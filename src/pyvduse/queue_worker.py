@@ -115,9 +115,10 @@ class QueueWorker:
     Per :meth:`drain` it collects finished requests, pops every available
     chain with kicks suppressed and hands it to the handler (each batch between
     ``plug`` and ``unplug``, which must not raise: see
-    :meth:`pyvduse.backends.base.Backend.plug`), publishes the used index once per batch and
-    interrupts the driver once per batch if the driver asked for it
-    (EVENT_IDX or the NO_INTERRUPT flag). Run by a :class:`QueueThread`.
+    :meth:`pyvduse.backends.base.Backend.plug`), publishes the used index once
+    per batch and interrupts the driver, if it asked for it (EVENT_IDX or the
+    NO_INTERRUPT flag), once the ring is empty or the turn ends: one interrupt
+    for the batches that arrived while it worked. Run by a :class:`QueueThread`.
     """
 
     def __init__(self, name: str, queue: SplitQueue, handle: RequestHandler, kick_fd: int,
@@ -263,8 +264,7 @@ class QueueWorker:
                 while count or reaped:
                     if batches is not None:
                         if not batches:
-                            if reaped:  # what the last reap pushed must not wait for more work
-                                self.publish()
+                            self.publish()  # what this turn completed must not wait for more
                             return True
                         batches -= 1
                     pending = 0
@@ -294,11 +294,15 @@ class QueueWorker:
                             unplug()  # the batch's requests start now at the latest
                     self.requests += count
                     self.inflight += pending
-                    self.publish()
+                    # Visible at once; the driver is interrupted when the work runs out (or the
+                    # turn ends): one interrupt for the batches that came in the meantime.
+                    queue.publish()
                     if self.stopping:
+                        self.publish()
                         return False
                     count = queue.pending()
                     reaped = self.reap() if done else 0
+                self.publish()
             finally:
                 lock.release()
             if not rearm or not queue.enable_kicks():

@@ -747,6 +747,26 @@ def test_each_batch_is_handled_between_plug_and_unplug(lone: LoneQueue) -> None:
     assert events == []
 
 
+def test_batches_that_arrive_while_the_queue_works_share_one_interrupt(lone: LoneQueue) -> None:
+    interrupts: list[int] = []
+    handled: list[int] = []
+
+    def handle(chain: Any, complete: Callable[[int, int], None]) -> int:
+        handled.append(chain.head)
+        if len(handled) == 1:
+            lone.ring.add_chain([lone.status])  # a second batch, while the first is served
+        else:
+            lone.ring.set_used_event(1)  # the driver took the first completion and re-armed
+        return 1
+
+    worker = lone.worker(handle, lambda: interrupts.append(1))
+    lone.ring.add_chain([lone.status])
+    lone.ring.set_used_event(0)
+    assert worker.drain() is False
+    assert len(lone.ring.take_used()) == 2
+    assert interrupts == [1]  # not one per batch
+
+
 class FailingUnplug(Ram):
     def unplug(self) -> None:
         raise RuntimeError("bug in unplug")

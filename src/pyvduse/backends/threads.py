@@ -48,6 +48,12 @@ class ThreadPoolBackend(Backend):
         self.name = backend.name
         self.submit_min_bytes = min_bytes
         self.resizable = backend.resizable
+        # Small requests run on the queue's thread: straight into the wrapped backend,
+        # without a call through the methods below (one call less per request).
+        self.read = backend.read  # type: ignore[method-assign]
+        self.readv = backend.readv  # type: ignore[method-assign]
+        self.write = backend.write  # type: ignore[method-assign]
+        self.writev = backend.writev  # type: ignore[method-assign]
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._serve, name=f"io-{i}", daemon=True)
                          for i in range(threads)]
