@@ -328,10 +328,9 @@ class QueueThread:
     The window adapts as QEMU's does: it doubles (from
     :data:`POLL_START_NS`, up to ``poll_max_ns``) after each sleep that
     ended sooner than ``poll_max_ns``, and halves after each longer one, so
-    an idle device soon costs no CPU. Between two looks it yields the CPU
-    (``sched_yield``, which also releases the interpreter lock). It does not
-    poll while a backend holds requests of its queues: those complete through
-    the eventfd wake-up as before.
+    an idle device soon costs no CPU. The thread does not poll while a
+    backend holds requests of its queues: the thread completing them needs
+    the interpreter lock, which a polling thread holds.
     """
 
     def __init__(self, name: str, workers: Sequence[QueueWorker],
@@ -418,10 +417,6 @@ class QueueThread:
                 return found
             if time.monotonic_ns() >= deadline:
                 break
-            # Let whatever else is runnable go first: the kernel's work for this device
-            # (the driver's interrupt work may be queued on this CPU) and other threads
-            # (this releases the interpreter lock).
-            os.sched_yield()
         return []
 
     def _adapt(self, slept_ns: int) -> None:
