@@ -379,12 +379,15 @@ class QueueThread:
         polling = self.poll_max_ns > 0
         try:
             while not self._stopping:
-                # While polling, a drained queue stays without kicks until the thread sleeps.
+                # A queue drained dry stays without kicks only while the thread polls.
                 busy = [w for w in busy if not w.broken and self._drain(w, poller, not polling)]
                 if self._stopping:
                     break
                 slept_from = 0
-                if not busy and polling:
+                if polling and busy:  # no polling while busy: the dry queues need their kicks
+                    busy += [w for w in self.workers
+                             if w not in busy and not w.broken and w.rearm()]
+                elif polling:
                     busy = self._poll() or [w for w in self.workers if not w.broken and w.rearm()]
                     if busy:
                         continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -28,7 +29,7 @@ from pyvduse.testing import DriverMemory, FakeChannel, FakeVduse, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
-from pyvduse.virtqueue import SplitQueue
+from pyvduse.virtqueue import SplitQueue, vring_need_event
 
 MiB = 1 << 20
 OK, IOERR = v.VIRTIO_BLK_S_OK, v.VIRTIO_BLK_S_IOERR
@@ -661,6 +662,12 @@ class LoneQueue:
 
 @pytest.fixture
 def lone() -> Iterator[LoneQueue]:
+    with lone_queue() as queue:
+        yield queue
+
+
+@contextlib.contextmanager
+def lone_queue() -> Iterator[LoneQueue]:
     dmem = DriverMemory(size=MiB)
     kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     ring = MockSplitRing(dmem, 8)
@@ -950,3 +957,44 @@ def test_the_polling_window_grows_with_short_sleeps_and_shrinks_with_long_ones()
     assert thread.poll_ns == 0  # an idle device does not poll
     with pytest.raises(ValueError, match="negative"):
         QueueThread("w-bad", [], poll_max_ns=-1)
+
+
+
+def add_and_kick_if_asked(lone: LoneQueue) -> int:
+    """Make a chain available and kick as a driver does: only if the device asked for it."""
+    before = lone.ring.avail_idx
+    head = lone.ring.add_chain([lone.status])
+    if vring_need_event(lone.ring.avail_event(), lone.ring.avail_idx, before):
+        os.eventfd_write(lone.kick, 1)
+    return head
+
+
+def test_a_polling_thread_busy_with_one_queue_still_hears_the_others_kicks() -> None:
+    # A queue drained dry is left without kicks only while its thread polls; while
+    # another queue keeps the thread busy it must ask for kicks again, or its new
+    # chains wait until every queue of the thread is idle.
+    with lone_queue() as busy, lone_queue() as quiet:
+        keep_going = threading.Event()
+        keep_going.set()
+
+        def endless(chain: object, complete: object) -> int:
+            if keep_going.is_set():
+                busy.ring.add_chain([busy.status])  # a driver that never stops submitting
+            busy.ring.take_used()
+            return 1
+
+        quiet.ring.add_chain([quiet.status])  # served on start: kicks then left off
+        thread = QueueThread("w-two", [busy.worker(endless), quiet.worker(lambda c, d: 1)],
+                             poll_max_ns=10**9)
+        busy.ring.add_chain([busy.status])
+        thread.start()
+        try:
+            wait_until(lambda: quiet.ring.used_idx() == 1, what="the first quiet chain")
+            assert busy.workers[0].requests > 0
+            add_and_kick_if_asked(quiet)
+            wait_until(lambda: quiet.ring.used_idx() == 2, timeout=2.0,
+                       what="the quiet queue's chain while the other queue is busy")
+            assert keep_going.is_set()
+        finally:
+            keep_going.clear()
+            thread.stop()
