@@ -359,20 +359,14 @@ class FileBackend(Backend):
             if done != len(buf):
                 transfer_all(os.preadv, self._fd, [buf[done:]], offset + done)
         except OSError as exc:
-            self._read_refused(exc, offset, [buf])
+            self._bounce_if_refused(exc, self._bounced_read, offset, [buf])
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` in order from ``offset`` with ``preadv``."""
         try:
             transfer_all(os.preadv, self._fd, bufs, offset)
         except OSError as exc:
-            self._read_refused(exc, offset, bufs)
-
-    def _read_refused(self, exc: OSError, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Read through an aligned bounce buffer if O_DIRECT refused ``bufs``; else re-raise."""
-        if not (self.direct and exc.errno == errno.EINVAL):
-            raise exc
-        self._bounced_read(offset, bufs)
+            self._bounce_if_refused(exc, self._bounced_read, offset, bufs)
 
     def write(self, offset: int, buf: memoryview) -> None:
         """Store ``buf`` at ``offset``: one ``pwritev`` (the device calls this for one buffer)."""
@@ -382,7 +376,7 @@ class FileBackend(Backend):
             if done != len(buf):
                 transfer_all(os.pwritev, self._fd, [buf[done:]], offset + done)
         except OSError as exc:
-            self._write_refused(exc, offset, [buf])
+            self._bounce_if_refused(exc, self._bounced_write, offset, [buf])
 
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Store ``bufs`` in order at ``offset`` with ``pwritev``."""
@@ -390,13 +384,16 @@ class FileBackend(Backend):
         try:
             transfer_all(os.pwritev, self._fd, bufs, offset)
         except OSError as exc:
-            self._write_refused(exc, offset, bufs)
+            self._bounce_if_refused(exc, self._bounced_write, offset, bufs)
 
-    def _write_refused(self, exc: OSError, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Write through an aligned bounce buffer if O_DIRECT refused ``bufs``; else re-raise."""
+    def _bounce_if_refused(self, exc: OSError,
+                           bounced: Callable[[int, Sequence[memoryview]], None],
+                           offset: int, bufs: Sequence[memoryview]) -> None:
+        """Redo the transfer through ``bounced`` (an aligned bounce buffer) if O_DIRECT
+        refused ``bufs`` (EINVAL); re-raise any other failure."""
         if not (self.direct and exc.errno == errno.EINVAL):
             raise exc
-        self._bounced_write(offset, bufs)
+        bounced(offset, bufs)
 
     def flush(self) -> None:
         """``fdatasync`` the file or device."""

@@ -49,7 +49,8 @@ class ThreadPoolBackend(Backend):
         self.submit_min_bytes = min_bytes
         self.resizable = backend.resizable
         # Small requests run on the queue's thread: straight into the wrapped backend,
-        # without a call through the methods below (one call less per request).
+        # without a call through the methods below (one call less per request). Those
+        # stay: they tell the backend contract that this class reads and writes.
         self.read = backend.read  # type: ignore[method-assign]
         self.readv = backend.readv  # type: ignore[method-assign]
         self.write = backend.write  # type: ignore[method-assign]
