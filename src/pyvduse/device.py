@@ -9,12 +9,24 @@ stops, drains and unmaps them on reset, and destroys the device in order.
 
 Lifecycle::
 
-    device = VduseDevice("vduse0", model)
+    device = VduseDevice("vduse0", model, inflight_log=log)
     device.create()      # VDUSE_CREATE_DEV, open, VQ_SETUP, control thread
     ...                  # attach through vdpa (pyvduse.binding), serve, detach
     device.destroy()     # stop queues, close the fd, VDUSE_DESTROY_DEV
 
 ``create`` undoes its partial work if it fails; ``destroy`` is idempotent.
+
+Crash recovery: the kernel keeps a device whose daemon died, with its
+driver, its rings and the requests in them. :meth:`VduseDevice.reopen`
+serves such a device again from its inflight log (:mod:`pyvduse.inflight`,
+kept up to date by this module and the queue workers): it opens the device
+instead of creating it, takes the driver's status and features from the log,
+rebuilds each ready queue from ``VDUSE_VQ_GET_INFO`` and the log, and
+resubmits the requests that were taken and never completed.
+
+No control message waits for a backend: a reset gives up the requests in
+flight (their completions are dropped), an IOTLB update remaps the rings
+under them, and every wait for a queue thread is bounded.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pyvduse.errors import KernelError, PyvduseError, RingError
+from pyvduse.inflight import InflightLog, InflightLogError, QueueLog
 from pyvduse.kernel import DeviceSpec, LinuxVduse, VduseChannel, VduseKernel
 from pyvduse.memory import IotlbEntry, IotlbMemory
 from pyvduse.queue_worker import Completer, QueueThread, QueueWorker
@@ -37,6 +50,13 @@ from pyvduse.virtqueue import Chain, SplitQueue
 log = logging.getLogger(__name__)
 
 _MANDATORY_FEATURES = (1 << v.VIRTIO_F_VERSION_1) | (1 << v.VIRTIO_F_ACCESS_PLATFORM)
+_RUNNING = (v.VIRTIO_CONFIG_S_ACKNOWLEDGE | v.VIRTIO_CONFIG_S_DRIVER
+            | v.VIRTIO_CONFIG_S_FEATURES_OK | v.VIRTIO_CONFIG_S_DRIVER_OK)
+
+DESTROY_INFLIGHT_TIMEOUT = 10.0
+"""Seconds :meth:`VduseDevice.destroy` lets requests still in a backend finish."""
+CONTROL_JOIN_TIMEOUT = 10.0
+"""Seconds :meth:`VduseDevice.destroy` waits for the control thread."""
 
 
 class DeviceModel(Protocol):
@@ -74,7 +94,8 @@ class VduseDevice:
     """One VDUSE device serving ``model``. See the module docstring for the lifecycle."""
 
     def __init__(self, name: str, model: DeviceModel, kernel: VduseKernel | None = None,
-                 queue_threads: int = 1, poll_max_ns: int = 0) -> None:
+                 queue_threads: int = 1, poll_max_ns: int = 0,
+                 inflight_log: InflightLog | None = None) -> None:
         if queue_threads < 1:
             raise PyvduseError(f"{name}: at least one queue thread is needed, not {queue_threads}")
         if poll_max_ns < 0:
@@ -102,6 +123,13 @@ class VduseDevice:
         self._stop_fd = -1
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # serialises queue start/stop
+        #: Where the device's state and requests in flight are recorded (None: nowhere;
+        #: the device then cannot be recovered after a crash).
+        self.inflight_log = inflight_log
+        if inflight_log is not None and (inflight_log.num_queues != model.num_queues
+                                         or inflight_log.queue_size != model.queue_size):
+            raise PyvduseError(f"{name}: the inflight log is for {inflight_log.num_queues} "
+                               f"queue(s) of {inflight_log.queue_size}")
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -116,22 +144,111 @@ class VduseDevice:
             self._channel = self.kernel.open_device(self.name)
             for index in range(model.num_queues):
                 self._channel.vq_setup(index, model.queue_size)
-            self._memory = IotlbMemory(self._resolve)
-            self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._thread = threading.Thread(target=self._control_loop,
-                                            name=f"{self.name}-control", daemon=True)
-            self._thread.start()
+            self._start_control()
         except BaseException:
             self.destroy()
             raise
 
+    def reopen(self, *, trust_used_index: bool = False) -> int:
+        """Serve this device again after its previous daemon died; return requests resubmitted.
+
+        The device must exist. Its state comes from the inflight log (see
+        the module docstring); the log must describe this device (the caller
+        checks the options, see :func:`pyvduse.export`). Without a log,
+        ``trust_used_index`` recovers as if every request had completed in
+        order (``last_avail = used->idx``): wrong whenever they did not, which
+        is what it exists to show (a test-only switch). Raises
+        :class:`PyvduseError` (nothing changed) if the device cannot be
+        served: another process holds it, its queues do not match, the log
+        does not fit its rings.
+        """
+        if self.inflight_log is None and not trust_used_index:
+            raise PyvduseError(f"{self.name}: recovering a device needs its inflight log")
+        self._channel = self.kernel.open_device(self.name)
+        try:
+            self._check_queues()
+            log_ = self.inflight_log
+            if log_ is not None:
+                status, features = log_.status, log_.driver_features
+            elif self._channel.vq_get_info(0).ready:
+                status, features = _RUNNING, self._channel.get_features()
+            else:
+                status, features = 0, 0
+            if status & v.VIRTIO_CONFIG_S_FEATURES_OK:
+                kernel_features = self._channel.get_features()
+                if kernel_features != features:
+                    raise PyvduseError(
+                        f"{self.name}: the driver's features are {kernel_features:#x}, the "
+                        f"inflight log says {features:#x}; the device was changed while no "
+                        "daemon served it")
+            self.driver_features = features
+            self._memory = IotlbMemory(self._resolve)
+            resubmitted = 0
+            if status & v.VIRTIO_CONFIG_S_DRIVER_OK:
+                resubmitted = self._start_queues(recover=True)
+                self.driver_ok.set()
+            self.status = status
+            self._created = True
+            self._start_control()
+        except InflightLogError as exc:
+            self._abandon()
+            raise PyvduseError(f"{self.name}: cannot recover the device: {exc}") from None
+        except BaseException:
+            self._abandon()
+            raise
+        log.info("%s: re-attached to the existing device (status %#x, %d queue(s) running, "
+                 "%d request(s) resubmitted)", self.name, status, len(self.workers), resubmitted)
+        return resubmitted
+
+    def _abandon(self) -> None:
+        """Undo a failed :meth:`reopen`: stop what started, leave the device as it was."""
+        self._stop_queues(inflight_timeout=0)
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def _check_queues(self) -> None:
+        """Refuse to serve a device whose queues are not the model's."""
+        channel = self.channel
+        count, size = self.model.num_queues, self.model.queue_size
+        try:
+            channel.vq_get_info(count - 1)
+        except KernelError:
+            raise PyvduseError(f"{self.name}: the device has fewer than {count} queue(s)"
+                               ) from None
+        try:
+            channel.vq_get_info(count)
+        except KernelError:
+            pass
+        else:
+            raise PyvduseError(f"{self.name}: the device has more than {count} queue(s)")
+        for index in range(count):
+            info = channel.vq_get_info(index)
+            if info.ready and info.num > size:
+                raise PyvduseError(f"{self.name}: queue {index} has {info.num} entries, more "
+                                   f"than the queue size {size}")
+
+    def _start_control(self) -> None:
+        self._memory = self._memory or IotlbMemory(self._resolve)
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread = threading.Thread(target=self._control_loop,
+                                        name=f"{self.name}-control", daemon=True)
+        self._thread.start()
+
     def destroy(self) -> None:
-        """Stop everything and destroy the device (detach it from vdpa first)."""
+        """Stop everything and destroy the device (detach it from vdpa first).
+
+        Bounded: requests still in a backend get :data:`DESTROY_INFLIGHT_TIMEOUT`
+        seconds to finish, then their completions are dropped.
+        """
         if self._thread is not None:
             os.eventfd_write(self._stop_fd, 1)
-            self._thread.join()
+            self._thread.join(CONTROL_JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                log.error("%s: the control thread did not stop within %.0f s", self.name,
+                          CONTROL_JOIN_TIMEOUT)
             self._thread = None
-        self._stop_queues()
+        self._stop_queues(inflight_timeout=DESTROY_INFLIGHT_TIMEOUT)
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
@@ -141,6 +258,8 @@ class VduseDevice:
         if self._created:
             self._created = False
             self.kernel.destroy_device(self.name)
+            if self.inflight_log is not None:
+                self.inflight_log.remove()
             log.info("%s: destroyed; served %d requests (%s)", self.name,
                      sum(self.served.values()),
                      ", ".join(f"vq{i} {n}" for i, n in sorted(self.served.items())) or "none")
@@ -215,12 +334,18 @@ class VduseDevice:
         return bytes(response)
 
     def _set_status(self, status: int) -> int:
+        """SET_STATUS: idempotent (a message may come twice: the kernel queues again
+        what a dead daemon read and never answered); recorded in the inflight log
+        before it is acknowledged."""
+        log_ = self.inflight_log
         if status == 0:
             log.info("%s: reset by the driver", self.name)
-            self._stop_queues()
+            self._stop_queues(inflight_timeout=0)  # never wait for a backend here
             self.status = 0
             self.driver_features = 0
             self.driver_ok.clear()
+            if log_ is not None:
+                log_.reset()
             return u.VDUSE_REQ_RESULT_OK
         new = status & ~self.status
         if new & v.VIRTIO_CONFIG_S_FEATURES_OK:
@@ -231,19 +356,21 @@ class VduseDevice:
                           offered)
                 return u.VDUSE_REQ_RESULT_FAILED
             self.driver_features = features
-        if new & v.VIRTIO_CONFIG_S_DRIVER_OK:
+            if log_ is not None:
+                log_.driver_features = features
+        if status & v.VIRTIO_CONFIG_S_DRIVER_OK and not self.workers:
             try:
-                self._start_queues()
+                self._start_queues(recover=False)
             except PyvduseError as exc:
                 log.error("%s: cannot start the queues: %s", self.name, exc)
-                self._stop_queues()
+                self._stop_queues(inflight_timeout=0)
                 return u.VDUSE_REQ_RESULT_FAILED
             log.info("%s: driver ready, features %#x, %d queue(s) running", self.name,
                      self.driver_features, len(self.workers))
-            self.status = status
             self.driver_ok.set()
-            return u.VDUSE_REQ_RESULT_OK
         self.status = status
+        if log_ is not None:
+            log_.status = status
         return u.VDUSE_REQ_RESULT_OK
 
     def _vq_state(self, index: int) -> int | None:
@@ -255,12 +382,30 @@ class VduseDevice:
         return self.channel.vq_get_info(index).avail_index
 
     def _update_iotlb(self, start: int, last: int) -> int:
+        """Drop every mapping and serve the running queues through new ones.
+
+        Requests in flight stay in flight (their buffers keep the old
+        mappings alive until they complete); nothing waits for a backend.
+        """
         log.debug("%s: IOTLB update %#x-%#x", self.name, start, last)
-        workers = dict(self.workers)
-        self._stop_queues()  # completes what was in flight: take the positions after it
-        running = {i: (w.queue.last_avail_idx, w.queue.used_idx) for i, w in workers.items()}
-        if running:
-            self._start_queues(running)
+        with self._lock:
+            serving, self._serving = self._serving, []
+            for thread in serving:
+                thread.stop(inflight_timeout=0)
+            assert self._memory is not None
+            self._memory.invalidate()
+            for index, worker in self.workers.items():
+                old = worker.queue
+                info = self.channel.vq_get_info(index)
+                try:
+                    queue = self._map_queue(index, info.num, info.desc_addr, info.driver_addr,
+                                            info.device_addr, old.last_avail_idx, old.used_idx)
+                except PyvduseError as exc:
+                    log.error("%s: %s; the queue stops until reset", self.name, exc)
+                    worker.broken = True
+                    continue
+                worker.remap(queue)
+            self._serve(self.workers)
         return u.VDUSE_REQ_RESULT_OK
 
     # -- queues -------------------------------------------------------------------------
@@ -268,39 +413,98 @@ class VduseDevice:
     def _resolve(self, iova: int) -> IotlbEntry:
         return self.channel.iotlb_get_fd(iova, iova)
 
-    def _start_queues(self, resume: dict[int, tuple[int, int]] | None = None) -> None:
-        """Map and start every ready queue (``resume`` gives ring positions to keep)."""
+    def _map_queue(self, index: int, num: int, desc: int, driver: int, device: int,
+                   last_avail: int, used: int | None) -> SplitQueue:
         features = self.driver_features
-        event_idx = bool(features & (1 << v.VIRTIO_RING_F_EVENT_IDX))
-        indirect = bool(features & (1 << v.VIRTIO_RING_F_INDIRECT_DESC))
         assert self._memory is not None
+        try:
+            return SplitQueue(self._memory, num, desc, driver, device,
+                              event_idx=bool(features & (1 << v.VIRTIO_RING_F_EVENT_IDX)),
+                              indirect=bool(features & (1 << v.VIRTIO_RING_F_INDIRECT_DESC)),
+                              last_avail_idx=last_avail, used_idx=used)
+        except RingError as exc:
+            raise PyvduseError(f"queue {index}: {exc}") from exc
+
+    def _start_queues(self, recover: bool) -> int:
+        """Map and start every ready queue; return the requests resubmitted.
+
+        A fresh start (DRIVER_OK) begins where the driver says and clears the
+        queue's log; ``recover`` takes the positions and the requests to
+        resubmit from the inflight log (or, without one, trusts the used index).
+        """
+        resubmitted = 0
+        log_ = self.inflight_log
         with self._lock:
-            for index in range(self.model.num_queues):
-                info = self.channel.vq_get_info(index)
-                if not info.ready:
-                    continue
-                last_avail, used = (resume or {}).get(index, (info.avail_index, None))
-                try:
-                    queue = SplitQueue(self._memory, info.num, info.desc_addr, info.driver_addr,
-                                       info.device_addr, event_idx=event_idx, indirect=indirect,
-                                       last_avail_idx=last_avail, used_idx=used)
-                except RingError as exc:
-                    raise PyvduseError(f"queue {index}: {exc}") from exc
-                kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                self._kick_fds[index] = kick_fd
-                self.channel.vq_setup_kickfd(index, kick_fd)
-                model = self.model
-                self.workers[index] = QueueWorker(
-                    f"{self.name}-vq{index}", queue, model.handle, kick_fd,
-                    self._notifier(index), plug=model.plug if model.batches else None,
-                    unplug=model.unplug if model.batches else None)
-            for first in range(self.queue_threads):
-                served = [i for i in sorted(self.workers) if i % self.queue_threads == first]
-                if served:
-                    thread = QueueThread(f"{self.name}-vq{','.join(map(str, served))}",
-                                         [self.workers[i] for i in served], self.poll_max_ns)
-                    self._serving.append(thread)
-                    thread.start()
+            try:
+                for index in range(self.model.num_queues):
+                    info = self.channel.vq_get_info(index)
+                    if not info.ready:
+                        continue
+                    queue_log = log_.queues[index] if log_ is not None else None
+                    if not recover:
+                        queue = self._map_queue(index, info.num, info.desc_addr,
+                                                info.driver_addr, info.device_addr,
+                                                info.avail_index, None)
+                        if queue_log is not None:
+                            queue_log.clear()
+                        heads: list[int] = []
+                    else:
+                        queue = self._map_queue(index, info.num, info.desc_addr,
+                                                info.driver_addr, info.device_addr, 0, None)
+                        heads = self._recover_positions(index, queue, queue_log)
+                    worker = self._worker(index, queue, queue_log)
+                    if heads:
+                        resubmitted += len(heads)
+                        worker.resubmit(heads)
+                    elif recover:
+                        worker.publish()
+                        self._notifier(index)()  # a completion may have missed its interrupt
+            except BaseException:
+                self._release_queues(self.workers, inflight_timeout=0)
+                self.workers = {}
+                raise
+            self._serve(self.workers)
+        return resubmitted
+
+    def _recover_positions(self, index: int, queue: SplitQueue,
+                           queue_log: QueueLog | None) -> list[int]:
+        """Set ``queue``'s next avail entry after a crash; return the heads to resubmit."""
+        used = queue.used_idx
+        if queue_log is None:
+            queue.last_avail_idx = used
+            return []
+        window = queue_log.unlogged_window(used)
+        start = queue_log.header[0]
+        found = queue_log.recover(used, queue.avail_idx(),
+                                  [queue.used_head(start + i) for i in range(window)])
+        queue.last_avail_idx = found.last_avail_idx
+        log.info("%s: queue %d: used index %d, next request at avail entry %d, %d request(s) "
+                 "to resubmit%s", self.name, index, used, found.last_avail_idx,
+                 len(found.heads), f", {found.cleared} completed" if found.cleared else "")
+        return found.heads
+
+    def _worker(self, index: int, queue: SplitQueue, queue_log: QueueLog | None) -> QueueWorker:
+        kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._kick_fds[index] = kick_fd
+        self.channel.vq_setup_kickfd(index, kick_fd)
+        model = self.model
+        worker = QueueWorker(
+            f"{self.name}-vq{index}", queue, model.handle, kick_fd,
+            self._notifier(index), plug=model.plug if model.batches else None,
+            unplug=model.unplug if model.batches else None, log=queue_log)
+        self.workers[index] = worker
+        return worker
+
+    def _serve(self, workers: dict[int, QueueWorker]) -> None:
+        """Start the queue threads: queue ``i`` on thread ``i % queue_threads``."""
+        for first in range(self.queue_threads):
+            served = [i for i in sorted(workers) if i % self.queue_threads == first
+                      and not workers[i].broken]
+            if served:
+                thread = QueueThread(f"{self.name}-vq{','.join(map(str, served))}",
+                                     [workers[i] for i in served], self.poll_max_ns)
+                self._serving.append(thread)
+                thread.start()
 
     def _notifier(self, index: int) -> Callable[[], None]:
         """The used-buffer interrupt of one queue; failures are logged, not raised."""
@@ -314,25 +518,29 @@ class VduseDevice:
 
         return notify
 
-    def _stop_queues(self) -> None:
-        """Stop and drain every queue worker, then drop kick fds and mappings."""
+    def _stop_queues(self, inflight_timeout: float | None) -> None:
+        """Stop every queue, wait for requests in flight up to ``inflight_timeout``,
+        then give the queues up: kick fds and mappings are dropped, later
+        completions too."""
         with self._lock:
             workers, self.workers = self.workers, {}
-            serving, self._serving = self._serving, []
-            for thread in serving:
-                thread.stop()
-            for index, worker in workers.items():
-                worker.close()  # a queue whose thread never started
-                self.served[index] = self.served.get(index, 0) + worker.requests
-            for worker in workers.values():
-                worker.queue.release()
-            for index, fd in self._kick_fds.items():
-                if self._channel is not None and self.status & v.VIRTIO_CONFIG_S_DRIVER_OK:
-                    try:
-                        self._channel.vq_setup_kickfd(index, u.VDUSE_EVENTFD_DEASSIGN)
-                    except KernelError:
-                        pass  # after a reset the kernel has dropped it already
-                os.close(fd)
-            self._kick_fds.clear()
-            if self._memory is not None:
-                self._memory.invalidate()
+            self._release_queues(workers, inflight_timeout)
+
+    def _release_queues(self, workers: dict[int, QueueWorker],
+                        inflight_timeout: float | None) -> None:
+        serving, self._serving = self._serving, []
+        for thread in serving:
+            thread.stop(inflight_timeout)
+        for index, worker in workers.items():
+            worker.detach()
+            self.served[index] = self.served.get(index, 0) + worker.requests
+        for index, fd in self._kick_fds.items():
+            if self._channel is not None and self.status & v.VIRTIO_CONFIG_S_DRIVER_OK:
+                try:
+                    self._channel.vq_setup_kickfd(index, u.VDUSE_EVENTFD_DEASSIGN)
+                except KernelError:
+                    pass  # after a reset the kernel has dropped it already
+            os.close(fd)
+        self._kick_fds.clear()
+        if self._memory is not None:
+            self._memory.invalidate()

@@ -37,9 +37,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from pyvduse.errors import RingError
+from pyvduse.inflight import QueueLog
+from pyvduse.ratelimit import RateLimitedLog
 from pyvduse.virtqueue import Chain, ChainError, SplitQueue
 
 log = logging.getLogger(__name__)
+_driver_log = RateLimitedLog(log)  # lines a driver can cause at will: a few per key and interval
 
 PENDING = -1
 """Returned by a :data:`RequestHandler` that will complete the chain later."""
@@ -61,6 +64,10 @@ POLL_START_NS = 4_000
 """The first polling window a queue thread tries once polling pays (it doubles from there)."""
 
 _STUCK_LOG_INTERVAL = 10.0  # seconds between reports of requests that do not finish
+
+JOIN_TIMEOUT = 5.0
+"""Seconds :meth:`QueueThread.stop` waits for its thread (a control message may not wait
+longer: the kernel gives it 30 s in all)."""
 
 
 def _nothing() -> None:
@@ -118,11 +125,18 @@ class QueueWorker:
     :meth:`pyvduse.backends.base.Backend.plug`), publishes the used index once
     per batch and interrupts the driver once per batch if the driver asked
     for it (EVENT_IDX or the NO_INTERRUPT flag). Run by a :class:`QueueThread`.
+
+    The inflight record (``log``, see :mod:`pyvduse.inflight`) is kept at the
+    two choke points: every head is marked in it right after it is popped and
+    before its request starts, and cleared right after it is published
+    (:meth:`publish`). Without a ``log`` the same stores go to memory no file
+    keeps, so the data path is the same with and without crash recovery.
     """
 
     def __init__(self, name: str, queue: SplitQueue, handle: RequestHandler, kick_fd: int,
                  notify: Callable[[], None], plug: Callable[[], None] | None = None,
-                 unplug: Callable[[], None] | None = None) -> None:
+                 unplug: Callable[[], None] | None = None,
+                 log: QueueLog | None = None) -> None:
         self.name = name
         # Called around each batch of requests handled (Backend.plug/unplug), if given.
         self._plugs = plug is not None or unplug is not None
@@ -149,12 +163,115 @@ class QueueWorker:
         #: Requests handed to the backend and not yet completed.
         self.inflight = 0
         self.bad_chains = 0
+        #: Set (with :attr:`stopping`) once the queue is given up (reset, destroy):
+        #: completions arriving later are dropped.
+        self.detached = False
+        self._fd_lock = threading.Lock()  # done_fd is written by other threads, closed by stop
+        self._log = log if log is not None else QueueLog.in_memory(queue.size)
+        self._slots = self._log.slots
+        self._log_header = self._log.header
+        #: The used index up to which published heads are cleared from the log.
+        self._log_used = self._log_header[0]
+        #: Pop sequence number of the next head taken (orders a resubmission).
+        self._sequence = self._log.next_sequence()
 
     def close(self) -> None:
         """Release the completion eventfd (after the last completion); idempotent."""
-        if self.done_fd >= 0:
-            os.close(self.done_fd)
-            self.done_fd = -1
+        with self._fd_lock:
+            if self.done_fd >= 0:
+                os.close(self.done_fd)
+                self.done_fd = -1
+
+    def _wake(self) -> None:
+        """Wake the serving thread (its completion eventfd), unless the worker is closed."""
+        with self._fd_lock:
+            if self.done_fd >= 0:
+                os.eventfd_write(self.done_fd, 1)
+
+    def detach(self) -> None:
+        """Give the queue up without waiting for requests in flight; idempotent.
+
+        Call after the serving thread stopped (or was abandoned inside a
+        backend call). From now on a completion is dropped: it reaches neither
+        the driver's memory (the ring views are swapped for private buffers)
+        nor the inflight log (its views are swapped likewise, so a log the
+        device clears or reuses is never written by this worker again).
+        """
+        self.stopping = True
+        self.detached = True
+        # Completing threads hold the lock briefly; an abandoned serving thread holds
+        # it until its backend call returns, and then finds the queue released.
+        locked = self.ring_lock.acquire(timeout=0.5)
+        try:
+            spare = QueueLog.in_memory(self.queue.size)
+            self._log, self._slots, self._log_header = spare, spare.slots, spare.header
+            self.queue.release()
+            self._done.clear()
+        finally:
+            if locked:
+                self.ring_lock.release()
+        self.close()
+
+    def remap(self, queue: SplitQueue) -> None:
+        """Serve the same ring through new mappings (the driver's memory was remapped).
+
+        Requests in flight stay in flight and complete into ``queue``. Call
+        only while no thread serves this worker; ``queue`` must carry the
+        positions of the current one.
+        """
+        with self.ring_lock:
+            old, self.queue = self.queue, queue
+            old.release()
+        self.stopping = False
+
+    def resubmit(self, heads: Sequence[int]) -> int:
+        """Serve again the requests of ``heads`` (popped before a crash, never completed).
+
+        Their log marks stay as they are; each chain is walked again from its
+        head and handed to the handler as if just popped. Call before the
+        serving thread starts. Returns how many are now in a backend.
+        """
+        queue = self.queue
+        pending = 0
+        with self.ring_lock:
+            for head in heads:
+                try:
+                    chain = queue.chain_at(head)
+                except ChainError as exc:
+                    self.bad_chains += 1
+                    _driver_log.warning("bad-chain", "%s: %s; completed with length 0",
+                                        self.name, exc)
+                    queue.push(head, 0)
+                    continue
+                written = self._handle(chain, self.complete)
+                if written >= 0:
+                    queue.push(head, written)
+                else:
+                    pending += 1
+            self.requests += len(heads)
+            self.inflight += pending
+            queue.publish()
+            self._retire()
+            self._notify()  # what was published before the crash may never have been signalled
+        return pending
+
+    def _retire(self) -> None:
+        """Clear from the log the heads published since the last call (ring lock held).
+
+        Runs after the used index is stored: a head leaves the log only once
+        the driver can see it completed (see :mod:`pyvduse.inflight`).
+        """
+        used = self.queue.used_idx
+        position = self._log_used
+        if position == used:
+            return
+        slots = self._slots
+        used_head = self.queue.used_head
+        while position != used:
+            slots[used_head(position)] = 0
+            position = (position + 1) & 0xFFFF
+        self._log_used = position
+        self._log_header[0] = position
 
     def complete(self, head: int, written: int) -> None:
         """Finish a chain the handler left :data:`PENDING`; any thread, once per chain.
@@ -168,9 +285,13 @@ class QueueWorker:
         lock = self.ring_lock
         if not lock.acquire(blocking=False):
             self._done.append((head, written))
-            os.eventfd_write(self.done_fd, 1)
+            self._wake()
             return
         try:
+            if self.detached:
+                log.debug("%s: completion of chain %d dropped: the queue was reset",
+                          self.name, head)
+                return
             queue = self.queue
             queue.push(head, written)
             owed = getattr(_this_thread, "owed", None)
@@ -178,14 +299,16 @@ class QueueWorker:
                 self.publish()
             else:
                 queue.publish()
+                self._retire()
                 owed[self] = None
         except Exception:  # the ring is broken or gone: nothing else can take it
-            log.exception("%s: completion of chain %d dropped", self.name, head)
+            _driver_log.error("completion-dropped", "%s: completion of chain %d dropped",
+                              self.name, head, exc_info=True)
         finally:
-            if self.stopping:  # the serving thread waits for the last request
-                os.eventfd_write(self.done_fd, 1)
             self.inflight -= 1
             lock.release()
+            if self.stopping:  # someone may wait for the last request
+                self._wake()
 
     def _signal_deferred(self) -> None:
         """Interrupt the driver for completions :meth:`complete` published without one."""
@@ -195,7 +318,7 @@ class QueueWorker:
             # The serving thread is in a batch: it publishes (and interrupts) when it
             # sees the flag, at the latest on the wake-up this eventfd write causes.
             self._interrupt_owed = True
-            os.eventfd_write(self.done_fd, 1)
+            self._wake()
             return
         try:
             self.publish()
@@ -223,9 +346,14 @@ class QueueWorker:
         return count
 
     def publish(self) -> None:
-        """Make pushed completions visible and interrupt the driver if it asked to be."""
+        """Make pushed completions visible and interrupt the driver if it asked to be.
+
+        The heads just published leave the inflight log (ring lock held).
+        """
         queue = self.queue
         queue.publish()
+        if self._log_used != queue.used_idx:
+            self._retire()
         if queue.needs_interrupt():
             self._notify()
 
@@ -251,6 +379,7 @@ class QueueWorker:
         unplug = self._unplug
         plugs = self._plugs
         lock = self.ring_lock
+        slots = self._slots
         while not self.stopping:
             queue.disable_kicks()
             count = queue.pending()
@@ -271,28 +400,41 @@ class QueueWorker:
                     plugged = count and plugs
                     if plugged:
                         plug()
+                    sequence = first = self._sequence
                     try:
                         for _ in range(count):
+                            # Each head is marked in the inflight log before the next
+                            # pop and before its request starts (see pyvduse.inflight).
                             try:
                                 chain = pop()
                             except ChainError as exc:
+                                slots[exc.head] = sequence
+                                sequence += 1
                                 self.bad_chains += 1
-                                log.warning("%s: %s; completed with length 0", self.name, exc)
+                                _driver_log.warning("bad-chain", "%s: %s; completed with "
+                                                    "length 0", self.name, exc)
                                 push(exc.head, 0)
                                 continue
                             except RingError as exc:
+                                header = self._log_header
+                                header[1] = (header[1] + 1) & 0xFFFF  # taken, never completable
                                 self.bad_chains += 1
-                                log.warning("%s: %s; skipped", self.name, exc)
+                                _driver_log.warning("bad-head", "%s: %s; skipped", self.name, exc)
                                 continue
+                            slots[chain.head] = sequence
+                            sequence += 1
                             written = handle(chain, complete)
                             if written >= 0:
                                 push(chain.head, written)
                             else:
                                 pending += 1
+                            if self.stopping:  # a reset came while the backend had it
+                                break
                     finally:
+                        self._sequence = sequence
                         if plugged:
                             unplug()  # the batch's requests start now at the latest
-                    self.requests += count
+                    self.requests += sequence - first
                     self.inflight += pending
                     # Interrupt per batch: holding completions back until the ring runs dry
                     # saves interrupts but starves a driver that refills the ring as its
@@ -352,20 +494,31 @@ class QueueThread:
         """Start serving; work already in the rings is picked up at once."""
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop taking requests, wait for those in flight, close fds; idempotent."""
+    def stop(self, inflight_timeout: float | None = None,
+             join_timeout: float = JOIN_TIMEOUT) -> bool:
+        """Stop taking requests; wait for those in flight up to ``inflight_timeout``.
+
+        ``None`` waits as long as requests stay in a backend (with a warning
+        every ten seconds), 0 not at all. The thread is joined for at most
+        ``join_timeout`` seconds: a thread stuck inside a synchronous backend
+        call is abandoned (logged), and stops by itself once the call returns.
+        Returns True when nothing is left in flight. Idempotent. The workers
+        stay open: :meth:`QueueWorker.detach` them, or start another thread.
+        """
         self._stopping = True
         for worker in self.workers:
             worker.stopping = True
         if self._stop_fd >= 0:  # a second stop() finds the fd closed
             os.eventfd_write(self._stop_fd, 1)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(join_timeout)
+            if self._thread.is_alive():
+                log.error("%s: still inside a backend call after %.0f s; its queues are given "
+                          "up, the call's result will be dropped", self.name, join_timeout)
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
-            for worker in self.workers:
-                worker.close()
+        return self._wait_inflight(inflight_timeout)
 
     def _run(self) -> None:
         poller = select.poll()
@@ -404,7 +557,6 @@ class QueueThread:
                         busy.append(woken)
         except Exception:
             log.exception("%s: queue thread failed; its queues stop until reset", self.name)
-        self._wait_inflight()
 
     def _poll(self) -> list[QueueWorker]:
         """Watch the queues for up to the polling window; return those with work."""
@@ -442,29 +594,46 @@ class QueueThread:
             poller.unregister(worker.kick_fd)
             return False
 
-    def _wait_inflight(self) -> None:
-        """After the last pop: collect every pending completion, publishing as they come."""
+    def _wait_inflight(self, timeout: float | None) -> bool:
+        """After the last pop: collect pending completions, publishing as they come.
+
+        Gives up after ``timeout`` seconds (None: never). A worker whose ring
+        lock stays taken (its thread abandoned in a backend call) is not
+        waited for. Returns True when nothing is left in flight.
+        """
         poller = select.poll()
         for worker in self.workers:
-            poller.register(worker.done_fd, select.POLLIN)
-        waited = 0.0
+            if worker.done_fd >= 0:
+                poller.register(worker.done_fd, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_report = time.monotonic() + _STUCK_LOG_INTERVAL
         while True:
             inflight = 0
             for worker in self.workers:
-                with worker.ring_lock:  # pushes from other threads end before we look
-                    try:
-                        worker.reap()
-                        worker.publish()  # also interrupts for deferred completions
-                    except RingError as exc:
-                        log.error("%s: %s; completions dropped", worker.name, exc)
-                        worker.inflight = 0
-                    inflight += worker.inflight
+                if not worker.ring_lock.acquire(timeout=0.1):
+                    inflight += max(worker.inflight, 1)  # its thread is stuck in a batch
+                    continue
+                try:  # pushes from other threads end before we look
+                    worker.reap()
+                    worker.publish()  # also interrupts for deferred completions
+                except RingError as exc:
+                    log.error("%s: %s; completions dropped", worker.name, exc)
+                    worker.inflight = 0
+                finally:
+                    worker.ring_lock.release()
+                inflight += worker.inflight
+            now = time.monotonic()
             if not inflight:
-                return
-            ready = poller.poll(_STUCK_LOG_INTERVAL * 1000)
-            if not ready:
-                waited += _STUCK_LOG_INTERVAL
-                log.warning("%s: still waiting for %d request(s) in the backend after %.0f s",
-                            self.name, inflight, waited)
-            for fd, _events in ready:
+                return True
+            if deadline is not None and now >= deadline:
+                if timeout:
+                    log.warning("%s: %d request(s) still in the backend after %.0f s; their "
+                                "completions will be dropped", self.name, inflight, timeout)
+                return False
+            if now >= next_report:
+                next_report = now + _STUCK_LOG_INTERVAL
+                log.warning("%s: still waiting for %d request(s) in the backend",
+                            self.name, inflight)
+            wait = next_report - now if deadline is None else min(deadline, next_report) - now
+            for fd, _events in poller.poll(max(wait, 0.001) * 1000):
                 _clear(fd)

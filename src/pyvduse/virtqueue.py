@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 
 from pyvduse.errors import MemoryAccessError, RingError
-from pyvduse.memory import GuestMemory
+from pyvduse.memory import NO_HOT_REGION, GuestMemory, HotRegion
 from pyvduse.uapi.virtio import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
@@ -59,6 +59,21 @@ def full_barrier() -> None:
     """Order every earlier store before every later load."""
     with _barrier_lock:
         pass
+
+
+class _ReleasedMemory:
+    """The driver memory of a released queue: every access is refused."""
+
+    hot: HotRegion = NO_HOT_REGION
+
+    def segments(self, addr: int, length: int, write: bool) -> list[memoryview]:
+        raise MemoryAccessError("the queue was released")
+
+    def contiguous(self, addr: int, length: int, write: bool) -> memoryview:
+        raise MemoryAccessError("the queue was released")
+
+
+_NO_MEMORY = _ReleasedMemory()
 
 
 class ChainError(Exception):
@@ -364,7 +379,37 @@ class SplitQueue:
         full_barrier()
         return self._avail16[1] != self.last_avail_idx
 
+    def chain_at(self, head: int) -> Chain:
+        """The chain that starts at ``head``, walked again (to resubmit a request).
+
+        Every check of :meth:`pop` applies; the ring positions do not move.
+        Raises :class:`ChainError` (or :class:`RingError` for a head out of range).
+        """
+        if not 0 <= head < self.size:
+            raise RingError(f"descriptor {head} is beyond the queue size {self.size}")
+        return self._walk(head)
+
+    def used_head(self, index: int) -> int:
+        """The head of the used element at ring index ``index`` (16-bit, wrapping)."""
+        return int(self._used64[index & self._mask]) & 0xFFFFFFFF
+
     def release(self) -> None:
-        """Drop the ring views (before the memory they point into is unmapped)."""
-        for view in (self._avail16, self._used16, self._used64, self._desc):
+        """Let go of driver memory; idempotent.
+
+        The ring views are swapped for private zeroed buffers before the old
+        ones are released, so a thread still holding this queue (a completion
+        arriving after a reset, a serving thread that was stuck in a backend)
+        reads an empty ring and writes where no driver looks, instead of into
+        memory the driver may have freed.
+        """
+        size = self.size
+        old = (self._avail16, self._used16, self._used64, self._desc)
+        self._avail16 = memoryview(bytearray(vring_avail_size(size))).cast("H")
+        self._used16 = memoryview(bytearray(vring_used_size(size))).cast("H")
+        self._used64 = memoryview(bytearray(8 * size)).cast("Q")
+        self._desc = memoryview(bytearray(vring_desc_table_size(size)))
+        self.last_avail_idx = self._avail16[1]
+        self.used_idx = self._signalled_used = 0
+        self.memory = _NO_MEMORY
+        for view in old:
             view.release()

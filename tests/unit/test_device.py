@@ -456,7 +456,7 @@ def test_update_iotlb_while_running_keeps_ring_positions(running: Rig) -> None:
         r.run(0, v.VIRTIO_BLK_T_OUT, 8 * i, pattern(4096, i))
     for _ in range(3):
         r.run(1, v.VIRTIO_BLK_T_FLUSH)
-    old_workers = dict(r.dev.workers)
+    old_queues = {q: w.queue for q, w in r.dev.workers.items()}
     # the "VMM" remaps memory: now one IOTLB entry per page, so buffers straddle entries
     r.mem.split_entries(4096)
     faults = r.mem.faults
@@ -465,7 +465,7 @@ def test_update_iotlb_while_running_keeps_ring_positions(running: Rig) -> None:
     assert sorted(r.dev.workers) == [0, 1]
     for q, expected in ((0, 5), (1, 3)):
         worker = r.dev.workers[q]
-        assert worker is not old_workers[q]
+        assert worker.queue is not old_queues[q]  # the same requests, remapped rings
         assert (worker.queue.last_avail_idx, worker.queue.used_idx) == (expected, expected)
     assert thread_names("t0-vq") == r.queue_thread_names()
     for i in range(5):
@@ -695,7 +695,10 @@ def test_queue_thread_stop_is_idempotent(lone: LoneQueue) -> None:
     never.stop()
     never.stop()
     assert thread_names("w-") == []
-    assert all(w.done_fd == -1 for w in started.workers + never.workers)
+    for worker in started.workers + never.workers:
+        worker.detach()
+        worker.detach()
+        assert worker.done_fd == -1
 
 
 def test_drain_yields_after_its_batches_while_work_keeps_coming(lone: LoneQueue) -> None:
