@@ -8,10 +8,10 @@ here fails, saying what to install. Each test makes its own images through
 the Python binding. Covered: the conformance suite over plain, namespaced,
 read-only and snapshot images (with and without librbd's cache), many
 requests in flight, the whole device path, discard and write-zeroes
-(native and emulated), errors from librbd (I/O beyond an image that shrank,
-a client the cluster blocklisted), close, and one-line errors for bad
-options, missing pools, images and snapshots, an unreachable monitor and a
-pool whose data cannot be reached.
+(native and emulated), resizing the image from the backend, errors from
+librbd (I/O beyond an image that shrank, a client the cluster blocklisted),
+close, and one-line errors for bad options, missing pools, images and
+snapshots, an unreachable monitor and a pool whose data cannot be reached.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pyvduse.backends import rbd as rbd_module
 from pyvduse.backends.base import Done
 from pyvduse.backends.rbd import ImageSpec, RbdBackend, import_librbd, parse_image_spec
 from pyvduse.blk import BlkConfig
-from pyvduse.errors import ConfigError
+from pyvduse.errors import BackendError, ConfigError
 from pyvduse.export import BlkExport
 from pyvduse.testing import DriverMemory, FakeVduse
 from pyvduse.testing.conformance import check_backend
@@ -55,7 +55,7 @@ T_IN, T_OUT, T_FLUSH = v.VIRTIO_BLK_T_IN, v.VIRTIO_BLK_T_OUT, v.VIRTIO_BLK_T_FLU
 T_DISCARD, T_WZ = v.VIRTIO_BLK_T_DISCARD, v.VIRTIO_BLK_T_WRITE_ZEROES
 RESULT_OK = u.VDUSE_REQ_RESULT_OK
 ALL_CHECKS = ["geometry", "capabilities", "reads", "round_trip", "vectored", "write_zeroes",
-              "discard", "concurrency", "submit"]
+              "discard", "concurrency", "submit", "resize"]
 READ_ONLY_CHECKS = ["geometry", "capabilities", "reads", "concurrency", "submit"]
 
 
@@ -211,19 +211,74 @@ def test_snapshots_and_readonly_images_are_read_only(cluster: Cluster) -> None:
         try:
             assert backend.readonly
             assert (backend.can_write, backend.can_flush, backend.can_discard,
-                    backend.can_write_zeroes) == (False, False, False, False)
+                    backend.can_write_zeroes, backend.can_resize) == (False,) * 5
             with pytest.raises(OSError) as write:
                 backend.write(0, memoryview(bytes(512)))
             with pytest.raises(OSError) as discard:
                 backend.discard(0, 512)
             with pytest.raises(OSError) as zero:
                 backend.write_zeroes(0, 512, True)
-            for refused in (write, discard, zero):
+            with pytest.raises(OSError) as resize:
+                backend.resize(8 * MiB)
+            for refused in (write, discard, zero, resize):
                 assert refused.value.errno == errno.EROFS
             backend.flush()  # nothing to flush: succeeds
         finally:
             backend.close()
     assert cluster.read(spec, 0, 4 * MiB) == now
+
+
+def test_resize_grows_and_shrinks_the_image(cluster: Cluster) -> None:
+    first = data(MiB, 7)
+    spec = cluster.new_image(4 * MiB, content=first)
+    backend = cluster.backend(spec)
+
+    def read(offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        backend.read(offset, memoryview(buf))
+        return bytes(buf)
+
+    def image_size() -> int:
+        """The size the cluster has for the image, through the test's own connection."""
+        with cluster.image(spec) as image:
+            return int(image.size())
+
+    try:
+        assert backend.can_resize and backend.resizable
+        backend.write(3 * MiB, memoryview(b"\x33" * MiB))
+        backend.resize(12 * MiB)
+        assert backend.size() == image_size() == 12 * MiB
+        assert read(0, MiB) == first
+        assert read(3 * MiB, MiB) == b"\x33" * MiB
+        assert read(4 * MiB, 8 * MiB) == bytes(8 * MiB)
+        backend.write(12 * MiB - 512, memoryview(b"e" * 512))  # the new end is usable
+
+        with pytest.raises(BackendError) as refused:  # any shrink must be allowed
+            backend.resize(11 * MiB)
+        assert refused.value.errno == errno.EINVAL
+        assert str(refused.value) == (
+            f"rbd {spec}: shrinking to {11 * MiB} bytes would drop data (the image has "
+            f"{12 * MiB} bytes; whether any of those beyond {11 * MiB} hold data is not "
+            "looked up); resize with shrink=true to allow it")
+        assert backend.size() == 12 * MiB
+        assert read(12 * MiB - 512, 512) == b"e" * 512
+
+        backend.resize(2 * MiB, shrink=True)
+        assert backend.size() == image_size() == 2 * MiB
+        assert read(0, MiB) == first
+        backend.resize(4 * MiB)
+        assert read(2 * MiB, 2 * MiB) == bytes(2 * MiB)  # the dropped data stays dropped
+        backend.resize(4 * MiB)  # the same size: nothing to do
+
+        with pytest.raises(BackendError) as bad:
+            backend.resize(4 * MiB + 100)
+        assert bad.value.errno == errno.EINVAL
+    finally:
+        backend.close()
+    with pytest.raises(OSError) as closed:
+        backend.resize(8 * MiB)
+    assert closed.value.errno == errno.EIO
+    assert image_size() == 4 * MiB
 
 
 def test_registered_and_built_from_options(cluster: Cluster) -> None:

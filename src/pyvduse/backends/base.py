@@ -14,7 +14,9 @@ and the device offers the driver exactly that, as nbdkit plugins work:
   (without a native ``write_zeroes`` zero buffers are written);
 * ``flush`` is offered on every writable device; the default does nothing,
   which is right for storage whose writes are durable (or volatile anyway)
-  when ``write`` returns.
+  when ``write`` returns;
+* ``resize``: the daemon may change the disk's size on request
+  (:attr:`Backend.can_resize`).
 
 Requests reaching a backend have been validated by the device: offsets and
 total lengths are multiples of the device's logical block size (at least
@@ -70,20 +72,29 @@ disk), so a backend must only keep its own state consistent (caches,
 connections, counters). Calls that release the GIL (``os.preadv``, socket
 I/O) let queues really run in parallel. :meth:`~Backend.size`,
 :attr:`~Backend.preferred_block_size` and the ``can_*`` properties are read
-when the device is configured, before the first request (a later change of
-size is not seen by the driver); :meth:`~Backend.close` is called once,
-after the last request.
+when the device is configured, before the first request; a later change of
+size reaches the driver only through :attr:`~Backend.resizable` or
+:meth:`~Backend.resize`. :meth:`~Backend.resize` is called on another thread
+than the queues', while they serve: requests may be in flight meanwhile. The
+device keeps them within the smaller of the old and the new size (it stops
+sending requests beyond a new, smaller end before it calls ``resize``, and
+sends requests into grown space only once ``resize`` returned), but a
+backend must keep its own state consistent across the change (a mapping
+that moves, a cached size). :meth:`~Backend.close` is called once, after
+the last request.
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable, Sequence
 
+from pyvduse.errors import BackendError
 from pyvduse.queue_worker import deferred_interrupts
 
 __all__ = ["ZERO_CHUNK", "AsynchronousBackend", "Backend", "Done", "DoneGroup",
-           "deferred_interrupts", "run_and_report"]
+           "check_new_size", "deferred_interrupts", "run_and_report", "shrink_refused"]
 
 ZERO_CHUNK = bytes(1 << 20)
 
@@ -96,8 +107,9 @@ class Backend:
 
     Required: :meth:`size`, and :meth:`read` or :meth:`readv`. Optional, each
     enabling the matching device feature: :meth:`write` (or :meth:`writev`),
-    :meth:`flush`, :meth:`discard`, :meth:`write_zeroes`. See the module
-    docstring for the request, error and threading contracts.
+    :meth:`flush`, :meth:`discard`, :meth:`write_zeroes`; and :meth:`resize`,
+    which lets the daemon change the disk's size. See the module docstring
+    for the request, error and threading contracts.
 
     Constructors take keyword options: ``pyvduse serve python
     script=FILE key=value ...`` passes the ``key=value`` pairs as strings
@@ -115,10 +127,13 @@ class Backend:
     #: ones use :meth:`readv`/:meth:`writev` on the queue's thread).
     submit_min_bytes: int | None = None
 
-    #: True if :meth:`size` can change while the device serves (an image
-    #: resized in a cluster): the daemon then calls :meth:`size` again every
-    #: few seconds and tells the driver of a new size (config interrupt). Keep
-    #: ``size()`` cheap then. False (the default): the size is read once.
+    #: True if :meth:`size` can change *by itself* while the device serves
+    #: (an image resized elsewhere, in its cluster): the daemon then calls
+    #: :meth:`size` again every few seconds and tells the driver of a new
+    #: size (config interrupt). Keep ``size()`` cheap then. False (the
+    #: default): the size is read once, and changes only through
+    #: :meth:`resize`. The two are independent: ``resizable`` says that
+    #: someone else may change the size, :attr:`can_resize` that pyvduse can.
     resizable: bool = False
 
     def size(self) -> int:
@@ -212,6 +227,40 @@ class Backend:
             self.write(offset, buf)
             offset += len(buf)
 
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Make the storage exactly ``size`` bytes; define it to let the daemon resize the disk.
+
+        Called for the daemon's ``export-resize`` command, which then tells
+        the driver of the new capacity. ``size`` is positive; the daemon
+        passes a multiple of the device's logical block size (a backend may
+        refuse other sizes with ``EINVAL``, see :func:`check_new_size`).
+        The same size as now succeeds and changes nothing. The contract:
+
+        * growing keeps every byte below the old size, and the new space
+          reads as zeroes;
+        * shrinking that would drop data (any byte at or beyond ``size`` the
+          backend cannot prove to be unwritten or zero) is refused unless
+          ``shrink`` is True: raise :class:`~pyvduse.errors.BackendError` or
+          :class:`OSError` (:func:`shrink_refused` makes the error), and
+          change nothing. A backend that cannot tell where its data lies
+          refuses every shrink without ``shrink``. With ``shrink`` the bytes
+          beyond ``size`` are gone: growing again later brings zeroes back,
+          never the old data;
+        * after it returns, :meth:`size` returns ``size``;
+        * any failure raises (``OSError`` or ``BackendError``: ``EROFS``
+          for read-only storage, ``EOPNOTSUPP`` for storage whose size is
+          not the backend's to change, ``ENOSPC``, ...), and the size is
+          then either the old one or the new one, which :meth:`size` tells.
+
+        It runs on another thread than the queues', while requests may be in
+        flight (see the threading contract in the module docstring). Define
+        it only if the storage can change size; override :attr:`can_resize`
+        when that is only known per instance (a read-only file, a block
+        device). Unrelated to :attr:`resizable`, which is about sizes that
+        change without pyvduse.
+        """
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release resources; called once, after the last request. The default does nothing."""
 
@@ -271,6 +320,11 @@ class Backend:
     def can_write_zeroes(self) -> bool:
         """True if the backend can write zeroes (natively or through ``write``)."""
         return self.can_write or self._overrides("write_zeroes")
+
+    @property
+    def can_resize(self) -> bool:
+        """True if the backend defines ``resize``: the daemon may then change the disk's size."""
+        return self._overrides("resize")
 
     @property
     def preferred_block_size(self) -> int:
@@ -386,6 +440,31 @@ class AsynchronousBackend(Backend):
     def can_write_zeroes(self) -> bool:
         """True if writable or the class defines ``submit_write_zeroes``."""
         return self.can_write or self._submits("submit_write_zeroes")
+
+
+def check_new_size(what: str, size: int) -> int:
+    """Return ``size`` if it is a positive multiple of 512 bytes, else raise ``EINVAL``.
+
+    For :meth:`Backend.resize` implementations; ``what`` names the backend
+    in the :class:`~pyvduse.errors.BackendError` message.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
+        raise BackendError(errno.EINVAL,
+                           f"{what}: cannot resize to {size!r} bytes: the size must be a "
+                           "positive multiple of 512")
+    return size
+
+
+def shrink_refused(what: str, size: int, reason: str) -> BackendError:
+    """The error of a :meth:`Backend.resize` that would drop data without ``shrink``.
+
+    ``what`` names the backend, ``reason`` says what would be lost (``"data
+    lies at offset 12345"``). The errno is ``EINVAL``, as librbd's for a
+    shrink it was not allowed to do.
+    """
+    return BackendError(errno.EINVAL,
+                        f"{what}: shrinking to {size} bytes would drop data ({reason}); "
+                        "resize with shrink=true to allow it")
 
 
 def run_and_report(done: Done, method: Callable[..., None], *args: object) -> None:

@@ -14,6 +14,12 @@ per backend and not tried again: write-zeroes falls back to the next method
 and finally to writing zero buffers; discard, which is advisory (discarded
 data is undefined), then simply succeeds without doing anything.
 
+Resizing (:meth:`FileBackend.resize`) changes a regular file's length with
+``ftruncate``: growing leaves a hole (sparse, reading as zeroes); shrinking
+is refused while ``lseek(SEEK_DATA)`` finds data at or beyond the new end,
+unless the caller allows dropping it. A block device's size, and a
+read-only file's, are not the backend's to change.
+
 ``direct=on`` opens with ``O_DIRECT``, which needs block-aligned offsets and
 lengths (the device guarantees these for its logical block size, which
 :attr:`FileBackend.preferred_block_size` reports) and suitably aligned
@@ -37,7 +43,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Self
 
-from pyvduse.backends.base import Backend
+from pyvduse.backends.base import Backend, check_new_size, shrink_refused
 from pyvduse.backends.options import BackendOptions
 from pyvduse.backends.socket_io import advance
 from pyvduse.errors import BackendError, ConfigError
@@ -255,7 +261,9 @@ class FileBackend(Backend):
     from the methods a class overrides, but whether this one may write is
     only known per instance, so it overrides the ``can_*`` properties: a
     read-only instance reports no write, flush, discard or write-zeroes
-    capability (and its writing methods raise ``EROFS`` if called anyway).
+    capability, and cannot be resized (its writing methods and
+    :meth:`resize` raise ``EROFS`` if called anyway). A block device cannot
+    be resized either (``EOPNOTSUPP``).
     One class with an explicit, documented override was preferred over a
     parallel read-only class hierarchy that would duplicate the read path.
 
@@ -349,6 +357,47 @@ class FileBackend(Backend):
     def can_write_zeroes(self) -> bool:
         """False for a read-only backend."""
         return not self.readonly and super().can_write_zeroes
+
+    @property
+    def can_resize(self) -> bool:
+        """True for a regular file open read-write."""
+        return not (self.readonly or self.is_block_device) and super().can_resize
+
+    # -- resizing -----------------------------------------------------------------------
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Set the file's length to ``size`` with ``ftruncate``; growing leaves a hole.
+
+        Shrinking is refused (``EINVAL``, nothing changes) unless ``shrink``
+        when ``lseek(SEEK_DATA)`` finds data at or beyond ``size``, or
+        cannot tell (a file system without ``SEEK_DATA``). A block device
+        refuses with ``EOPNOTSUPP``, a read-only backend with ``EROFS``.
+        :meth:`size` reads the length again, so it reports ``size`` at once.
+        """
+        what = f"file backend: {self.path}"
+        if self.is_block_device:
+            raise BackendError(errno.EOPNOTSUPP, f"{what} is a block device: the size of a "
+                                                 "block device is not pyvduse's to change")
+        self._check_writable()
+        check_new_size("file backend", size)
+        current = self.size()
+        if size < current and not shrink:
+            data_at = self._data_at_or_beyond(size)
+            if data_at is not None:
+                raise shrink_refused(what, size, data_at)
+        if size != current:
+            os.ftruncate(self._fd, size)
+
+    def _data_at_or_beyond(self, offset: int) -> str | None:
+        """Why a shrink to ``offset`` would drop data, or None if nothing lies there."""
+        try:
+            found = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return None  # only a hole up to the end of the file
+            return (f"the file system cannot tell where data lies: SEEK_DATA: "
+                    f"{exc.strerror or exc}")
+        return f"data lies at offset {found}"
 
     # -- data ---------------------------------------------------------------------------
 

@@ -3,17 +3,20 @@
 The mapping is sparse: pages cost memory only once written, so ``size=1G``
 is free until the guest fills it, and discarding whole pages gives their
 memory back. Contents vanish when the daemon exits. Options: ``size=``
-(required).
+(required). The disk can be resized while it serves (``mremap``: the pages
+move, nothing is copied).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
+import threading
 from typing import Self
 
-from pyvduse.backends.base import ZERO_CHUNK, Backend
+from pyvduse.backends.base import ZERO_CHUNK, Backend, check_new_size, shrink_refused
 from pyvduse.backends.options import BackendOptions, check_disk_size
-from pyvduse.errors import ConfigError
+from pyvduse.errors import BackendError, ConfigError
 
 # Linux's MAP_NORESERVE (Python exposes it only from 3.13): do not reserve swap
 # for the whole disk up front, so a large RAM disk maps even under strict
@@ -29,10 +32,11 @@ class MemoryBackend(Backend):
     """``size`` bytes of anonymous memory.
 
     Reads and writes are slice copies between the request's memoryviews and
-    the mapping. Thread-safe by construction: requests from different queues
-    touch disjoint slices (the driver never has overlapping requests in
-    flight), and the mapping itself never moves. There is nothing to flush,
-    so :meth:`flush` is deliberately not defined.
+    the mapping. Thread-safe: requests from different queues touch disjoint
+    slices (the driver never has overlapping requests in flight), and one
+    lock keeps them off the mapping while :meth:`resize` moves it (the
+    copies hold the GIL anyway, so the lock costs no parallelism). There is
+    nothing to flush, so :meth:`flush` is deliberately not defined.
     """
 
     name = "memory"
@@ -44,6 +48,7 @@ class MemoryBackend(Backend):
         except (OSError, OverflowError) as exc:
             raise ConfigError(f"backend 'memory': cannot map {size} bytes: {exc}") from None
         self._view = memoryview(self._map)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> Self:
@@ -58,24 +63,72 @@ class MemoryBackend(Backend):
 
     def read(self, offset: int, buf: memoryview) -> None:
         """Copy ``len(buf)`` bytes at ``offset`` into ``buf``."""
-        buf[:] = self._view[offset : offset + len(buf)]
+        with self._lock:
+            buf[:] = self._view[offset : offset + len(buf)]
 
     def write(self, offset: int, buf: memoryview) -> None:
         """Copy ``buf`` to ``offset``."""
-        self._view[offset : offset + len(buf)] = buf
+        with self._lock:
+            self._view[offset : offset + len(buf)] = buf
 
     def discard(self, offset: int, length: int) -> None:
         """Zero the range (giving whole pages back); discarded data reads as zeroes."""
-        self._zero(offset, length)
+        with self._lock:
+            self._zero(offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Zero the range; pages are given back whatever ``may_unmap`` says (reads are zeroes)."""
-        self._zero(offset, length)
+        with self._lock:
+            self._zero(offset, length)
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Grow or shrink the mapping to ``size`` bytes (a positive multiple of 512).
+
+        Growing adds zero pages that cost nothing until written. Shrinking
+        is refused (``EINVAL``, nothing changes) while a byte at or beyond
+        ``size`` is not zero, unless ``shrink`` (finding out reads the range,
+        untouched pages included); the memory beyond ``size`` is given back.
+        Requests wait while this runs.
+        """
+        check_new_size(self.name, size)
+        with self._lock:
+            old = self._size
+            if size == old:
+                return
+            if size < old:
+                if not shrink:
+                    data_at = self._first_data(size, old)
+                    if data_at is not None:
+                        raise shrink_refused(f"backend {self.name!r}", size,
+                                             f"data lies at offset {data_at}")
+                # The tail of the last page stays mapped: zero it so that growing again
+                # later brings back zeroes, not the old bytes.
+                _fill_zero(self._view, size, min(old, -(-size // _PAGE) * _PAGE))
+            self._view.release()
+            try:
+                self._map.resize(size)
+            except (OSError, OverflowError) as exc:
+                raise BackendError(getattr(exc, "errno", None) or errno.ENOMEM,
+                                   f"backend {self.name!r}: cannot map {size} bytes: {exc}"
+                                   ) from None
+            finally:
+                self._view = memoryview(self._map)
+            self._size = len(self._view)
 
     def close(self) -> None:
         """Unmap the memory; the backend is unusable afterwards."""
-        self._view.release()
-        self._map.close()
+        with self._lock:
+            self._view.release()
+            self._map.close()
+
+    def _first_data(self, start: int, end: int) -> int | None:
+        """The offset of the first non-zero byte in ``[start, end)``, or None."""
+        step = len(ZERO_CHUNK)
+        for pos in range(start, end, step):
+            chunk = self._map[pos : min(pos + step, end)]
+            if chunk != ZERO_CHUNK[: len(chunk)]:
+                return pos + len(chunk) - len(chunk.lstrip(b"\0"))
+        return None
 
     def _zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` zero.

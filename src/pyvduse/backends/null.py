@@ -1,13 +1,14 @@
 """The ``null`` backend: a disk that reads as zeroes and forgets every write.
 
 Useful to measure the daemon's own overhead. Options: ``size=`` (default 1G).
+It can be resized to any size: there is no data to lose.
 """
 
 from __future__ import annotations
 
 from typing import Self
 
-from pyvduse.backends.base import ZERO_CHUNK, Backend
+from pyvduse.backends.base import ZERO_CHUNK, Backend, check_new_size
 from pyvduse.backends.options import BackendOptions, check_disk_size
 
 _ZEROES = memoryview(ZERO_CHUNK)
@@ -18,7 +19,8 @@ DEFAULT_SIZE = 1 << 30
 class NullBackend(Backend):
     """``size`` bytes that read as zeroes; write, discard and write-zeroes do nothing.
 
-    Stateless, so trivially thread-safe.
+    Stateless but for its size (which :meth:`resize` replaces in one
+    store), so trivially thread-safe.
     """
 
     name = "null"
@@ -36,6 +38,11 @@ class NullBackend(Backend):
     def size(self) -> int:
         """The configured size in bytes."""
         return self._size
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Take ``size`` (a positive multiple of 512) as the new size; every shrink is
+        allowed, since nothing is stored."""
+        self._size = check_new_size(self.name, size)
 
     def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with zeroes, copying from a shared zero buffer without allocating."""

@@ -37,7 +37,10 @@ naming the image. The disk's size is the image's: the backend is
 :attr:`~pyvduse.backends.base.Backend.resizable`, so when the image is
 resized in the cluster (``rbd resize``) the daemon notices within seconds
 and announces the new capacity to the driver with a config interrupt (a
-shrink first fails requests beyond the new end with ``EINVAL``).
+shrink first fails requests beyond the new end with ``EINVAL``). The daemon
+can also resize the image itself (:meth:`RbdBackend.resize`, librbd's
+``rbd_resize``); as with ``rbd resize``, every shrink must be allowed
+explicitly, whether or not data lies beyond the new end.
 :attr:`RbdBackend.preferred_block_size` is 512. A
 writable image offers flush (``rbd_aio_flush``), discard
 (``rbd_aio_discard``) and write-zeroes, native when librbd has
@@ -89,7 +92,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Self
 
-from pyvduse.backends.base import ZERO_CHUNK, AsynchronousBackend, Done, DoneGroup
+from pyvduse.backends.base import (
+    ZERO_CHUNK,
+    AsynchronousBackend,
+    Done,
+    DoneGroup,
+    check_new_size,
+    shrink_refused,
+)
 from pyvduse.backends.options import BackendOptions
 from pyvduse.errors import ConfigError
 
@@ -423,6 +433,33 @@ class RbdBackend(AsynchronousBackend):
     def can_write_zeroes(self) -> bool:
         """True when writable (natively or as zero data, see :attr:`native_write_zeroes`)."""
         return not self.readonly
+
+    @property
+    def can_resize(self) -> bool:
+        """True when writable."""
+        return not self.readonly
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Resize the image to ``size`` bytes (a positive multiple of 512) with ``rbd_resize``.
+
+        Growing adds space that reads as zeroes. Every shrink needs
+        ``shrink`` (``EINVAL`` otherwise, nothing changes), as ``rbd resize``
+        needs ``--allow-shrink``: whether data lies beyond the new end is not
+        looked up. A read-only image or snapshot refuses with ``EROFS``, a
+        closed backend with ``EIO``; librbd's failures are :class:`OSError`
+        with its errno. Blocks until librbd has resized the image (other
+        clients of the image hear of it as of an ``rbd resize``).
+        """
+        self._check_writable()
+        check_new_size(f"rbd {self.spec}", size)
+        current = self.size()
+        if size < current and not shrink:
+            raise shrink_refused(f"rbd {self.spec}", size,
+                                 f"the image has {current} bytes; whether any of those "
+                                 f"beyond {size} hold data is not looked up")
+        if size != current:
+            self._submit(f"resize to {size} bytes", "resize", size)
+            self.size()  # also what size() reports once the backend is closed
 
     # -- asynchronous requests ----------------------------------------------------------
 

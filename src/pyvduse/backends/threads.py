@@ -33,9 +33,10 @@ _Job = tuple[Done, Callable[..., None], tuple[object, ...]]
 class ThreadPoolBackend(Backend):
     """``backend`` with its requests of ``min_bytes`` or more run on ``threads`` threads.
 
-    Capabilities, size and block size are the wrapped backend's. :meth:`close`
-    lets queued requests finish, stops the threads and closes the wrapped
-    backend.
+    Capabilities, size and block size are the wrapped backend's, and
+    :meth:`resize` is its ``resize``, run on the caller's thread (so
+    :attr:`can_resize` is the wrapped backend's too). :meth:`close` lets
+    queued requests finish, stops the threads and closes the wrapped backend.
     """
 
     def __init__(self, backend: Backend, threads: int,
@@ -94,6 +95,13 @@ class ThreadPoolBackend(Backend):
     @property
     def can_write_zeroes(self) -> bool:
         return self.backend.can_write_zeroes
+
+    @property
+    def can_resize(self) -> bool:
+        return self.backend.can_resize
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        self.backend.resize(size, shrink=shrink)
 
     def read(self, offset: int, buf: memoryview) -> None:
         self.backend.read(offset, buf)

@@ -51,6 +51,16 @@ What is checked (each :class:`Check` says which backends it applies to):
     many reads (and writes, then a flush, if writable) submitted at once over
     disjoint ranges each call ``done(None)`` exactly once within
     ``_SUBMIT_TIMEOUT`` seconds and move the right bytes.
+``resize`` (backends with :attr:`~pyvduse.backends.base.Backend.can_resize`)
+    growing by a few blocks keeps the content (and, if writable, the data
+    just written to the last block) and the new space reads as zeroes, with
+    ``size()`` following; if writable (with ``stores_data``), data written
+    in the new space makes a shrink without ``shrink=True`` fail with
+    ``OSError`` or ``BackendError`` and change neither the size nor the
+    content; a shrink with it succeeds, and growing once more brings back
+    zeroes, not the dropped data. The original size is restored at the end
+    (also when the check fails, as far as the backend lets it), so storage
+    that a factory reopens for every check keeps its size.
 
 ``stores_data=False`` is for backends that accept writes but keep nothing
 (like ``null``): after a write, discard or write-zeroes, reads must return
@@ -69,6 +79,7 @@ from dataclasses import dataclass
 
 from pyvduse.backends.base import Backend
 from pyvduse.blk.config import BlkConfig
+from pyvduse.errors import BackendError
 
 __all__ = ["CHECKS", "Check", "ConformanceError", "check_backend"]
 
@@ -206,14 +217,15 @@ def _defines(backend: Backend, *methods: str) -> bool:
 def _check_capabilities(ctx: _Context) -> None:
     backend = ctx.backend
     caps = {name: getattr(backend, name)
-            for name in ("can_write", "can_flush", "can_discard", "can_write_zeroes")}
+            for name in ("can_write", "can_flush", "can_discard", "can_write_zeroes",
+                         "can_resize")}
     for name, value in caps.items():
         if not isinstance(value, bool):
             raise ctx.fail(f"{name} is {value!r}, not a bool")
     if not _defines(backend, "read", "readv"):
         raise ctx.fail("the backend defines neither read nor readv")
     needs = {"can_write": ("write", "writev"), "can_flush": ("flush",),
-             "can_discard": ("discard",)}
+             "can_discard": ("discard",), "can_resize": ("resize",)}
     for name, methods in needs.items():
         if caps[name] and not _defines(backend, *methods):
             raise ctx.fail(f"{name} is True but the backend defines none of {', '.join(methods)}")
@@ -428,6 +440,74 @@ def _check_submit(ctx: _Context) -> None:
         ctx.expect_equal(bytes(out), expected[n], f"submit_readv at {n * chunk}")
 
 
+#: Blocks added to the disk by the ``resize`` check.
+_GROW_BLOCKS = 8
+
+
+def _check_resize(ctx: _Context) -> None:
+    backend = ctx.backend
+    bs = ctx.block
+    original = backend.size()
+    # The first whole block past the original end, and the grown size.
+    fresh = -(-original // bs) * bs
+    grown = fresh + _GROW_BLOCKS * bs
+    keeps_data = backend.can_write and ctx.stores_data
+
+    def expect_size(want: int, what: str) -> None:
+        got = backend.size()
+        if got != want:
+            raise ctx.fail(f"{what}: size() is {got}, expected {want}")
+
+    def expect_kept(what: str) -> None:
+        for offset, want in kept.items():
+            ctx.expect_equal(ctx.read(offset, len(want)), want,
+                             f"{what}: the content at {offset}")
+
+    def expect_zeroes(what: str) -> None:
+        got = ctx.read_checked(fresh, grown - fresh, what)
+        ctx.expect_equal(got, bytes(len(got)), f"{what}: the new space")
+
+    try:
+        if keeps_data:
+            backend.write(ctx.capacity - bs, memoryview(pattern(bs, 400)))
+        kept = {offset: ctx.read(offset, length) for offset, length in ctx.spots(2)}
+        what = f"grow from {original} to {grown} bytes"
+        backend.resize(grown)
+        expect_size(grown, what)
+        expect_kept(what)
+        expect_zeroes(what)
+        if keeps_data:
+            beyond = pattern(bs, 401)
+            backend.write(grown - bs, memoryview(beyond))
+            what = f"shrink from {grown} to {original} bytes over data without shrink=True"
+            try:
+                backend.resize(original)
+            except (OSError, BackendError):
+                pass
+            else:
+                raise ctx.fail(f"{what}: resize() did not refuse")
+            expect_size(grown, what)
+            expect_kept(what)
+            ctx.expect_equal(ctx.read(grown - bs, bs), beyond,
+                             f"{what}: the data beyond the old size")
+        what = f"shrink from {grown} to {original} bytes with shrink=True"
+        backend.resize(original, shrink=True)
+        expect_size(original, what)
+        expect_kept(what)
+        what = "grow again after a shrink (the dropped data must not come back)"
+        backend.resize(grown)
+        expect_size(grown, what)
+        expect_zeroes(what)
+        backend.resize(original, shrink=True)
+        expect_size(original, "shrink back to the original size")
+    finally:
+        try:
+            if backend.size() != original:
+                backend.resize(original, shrink=True)
+        except Exception:
+            pass  # best effort: the check's own failure says more
+
+
 # -- the suite --------------------------------------------------------------------------
 
 
@@ -484,6 +564,10 @@ def _submits(backend: Backend) -> bool:
     return backend.submit_min_bytes is not None
 
 
+def _resizes(backend: Backend) -> bool:
+    return backend.can_resize
+
+
 #: Every check, in the order :func:`check_backend` runs them.
 CHECKS: tuple[Check, ...] = (
     Check("geometry", _check_geometry, _always),
@@ -495,6 +579,7 @@ CHECKS: tuple[Check, ...] = (
     Check("discard", _check_discard, _discards),
     Check("concurrency", _check_concurrency, _always),
     Check("submit", _check_submit, _submits),
+    Check("resize", _check_resize, _resizes),
 )
 
 
