@@ -166,6 +166,29 @@ def find_vhost_device(name: str, sysfs: str = "/sys") -> str | None:
     return found.name if found is not None else None
 
 
+def find_attached(name: str, sysfs: str = "/sys", dev: str = "/dev") -> AttachedDevice | None:
+    """Where vDPA device ``name`` is attached already, or ``None`` if it is not.
+
+    For a daemon re-attaching to a device its predecessor left behind: the
+    vDPA device and its binding survive the process. ``ENODEV``
+    :class:`BindingError` if it exists but is bound to no driver or has no node.
+    """
+    device_dir = _device_dir(sysfs, name)
+    if not device_dir.is_dir():
+        return None
+    driver = _bound_driver(device_dir)
+    if driver == "virtio_vdpa":
+        block = _find_block_dir(device_dir)
+        if block is not None:
+            return AttachedDevice(name, "virtio_vdpa", str(Path(dev, block.name)), str(block))
+    elif driver == "vhost_vdpa":
+        vhost = _find_vhost_dir(device_dir)
+        if vhost is not None:
+            return AttachedDevice(name, "vhost_vdpa", str(Path(dev, vhost.name)))
+    raise BindingError(errno.ENODEV, name, f"vdpa device {name} exists but is bound to "
+                       f"{driver or 'no driver'} with no device node")
+
+
 def attach(
     name: str,
     driver: Driver,

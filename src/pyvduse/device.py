@@ -191,21 +191,41 @@ class VduseDevice:
             self._created = True
             self._start_control()
         except InflightLogError as exc:
-            self._abandon()
+            self.abandon()
             raise PyvduseError(f"{self.name}: cannot recover the device: {exc}") from None
         except BaseException:
-            self._abandon()
+            self.abandon()
             raise
         log.info("%s: re-attached to the existing device (status %#x, %d queue(s) running, "
                  "%d request(s) resubmitted)", self.name, status, len(self.workers), resubmitted)
         return resubmitted
 
-    def _abandon(self) -> None:
-        """Undo a failed :meth:`reopen`: stop what started, leave the device as it was."""
+    def abandon(self) -> None:
+        """Stop serving but leave the device, its driver and its log for a later daemon.
+
+        What a crash would leave, minus the crash: used to undo a recovery
+        that failed half-way. Requests in flight stay marked in the log.
+        """
+        self._stop_control()
         self._stop_queues(inflight_timeout=0)
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        self._created = False
+        if self.inflight_log is not None:
+            self.inflight_log.close()
+
+    def _stop_control(self) -> None:
+        if self._thread is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join(CONTROL_JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                log.error("%s: the control thread did not stop within %.0f s", self.name,
+                          CONTROL_JOIN_TIMEOUT)
+            self._thread = None
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
 
     def _check_queues(self) -> None:
         """Refuse to serve a device whose queues are not the model's."""
@@ -241,17 +261,8 @@ class VduseDevice:
         Bounded: requests still in a backend get :data:`DESTROY_INFLIGHT_TIMEOUT`
         seconds to finish, then their completions are dropped.
         """
-        if self._thread is not None:
-            os.eventfd_write(self._stop_fd, 1)
-            self._thread.join(CONTROL_JOIN_TIMEOUT)
-            if self._thread.is_alive():
-                log.error("%s: the control thread did not stop within %.0f s", self.name,
-                          CONTROL_JOIN_TIMEOUT)
-            self._thread = None
+        self._stop_control()
         self._stop_queues(inflight_timeout=DESTROY_INFLIGHT_TIMEOUT)
-        if self._stop_fd >= 0:
-            os.close(self._stop_fd)
-            self._stop_fd = -1
         if self._channel is not None:
             self._channel.close()
             self._channel = None

@@ -94,6 +94,18 @@ class VduseKernel(Protocol):
         """``VDUSE_DESTROY_DEV``."""
         ...
 
+    def device_exists(self, name: str) -> bool:
+        """Whether a VDUSE device ``name`` exists (e.g. left by a daemon that died)."""
+        ...
+
+    def device_id(self, name: str) -> str:
+        """A string that names this incarnation of device ``name``.
+
+        Differs once the device is destroyed and created again, or after a
+        reboot: an inflight log recorded for another incarnation is stale.
+        """
+        ...
+
 
 def _name_bytes(name: str) -> bytes:
     raw = name.encode()
@@ -150,6 +162,19 @@ class LinuxVduse:
             raise KernelError.from_oserror(name, "VDUSE_DESTROY_DEV", exc) from None
         finally:
             os.close(fd)
+
+    def device_exists(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.device_dir, _name_bytes(name).decode()))
+
+    def device_id(self, name: str) -> str:
+        path = os.path.join(self.device_dir, name)
+        try:
+            rdev = os.stat(path).st_rdev
+            with open("/proc/sys/kernel/random/boot_id") as stream:
+                boot = stream.read().strip()
+        except OSError as exc:
+            raise KernelError.from_oserror(name, f"stat {path}", exc) from None
+        return f"{boot}/{os.major(rdev)}:{os.minor(rdev)}"
 
     def open_device(self, name: str) -> LinuxVduseChannel:
         path = os.path.join(self.device_dir, name)

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from pyvduse import cli
+from pyvduse import inflight
 from pyvduse.backends.base import Done
+from pyvduse.export import BlkExport
 from pyvduse.testing import FakeVduse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,16 +29,17 @@ LOOP_SIZE = 4 << 20
 
 
 @pytest.fixture
-def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeVduse:
-    """Route the CLI's devices to an in-process fake kernel."""
+def fake_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeVduse:
+    """Route the CLI's devices to an in-process fake kernel, their logs to ``tmp_path``."""
     fake = FakeVduse()
-    original = cli.BlkExport.__init__
+    original = BlkExport.__init__
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         kwargs["kernel"] = fake
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(cli.BlkExport, "__init__", init)
+    monkeypatch.setattr(BlkExport, "__init__", init)
+    monkeypatch.setattr(inflight, "DEFAULT_DIR", str(tmp_path / "run"))
     return fake
 
 

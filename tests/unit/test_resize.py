@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from pyvduse import cli
+from pyvduse import registry as registry_module
 from pyvduse.backends.base import Backend
 from pyvduse.blk import BlkConfig
 from pyvduse.export import BlkExport
@@ -110,7 +111,7 @@ def test_a_size_without_a_whole_block_is_ignored(
 def test_serve_follows_a_resizable_backend(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_kernel: FakeVduse,
         wait_for_file: Callable[[Path], None], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "SIZE_CHECK_INTERVAL", 0.1)
+    monkeypatch.setattr(registry_module, "SIZE_CHECK_INTERVAL", 0.1)
     size_file = tmp_path / "size"
     size_file.write_text(str(4 * MiB))
     script = tmp_path / "sized.py"

@@ -34,6 +34,8 @@ class FakeVduse:
         self.devices: dict[str, DeviceSpec] = {}
         self.channels: dict[str, FakeChannel] = {}
         self.destroyed: list[str] = []
+        self._ids: dict[str, str] = {}
+        self._created = 0
 
     def create_device(self, spec: DeviceSpec) -> None:
         if spec.name in self.devices:
@@ -41,6 +43,8 @@ class FakeVduse:
         if not spec.features & (1 << v.VIRTIO_F_ACCESS_PLATFORM):
             raise KernelError(spec.name, "VDUSE_CREATE_DEV", errno.EINVAL)
         self.devices[spec.name] = spec
+        self._created += 1
+        self._ids[spec.name] = f"fake/{self._created}"
 
     def open_device(self, name: str) -> FakeChannel:
         if name not in self.devices:
@@ -48,6 +52,9 @@ class FakeVduse:
         channel = self.channels.get(name)
         if channel is not None and channel.is_open:
             raise KernelError(name, "open", errno.EBUSY)
+        if channel is not None and channel.crashed_open:
+            channel.reopen()  # the driver's side survives its daemon
+            return channel
         channel = FakeChannel(name, self.devices[name], self.memory)
         self.channels[name] = channel
         return channel
@@ -60,6 +67,27 @@ class FakeVduse:
             raise KernelError(name, "VDUSE_DESTROY_DEV", errno.EBUSY)
         del self.devices[name]
         self.destroyed.append(name)
+
+    def device_exists(self, name: str) -> bool:
+        return name in self.devices
+
+    def device_id(self, name: str) -> str:
+        if name not in self.devices:
+            raise KernelError(name, "stat", errno.ENOENT)
+        return self._ids[name]
+
+    def crash(self, name: str) -> FakeChannel:
+        """The daemon serving ``name`` died: its fd is closed, the device and rings stay.
+
+        Returns the old channel, whose driver side (rings, kick eventfds of
+        the dead process aside) the test keeps using; a new :meth:`open_device`
+        carries them over. Control messages read and not answered would be
+        queued again by the kernel; the fake has none in flight here.
+        """
+        channel = self.channels[name]
+        channel.is_open = False
+        channel._crashed = True
+        return channel
 
 
 class FakeChannel:
@@ -86,6 +114,7 @@ class FakeChannel:
         self._lock = threading.Lock()
         #: Make the next control-message read fail with EIO (a broken channel).
         self.fail_reads = False
+        self._crashed = False
 
     # -- device side (VduseChannel) -----------------------------------------------------
 
@@ -162,6 +191,18 @@ class FakeChannel:
         if self.is_open:
             self.is_open = False
             os.close(self._ready_fd)
+
+    @property
+    def crashed_open(self) -> bool:
+        """Closed by :meth:`FakeVduse.crash` (the fd of a dead process), not by the daemon."""
+        return not self.is_open and self._ready_fd >= 0 and self._crashed
+
+    def reopen(self) -> None:
+        """A new daemon opens the device: same driver state, no kick fds (the kernel
+        dropped the dead process's eventfds)."""
+        self.is_open = True
+        self._crashed = False
+        self.kick_fds.clear()
 
     # -- kernel / driver side -------------------------------------------------------------
 
