@@ -10,6 +10,12 @@ A request goes to the backend's synchronous methods and is answered before
 asynchronously (:attr:`pyvduse.backends.base.Backend.submit_min_bytes`): then
 ``handle`` returns :data:`~pyvduse.queue_worker.PENDING` and the status byte
 is written and the chain completed when the backend calls ``done``.
+
+Failures are logged rate-limited (:class:`~pyvduse.ratelimit.RateLimitedLog`),
+since a driver or a backend can cause one per request: failed and rejected
+requests at most once per :attr:`BlkHandler.ERROR_LOG_INTERVAL` for each of
+the two kinds, malformed chains a few times per interval; the next line let
+through says how many were left out.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pyvduse.blk.config import MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, Bl
 from pyvduse.blk.segments import fill, split_back, split_front, total_length
 from pyvduse.errors import BackendError
 from pyvduse.queue_worker import PENDING, Completer
+from pyvduse.ratelimit import RateLimitedLog
 from pyvduse.uapi import virtio as v
 from pyvduse.virtqueue import Chain
 
@@ -44,6 +51,17 @@ S_IOERR = v.VIRTIO_BLK_S_IOERR
 S_UNSUPP = v.VIRTIO_BLK_S_UNSUPP
 
 _OK_BYTE = bytes([S_OK])
+
+#: Malformed chains logged per interval before the rest are only counted.
+MALFORMED_LOG_BURST = 10
+# Log keys: what a driver sent wrong, and what the backend failed (or got wrong).
+_MALFORMED = "malformed chain"
+_REJECTED = "rejected request"
+_BACKEND = "backend failure"
+
+
+def _monotonic() -> float:
+    return time.monotonic()  # looked up at each call: tests replace this module's ``time``
 
 
 class RequestRejected(Exception):
@@ -78,8 +96,8 @@ class _Pending:
     def __call__(self, error: BaseException | None) -> None:
         if self.finished:
             self.handler._note_error(
-                f"backend completed request type {self.req_type} at sector {self.sector} "
-                "more than once", bug=RuntimeError("done called again"))
+                _BACKEND, "virtio-blk: backend completed request type %d at sector %d more "
+                "than once", self.req_type, self.sector, bug=RuntimeError("done called again"))
             return
         self.finished = True
         if error is None:
@@ -98,7 +116,9 @@ class BlkHandler:
     ``stats`` counts requests by outcome for logs and metrics.
     """
 
-    ERROR_LOG_INTERVAL = 5.0  # seconds between repeated error reports
+    #: Seconds between reports of failed requests (of each kind: rejected, or failed by
+    #: the backend); read at every report, so it may be changed at any time.
+    ERROR_LOG_INTERVAL = 5.0
 
     def __init__(self, backend: Backend, config: BlkConfig) -> None:
         self.backend = backend
@@ -124,8 +144,12 @@ class BlkHandler:
         self._sector_mask = config.sectors_per_block - 1
         self._serial = config.serial.encode()[: v.VIRTIO_BLK_ID_BYTES].ljust(
             v.VIRTIO_BLK_ID_BYTES, b"\0")
-        self._last_error_log = float("-inf")  # the first error is always reported
-        self._errors_since_log = 0
+        # The first report of each kind is always logged, whatever the clock reads.
+        self._error_log = RateLimitedLog(log, self.ERROR_LOG_INTERVAL, burst=1,
+                                         clock=_monotonic,
+                                         note="{count} more since the last report")
+        self._malformed_log = RateLimitedLog(log, self.ERROR_LOG_INTERVAL,
+                                             burst=MALFORMED_LOG_BURST, clock=_monotonic)
 
     def set_capacity(self, capacity: int) -> None:
         """Serve ``capacity`` bytes from now on (a multiple of the logical block size)."""
@@ -210,13 +234,17 @@ class BlkHandler:
         """:meth:`handle` for any layout: the header and status may share buffers with data."""
         writable = chain.writable
         if not writable:
-            log.warning("virtio-blk request %d has no status byte; dropped", chain.head)
+            self._malformed_log.interval = self.ERROR_LOG_INTERVAL
+            self._malformed_log.warning(_MALFORMED, "virtio-blk: request %d has no status byte; "
+                                        "dropped", chain.head)
             return 0
         status_view, data_in = split_back(writable)
         readable = chain.readable
         if total_length(readable) < _HEADER_SIZE:
             status_view[0] = S_IOERR
-            self._note_error(f"request {chain.head}: header shorter than {_HEADER_SIZE} bytes")
+            self._malformed_log.interval = self.ERROR_LOG_INTERVAL
+            self._malformed_log.warning(_MALFORMED, "virtio-blk: request %d: header shorter "
+                                        "than %d bytes", chain.head, _HEADER_SIZE)
             return 1
         header, data_out = split_front(readable, _HEADER_SIZE)
         req_type, _ioprio, sector = _unpack_header(header)
@@ -235,7 +263,7 @@ class BlkHandler:
     def _rejected(self, status_view: memoryview, rejected: RequestRejected) -> int:
         status_view[0] = rejected.status
         if rejected.status == S_IOERR:
-            self._note_error(str(rejected))
+            self._note_error(_REJECTED, "virtio-blk: %s", rejected)
         return 1
 
     def _failed(self, status_view: memoryview, req_type: int, sector: int,
@@ -259,8 +287,8 @@ class BlkHandler:
             if not pending.finished:
                 pending.finished = True
                 raise
-            self._note_error(f"backend raised after completing request type {req_type} at "
-                             f"sector {sector}", bug=exc)
+            self._note_error(_BACKEND, "virtio-blk: backend raised after completing request "
+                             "type %d at sector %d", req_type, sector, bug=exc)
         return PENDING
 
     def _read_via_readv(self, offset: int, buf: memoryview) -> None:
@@ -375,24 +403,24 @@ class BlkHandler:
 
     # -- error reporting ----------------------------------------------------------------
 
-    def _note_error(self, message: str, bug: BaseException | None = None) -> None:
-        """Log ``message``, at most once per interval; a ``bug`` is logged with its traceback."""
-        self._errors_since_log += 1
-        now = time.monotonic()
-        if now - self._last_error_log < self.ERROR_LOG_INTERVAL:
-            return
-        suppressed = self._errors_since_log - 1
-        extra = f" ({suppressed} more since the last report)" if suppressed else ""
+    def _note_error(self, key: str, message: str, *args: object,
+                    bug: BaseException | None = None) -> None:
+        """Log ``message % args`` unless ``key`` was reported less than an interval ago.
+
+        A ``bug`` is logged at ERROR with its traceback. The message is only
+        formatted when it is logged.
+        """
+        limited = self._error_log
+        limited.interval = self.ERROR_LOG_INTERVAL
         if bug is None:
-            log.warning("virtio-blk: %s%s", message, extra)
+            limited.warning(key, message, *args)
         else:
-            log.error("virtio-blk: %s%s", message, extra, exc_info=bug)
-        self._last_error_log = now
-        self._errors_since_log = 0
+            limited.error(key, message, *args, exc_info=bug)
 
     def _note_backend_failure(self, req_type: int, sector: int, exc: BaseException) -> None:
         if isinstance(exc, OSError | BackendError):
-            self._note_error(f"backend failed request type {req_type} at sector {sector}: {exc}")
+            self._note_error(_BACKEND, "virtio-blk: backend failed request type %d at sector "
+                             "%d: %s", req_type, sector, exc)
         else:
-            self._note_error(f"backend raised on request type {req_type} at sector {sector}",
-                             bug=exc)
+            self._note_error(_BACKEND, "virtio-blk: backend raised on request type %d at "
+                             "sector %d", req_type, sector, bug=exc)
