@@ -33,6 +33,7 @@ from pyvduse.backends import BACKENDS, open_backend
 from pyvduse.backends import nbd as nbd_module
 from pyvduse.backends.nbd import NbdBackend, parse_nbd_url
 from pyvduse.errors import ConfigError
+from pyvduse.ratelimit import RateLimitedLog
 from pyvduse.testing.conformance import check_backend
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
@@ -610,19 +611,31 @@ class ScriptedServer:
     chunks as holes. ``sabotage`` spoils the first reply of the first connection:
     ``handle`` (unknown handle), ``magic`` (bad magic), ``outside`` (a data chunk
     outside the request), ``eshutdown`` (an ESHUTDOWN error), ``short`` (a read
-    reply without data). ``fail_reads`` answers every read with an error chunk.
+    reply without data); for a read of 4 KiB, ``overlap`` (data chunks 0+2560 and
+    1024+1536: 4096 bytes in all, yet the last 1536 never sent) and ``duplicate``
+    (chunk 0+2048 twice). ``fail_reads`` answers every read with an error chunk.
+    ``info_every`` (seconds; None: off), when set, makes the handshakes that start
+    from then on endless: NBD_OPT_GO gets an NBD_REP_INFO every ``info_every``
+    seconds (as fast as possible for 0) and never an ACK, until the server gives
+    up after ENDLESS_FOR seconds and hangs up (so that a broken client fails a
+    test instead of hanging it). ``hang_up()`` closes the connections in service.
     """
 
+    ENDLESS_FOR = 5.0
+
     def __init__(self, path: Path, structured: bool = True, sabotage: str = "",
-                 fail_reads: bool = False, go: bool = True) -> None:
+                 fail_reads: bool = False, go: bool = True,
+                 info_every: float | None = None) -> None:
         self.path = path
         self.structured = structured
         self.go = go
         self.sabotage = sabotage
         self.fail_reads = fail_reads
+        self.info_every = info_every
         self.data = bytearray(MiB)
         self.connections = 0
         self.disconnects = 0
+        self.serving: list[socket.socket] = []
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(str(path))
         self.listener.listen(8)
@@ -638,6 +651,13 @@ class ScriptedServer:
         self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.thread.join()
+
+    def hang_up(self) -> None:
+        for conn in list(self.serving):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _accept(self) -> None:
         while True:
@@ -672,6 +692,7 @@ class ScriptedServer:
                                  m.FLAG_FIXED_NEWSTYLE | m.FLAG_NO_ZEROES))
         self._recv(conn, 4)
         structured = False
+        endless = self.info_every
         while True:
             _, option, length = struct.unpack(">QII", self._recv(conn, 16))
             self._recv(conn, length)
@@ -686,7 +707,14 @@ class ScriptedServer:
                 structured = True
                 reply(m.REP_ACK)
             elif option == m.OPT_GO and self.go:
-                reply(m.REP_INFO, struct.pack(">HQH", m.INFO_EXPORT, len(self.data), flags))
+                info = struct.pack(">HQH", m.INFO_EXPORT, len(self.data), flags)
+                if endless is not None:
+                    give_up = time.monotonic() + self.ENDLESS_FOR
+                    while time.monotonic() < give_up:
+                        reply(m.REP_INFO, info)
+                        time.sleep(endless)
+                    return
+                reply(m.REP_INFO, info)
                 reply(m.REP_ACK)
                 break
             elif option == m.OPT_EXPORT_NAME:  # no reply header; no zeroes (NO_ZEROES)
@@ -695,6 +723,7 @@ class ScriptedServer:
             else:
                 reply(m.REP_ERR_UNSUP)
         sabotage = self.sabotage if number == 1 else ""
+        self.serving.append(conn)
         while True:
             _, _, kind, handle, offset, length = struct.unpack(">IHHQQI",
                                                                self._recv(conn, 28))
@@ -757,6 +786,16 @@ class ScriptedServer:
         elif how == "short":
             conn.sendall(struct.pack(">IHHQI", m.STRUCTURED_REPLY_MAGIC, m.REPLY_FLAG_DONE,
                                      m.REPLY_TYPE_NONE, handle, 0))
+        elif how in ("overlap", "duplicate"):
+            assert (kind, length) == (m.CMD_READ, 4096)
+            pieces = [(0, 2560), (1024, 1536)] if how == "overlap" else [(0, 2048), (0, 2048)]
+            out = b"".join(struct.pack(">IHHQIQ", m.STRUCTURED_REPLY_MAGIC, 0,
+                                       m.REPLY_TYPE_OFFSET_DATA, handle, 8 + size,
+                                       offset + start)
+                           + bytes(self.data[offset + start:offset + start + size])
+                           for start, size in pieces)
+            conn.sendall(out + struct.pack(">IHHQI", m.STRUCTURED_REPLY_MAGIC,
+                                           m.REPLY_FLAG_DONE, m.REPLY_TYPE_NONE, handle, 0))
 
 
 @pytest.fixture
@@ -806,7 +845,7 @@ def test_servers_without_nbd_opt_go_or_fixed_newstyle(
             backend.close()
 
 
-@pytest.mark.parametrize("how", ["handle", "magic", "outside"])
+@pytest.mark.parametrize("how", ["handle", "magic"])
 def test_a_protocol_violation_drops_the_connection_and_the_request_is_sent_again(
         how: str, scripted: Callable[..., ScriptedServer],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -821,6 +860,132 @@ def test_a_protocol_violation_drops_the_connection_and_the_request_is_sent_again
     finally:
         backend.close()
     assert "protocol error" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["overlap", "duplicate", "outside"])
+def test_a_chunk_overlapping_another_or_outside_the_read_fails_it_and_drops_the_connection(
+        how: str, scripted: Callable[..., ScriptedServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The overlapping chunks add up to the read's length: counting bytes would take the
+    # read for complete, with 1536 (or 2048) bytes of it never filled.
+    server = scripted(sabotage=how)
+    server.data[:8192] = data(8192, 4)
+    backend = NbdBackend(server.url, **FAST)
+    rec = Recorder()
+    try:
+        spoilt, other = bytearray(b"\x55" * 4096), bytearray(4096)
+        backend.plug()  # both requests in flight on the first connection
+        backend.submit_readv(0, [memoryview(spoilt)], rec.done(0))
+        backend.submit_readv(4096, [memoryview(other)], rec.done(1))
+        backend.unplug()
+        outcome = rec.wait()
+        error = outcome[0]
+        assert isinstance(error, OSError) and error.errno == errno.EIO, outcome
+        assert "read 0+4096: protocol error" in str(error)
+        assert ("outside" if how == "outside" else "overlaps") in str(error)
+        # The other request goes on as after any protocol violation: on a new connection.
+        assert outcome[1] is None and other == server.data[4096:8192]
+        assert server.connections == 2
+        backend.read(0, memoryview(spoilt))
+        assert spoilt == server.data[:4096]
+    finally:
+        backend.close()
+    assert "protocol error" in caplog.text
+
+
+def test_read_coverage_is_tracked_exactly() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        length = rng.randrange(1, 64)
+        cmd = nbd_module._Command(nbd_module.CMD_READ, 0, length, (), lambda error: None)
+        filled = [False] * length
+        for _ in range(rng.randrange(1, 24)):
+            start = rng.randrange(length)
+            end = rng.randrange(start + 1, length + 1)
+            fits = not any(filled[start:end])
+            assert cmd.cover(start, end) == fits, (filled, start, end)
+            if fits:
+                filled[start:end] = [True] * (end - start)
+            assert cmd.covered == sum(filled)
+            assert cmd.spans is not None
+            assert len(cmd.spans) == 2 * sum(1 for i in range(length) if filled[i]
+                                             and (i == 0 or not filled[i - 1]))
+        cmd.reset()
+        assert (cmd.covered, cmd.spans) == (0, None)
+    # In order, in reverse, or shuffled, a read cut in pieces ends as one range.
+    for order in (lambda p: p, reversed, lambda p: rng.sample(p, len(p))):
+        cmd = nbd_module._Command(nbd_module.CMD_READ, 0, 4096, (), lambda error: None)
+        pieces = [(pos, pos + 512) for pos in range(0, 4096, 512)]
+        assert all(cmd.cover(a, b) for a, b in order(pieces))
+        assert (cmd.covered, cmd.spans) == (4096, [0, 4096])
+
+
+def test_a_reconnection_whose_handshake_never_ends_gives_up_at_the_retry_timeout(
+        scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted()
+    backend = NbdBackend(server.url, reconnect_delay=0.02, retry_timeout=0.5, timeout=5)
+    rec = Recorder()
+    try:
+        # Every new handshake is endless, each reply coming well within timeout= of the last.
+        server.info_every = 0.05
+        server.hang_up()
+        wait_until(lambda: backend.live_connections == 0, what="the loss to be noticed")
+        started = time.monotonic()
+        backend.submit_readv(0, [memoryview(bytearray(4096))], rec.done(0))
+        error = rec.wait()[0]
+        assert isinstance(error, OSError) and error.errno == errno.EIO
+        assert time.monotonic() - started < 0.5 + 0.7  # retry-timeout, not timeout=
+        assert "the handshake did not finish within" in str(error)
+        assert server.connections >= 2
+    finally:
+        started = time.monotonic()
+        backend.close()  # interrupts the attempt under way
+        assert time.monotonic() - started < 1
+
+
+def test_a_handshake_that_never_ends_fails_the_constructor_within_the_timeout(
+        scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted(info_every=0.05)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"cannot use .*: the handshake did not finish within "
+                                          r"0\.5 s$"):
+        NbdBackend(server.url, timeout=0.5)
+    assert time.monotonic() - started < 0.5 + 0.7
+
+
+def test_option_replies_are_capped(scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted(info_every=0.0)  # a flood, faster than any timeout
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"more than \d+ replies to NBD_OPT_GO$"):
+        NbdBackend(server.url, timeout=5)
+    assert time.monotonic() - started < 2
+
+
+def test_a_failing_completion_is_logged_rate_limited(
+        scripted: Callable[..., ScriptedServer], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    limited = RateLimitedLog(nbd_module.log, interval=3600, burst=3)
+    monkeypatch.setattr(nbd_module, "_done_log", limited)  # a fresh one, whatever ran before
+    server = scripted()
+    backend = NbdBackend(server.url, **FAST)
+    calls = []
+
+    def broken_done(error: BaseException | None) -> None:
+        calls.append(error)
+        raise RuntimeError("completion bug")
+
+    try:
+        for n in range(50):
+            backend.submit_readv(n * 512, [memoryview(bytearray(512))], broken_done)
+        wait_until(lambda: len(calls) == 50, what="50 completions")
+        backend.read(0, memoryview(bytearray(512)))  # the connection goes on
+    finally:
+        backend.close()
+    failures = [r for r in caplog.records if "completion failed" in r.getMessage()]
+    assert len(failures) == 3
+    assert all(r.exc_info is not None and r.exc_info[0] is RuntimeError for r in failures)
+    assert limited.flush(force=True) == 1
+    assert "(46 similar messages suppressed" in caplog.records[-1].getMessage()
 
 
 def test_eshutdown_disconnects_politely_and_retries(

@@ -18,15 +18,21 @@ Options (``pyvduse serve nbd key=value ...``):
 ``retry-timeout=SECONDS`` (default 60)
     How long requests wait for a lost server to come back before they fail
     with ``EIO``; 0 fails them as soon as one reconnection attempt failed.
+    Requests get at least one attempt: when the first attempt only starts at
+    the retry timeout (``reconnect-delay`` not shorter), they wait for it.
 ``timeout=SECONDS`` (default 10)
-    Limit for connecting and for each step of the handshake.
+    Limit for one connection attempt as a whole: connecting and the entire
+    handshake (a server that keeps the handshake going is cut off). An
+    attempt that starts before the retry timeout is also cut off at it.
 
 The handshake is fixed newstyle with ``NBD_OPT_GO`` (falling back to
 ``NBD_OPT_EXPORT_NAME`` for servers without it) and asks for structured
-replies and the export's block size constraints. The disk's size is the
-export's; :attr:`NbdBackend.preferred_block_size` is the server's minimum
-block size when that is a power of two above 512 (the device then sends no
-smaller request). What the device offers follows the transmission flags: a
+replies and the export's block size constraints; at most
+:data:`MAX_OPTION_REPLIES` replies to one option are accepted, and the whole
+attempt is bounded by ``timeout``. The disk's size is the export's;
+:attr:`NbdBackend.preferred_block_size` is the server's minimum block size
+when that is a power of two above 512 (the device then sends no smaller
+request). What the device offers follows the transmission flags: a
 read-only export makes a read-only disk, ``NBD_FLAG_SEND_TRIM`` enables
 discard, ``NBD_FLAG_SEND_WRITE_ZEROES`` makes write-zeroes native
 (``NBD_CMD_FLAG_NO_HOLE`` unless the driver allows unmapping), and without
@@ -39,24 +45,31 @@ thread per connection matches replies to requests by handle, receives read
 data straight into the request's buffers and reports completion. Requests
 longer than the server's maximum payload (32 MiB at most) are split. Simple
 and structured replies are both understood: data chunks at any offset of the
-request, holes (zero-filled), error chunks. A server error fails the request
-with the matching :class:`OSError` (``EPERM``, ``EIO``, ``ENOMEM``,
-``EINVAL``, ``ENOSPC``, ``EOVERFLOW``, ``ENOTSUP``; anything else is
-``EIO``), which the device reports as an I/O error; the connection goes on.
+request, holes (zero-filled), error chunks. The bytes of a read that its
+chunks covered are tracked exactly, so a read completes only when every byte
+was filled once: a reply that leaves a gap fails the read with ``EIO``, and
+a chunk outside the read or overlapping another is a protocol violation
+(below). A server error fails the request with the matching
+:class:`OSError` (``EPERM``, ``EIO``, ``ENOMEM``, ``EINVAL``, ``ENOSPC``,
+``EOVERFLOW``, ``ENOTSUP``; anything else is ``EIO``), which the device
+reports as an I/O error; the connection goes on.
 
 Reconnection: when a connection breaks (the server exits, the connection is
 reset, or the server violates the protocol, e.g. answers an unknown handle),
 its requests in flight are kept and sent again once a connection is back
-(reads, writes, trims, zeroing and flushes may all be repeated). New
-requests queue meanwhile. One thread reconnects with exponential backoff;
-when the server has been gone for ``retry-timeout`` seconds, the waiting
-requests fail with ``EIO``, and from then on each new request gets one
-more connection attempt (at most one per ``reconnect-delay``) before it
+(reads, writes, trims, zeroing and flushes may all be repeated), except a
+read whose reply had a chunk outside it or overlapping another: that read
+fails with ``EIO``. New requests queue meanwhile. One thread reconnects
+with exponential backoff; when the server has been gone for
+``retry-timeout`` seconds, the waiting requests fail with ``EIO`` (an
+attempt under way then is cut off), and from then on each new request gets
+one more connection attempt (at most one per ``reconnect-delay``) before it
 fails, so the device stays usable and recovers as soon as the server is
 back. A server answering ``ESHUTDOWN`` is disconnected from politely and
 treated the same way. The reconnected export must have the same size.
-Losses, failed attempts and recoveries are logged (rate-limited) on the
-``pyvduse.backends.nbd`` logger.
+Losses, failed attempts and recoveries are logged (rate-limited, with
+:class:`~pyvduse.ratelimit.RateLimitedLog`, as are failing completions) on
+the ``pyvduse.backends.nbd`` logger.
 
 Not supported: TLS, FUA (flush is used instead), block status, resizing,
 oldstyle negotiation. There is no timeout on a request that a connected
@@ -65,6 +78,7 @@ server never answers (TCP keepalive detects dead peers on TCP).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import math
@@ -89,16 +103,16 @@ from pyvduse.backends.base import (
 from pyvduse.backends.options import BackendOptions
 from pyvduse.backends.socket_io import (
     ReceiveBuffer,
-    recv_exact,
     send_all,
     slice_views,
 )
 from pyvduse.errors import BackendError, ConfigError
+from pyvduse.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportInfo", "NbdAddress", "NbdBackend", "NbdError", "connect", "nbd_errno",
-           "negotiate", "parse_nbd_url"]
+__all__ = ["AttemptTimedOut", "ExportInfo", "NbdAddress", "NbdBackend", "NbdError", "connect",
+           "nbd_errno", "negotiate", "parse_nbd_url"]
 
 DEFAULT_PORT = 10809
 MAX_CONNECTIONS = 16
@@ -206,6 +220,8 @@ _COMMAND_NAMES = {CMD_READ: "read", CMD_WRITE: "write", CMD_FLUSH: "flush",
                   CMD_TRIM: "trim", CMD_WRITE_ZEROES: "write-zeroes", CMD_DISC: "disconnect"}
 #: Longest option reply or error chunk payload accepted (messages are at most 4 KiB).
 _MAX_MESSAGE = 1 << 16
+#: Most replies accepted to one option (NBD_OPT_GO gets a few NBD_REP_INFO, then an ACK).
+MAX_OPTION_REPLIES = 32
 _ZEROES = memoryview(ZERO_CHUNK)
 
 
@@ -220,7 +236,16 @@ class NbdError(BackendError):
 
 
 class _ProtocolError(Exception):
-    """The server sent something the protocol does not allow: drop the connection."""
+    """The server sent something the protocol does not allow: drop the connection.
+
+    ``blame`` is the handle of the request whose reply was wrong in a way
+    that could leave it half done (a chunk outside it, or overlapping
+    another): that request fails with ``EIO`` instead of being sent again.
+    """
+
+    def __init__(self, message: str, blame: int | None = None) -> None:
+        super().__init__(message)
+        self.blame = blame
 
 
 def nbd_errno(value: int) -> int:
@@ -316,20 +341,62 @@ class ExportInfo:
         return bool(self.flags & flag)
 
 
-def _send_option(sock: socket.socket, option: int, data: bytes = b"") -> None:
-    send_all(sock, [_OPTION.pack(IHAVEOPT, option, len(data)), data])
+class _Handshake:
+    """A socket during the handshake, whose every receive and send ends by ``deadline``.
 
+    ``deadline`` is a :func:`time.monotonic` time; past it a receive or send
+    raises :class:`TimeoutError`. An infinite deadline leaves the socket's
+    own timeout alone (it then bounds each call, not the whole). ``received``
+    counts the bytes received, to tell a silent server from a slow one.
+    """
 
-def _recv_option_reply(sock: socket.socket, option: int) -> tuple[int, bytes]:
-    """Receive one option reply to ``option``: ``(reply type, data)``."""
-    magic, got_option, reply, length = _OPTION_REPLY.unpack(recv_exact(sock, _OPTION_REPLY.size))
-    if magic != OPT_REPLY_MAGIC:
-        raise NbdError(f"bad option reply magic {magic:#x}")
-    if got_option != option:
-        raise NbdError(f"the server answered option {got_option} to option {option}")
-    if length > _MAX_MESSAGE:
-        raise NbdError(f"option reply of {length} bytes is too long")
-    return reply, recv_exact(sock, length)
+    def __init__(self, sock: socket.socket, deadline: float = math.inf) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.received = 0
+
+    def _bound(self) -> None:
+        if self.deadline < math.inf:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the handshake's time is up")
+            self.sock.settimeout(left)
+
+    def recv(self, length: int) -> bytes:
+        """Exactly ``length`` bytes; :class:`EOFError` if the server closes first."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            self._bound()
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                raise EOFError("the server closed the connection")
+            got += n
+            self.received += n
+        return bytes(buf)
+
+    def send(self, data: bytes) -> None:
+        """All of ``data``."""
+        view = memoryview(data)
+        sent = 0
+        while sent < len(view):
+            self._bound()
+            sent += self.sock.send(view[sent:])
+
+    def send_option(self, option: int, data: bytes = b"") -> None:
+        self.send(_OPTION.pack(IHAVEOPT, option, len(data)) + data)
+
+    def recv_option_reply(self, option: int) -> tuple[int, bytes]:
+        """Receive one option reply to ``option``: ``(reply type, data)``."""
+        magic, got_option, reply, length = _OPTION_REPLY.unpack(self.recv(_OPTION_REPLY.size))
+        if magic != OPT_REPLY_MAGIC:
+            raise NbdError(f"bad option reply magic {magic:#x}")
+        if got_option != option:
+            raise NbdError(f"the server answered option {got_option} to option {option}")
+        if length > _MAX_MESSAGE:
+            raise NbdError(f"option reply of {length} bytes is too long")
+        return reply, self.recv(length)
 
 
 def _option_error(reply: int, data: bytes, export: str) -> NbdError:
@@ -347,16 +414,23 @@ def _option_error(reply: int, data: bytes, export: str) -> NbdError:
     return NbdError(f"{what}: {message}" if message else what)
 
 
-def negotiate(sock: socket.socket, export: str) -> ExportInfo:
+def negotiate(sock: socket.socket, export: str, deadline: float = math.inf) -> ExportInfo:
     """Run the newstyle handshake for ``export`` on a connected socket.
 
     Asks for structured replies and block size information, enters
     transmission with ``NBD_OPT_GO`` (``NBD_OPT_EXPORT_NAME`` when the
     server lacks it). Raises :class:`NbdError` for anything the server
-    refuses or gets wrong, :class:`OSError`/:class:`EOFError` for a broken
-    connection.
+    refuses or gets wrong (more than :data:`MAX_OPTION_REPLIES` replies to
+    one option included), :class:`OSError`/:class:`EOFError` for a broken
+    connection. ``deadline`` (a :func:`time.monotonic` time) bounds the
+    whole handshake: :class:`TimeoutError` once it passed. Without one,
+    only the socket's own timeout applies, to each receive and send.
     """
-    magic, opt_magic, hflags = struct.unpack(">QQH", recv_exact(sock, 18))
+    return _negotiate(_Handshake(sock, deadline), export)
+
+
+def _negotiate(hs: _Handshake, export: str) -> ExportInfo:
+    magic, opt_magic, hflags = struct.unpack(">QQH", hs.recv(18))
     if magic != NBDMAGIC:
         raise NbdError("not an NBD server (no NBDMAGIC)")
     if opt_magic == CLISERV_MAGIC:
@@ -366,23 +440,23 @@ def negotiate(sock: socket.socket, export: str) -> ExportInfo:
     fixed = bool(hflags & FLAG_FIXED_NEWSTYLE)
     no_zeroes = bool(hflags & FLAG_NO_ZEROES)
     cflags = (FLAG_C_FIXED_NEWSTYLE if fixed else 0) | (FLAG_C_NO_ZEROES if no_zeroes else 0)
-    send_all(sock, [struct.pack(">I", cflags)])
+    hs.send(struct.pack(">I", cflags))
     name = export.encode()
     structured = False
     if fixed:
-        _send_option(sock, OPT_STRUCTURED_REPLY)
-        reply, _ = _recv_option_reply(sock, OPT_STRUCTURED_REPLY)
+        hs.send_option(OPT_STRUCTURED_REPLY)
+        reply, _ = hs.recv_option_reply(OPT_STRUCTURED_REPLY)
         if reply == REP_ERR_SHUTDOWN:
             raise NbdError("the server is shutting down")
         structured = reply == REP_ACK
-        info = _go(sock, name, export, structured)
+        info = _go(hs, name, export, structured)
         if info is not None:
             return info
     # No NBD_OPT_GO: the old way, which cannot report errors (the server just hangs up).
-    _send_option(sock, OPT_EXPORT_NAME, name)
-    size, flags = struct.unpack(">QH", recv_exact(sock, 10))
+    hs.send_option(OPT_EXPORT_NAME, name)
+    size, flags = struct.unpack(">QH", hs.recv(10))
     if not no_zeroes:
-        recv_exact(sock, 124)
+        hs.recv(124)
     return ExportInfo(size=size, flags=_transmission_flags(flags), structured=structured)
 
 
@@ -390,14 +464,14 @@ def _transmission_flags(flags: int) -> int:
     return flags if flags & FLAG_HAS_FLAGS else 0
 
 
-def _go(sock: socket.socket, name: bytes, export: str, structured: bool) -> ExportInfo | None:
+def _go(hs: _Handshake, name: bytes, export: str, structured: bool) -> ExportInfo | None:
     """``NBD_OPT_GO``; None if the server does not know the option."""
-    _send_option(sock, OPT_GO, struct.pack(">I", len(name)) + name
-                 + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
+    hs.send_option(OPT_GO, struct.pack(">I", len(name)) + name
+                   + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
     export_info: tuple[int, int] | None = None
     sizes: tuple[int, int, int] | None = None
-    while True:
-        reply, data = _recv_option_reply(sock, OPT_GO)
+    for _ in range(MAX_OPTION_REPLIES):
+        reply, data = hs.recv_option_reply(OPT_GO)
         if reply == REP_INFO:
             if len(data) < 2:
                 raise NbdError("empty NBD_REP_INFO")
@@ -419,6 +493,8 @@ def _go(sock: socket.socket, name: bytes, export: str, structured: bool) -> Expo
         if reply & REP_ERROR_BIT:
             raise _option_error(reply, data, export)
         raise NbdError(f"unexpected reply {reply} to NBD_OPT_GO")
+    else:
+        raise NbdError(f"more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO")
     if export_info is None:
         raise NbdError("the server sent no NBD_INFO_EXPORT")
     size, flags = export_info
@@ -433,17 +509,27 @@ def _go(sock: socket.socket, name: bytes, export: str, structured: bool) -> Expo
     return info
 
 
+class AttemptTimedOut(NbdError):
+    """A connection attempt ran out of time: ``timeout`` or its ``deadline`` passed."""
+
+
 def connect(address: NbdAddress, timeout: float,
             started: Callable[[socket.socket], None] | None = None,
-            ) -> tuple[socket.socket, ExportInfo]:
+            deadline: float = math.inf) -> tuple[socket.socket, ExportInfo]:
     """Connect to ``address`` and negotiate its export; return the socket, in blocking mode.
 
-    ``timeout`` bounds connecting and each receive of the handshake. Every
-    address a host name resolves to is tried in turn. ``started`` is called
+    ``timeout`` bounds the whole attempt: connecting (to every address a
+    host name resolves to, tried in turn) and the handshake together; a
+    ``deadline`` (a :func:`time.monotonic` time) ends it sooner if it comes
+    first. Resolving the host name is not bounded. ``started`` is called
     with each socket once it exists (so that another thread can shut it
     down to abort a slow attempt; it may raise to stop). Raises
-    :class:`NbdError` or :class:`OSError` with a one-line message.
+    :class:`NbdError` (:class:`AttemptTimedOut` when the time is up) or
+    :class:`OSError` with a one-line message.
     """
+    begin = time.monotonic()
+    end = min(begin + timeout, deadline)
+    budget = f"{max(end - begin, 0.0):.3g}"
     if address.is_unix:
         targets: list[tuple[int, int, int, str | tuple[str, int]]] = [
             (socket.AF_UNIX, socket.SOCK_STREAM, 0, address.path)]
@@ -451,14 +537,23 @@ def connect(address: NbdAddress, timeout: float,
         targets = [(family, kind, proto, (str(target[0]), int(target[1])))
                    for family, kind, proto, _, target
                    in socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)]
-    failure: OSError = OSError(errno.EHOSTUNREACH, f"cannot resolve {address.host}")
+    failure: OSError | NbdError = OSError(errno.EHOSTUNREACH, f"cannot resolve {address.host}")
+    connected: socket.socket | None = None
     for family, kind, proto, target in targets:
+        left = end - time.monotonic()
+        if left <= 0:
+            failure = AttemptTimedOut(f"no connection within {budget} s")
+            break
         sock = socket.socket(family, kind, proto)
         try:
             if started is not None:
                 started(sock)
-            sock.settimeout(timeout)
+            sock.settimeout(left)
             sock.connect(target)
+        except TimeoutError:
+            sock.close()
+            failure = AttemptTimedOut(f"no connection within {budget} s")
+            continue
         except OSError as exc:
             sock.close()
             failure = exc
@@ -466,19 +561,24 @@ def connect(address: NbdAddress, timeout: float,
         except BaseException:
             sock.close()
             raise
+        connected = sock
         break
-    else:
+    if connected is None:
         raise failure
+    sock = connected
+    hs = _Handshake(sock, end)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
-            info = negotiate(sock, address.export)
+            info = _negotiate(hs, address.export)
         except EOFError:
             raise NbdError("the server closed the connection during the handshake") from None
         except TimeoutError:
-            raise NbdError(f"no answer to the handshake within {timeout:g} s") from None
+            if hs.received:
+                raise AttemptTimedOut(f"the handshake did not finish within {budget} s") from None
+            raise AttemptTimedOut(f"no answer to the handshake within {budget} s") from None
         sock.settimeout(None)
     except BaseException:
         sock.close()
@@ -493,7 +593,7 @@ class _Command:
     """One NBD command: sent, maybe sent again after a reconnect, completed once."""
 
     __slots__ = ("bufs", "covered", "done", "error", "flags", "kind", "length", "offset",
-                 "retry_since")
+                 "retry_since", "spans")
 
     def __init__(self, kind: int, offset: int, length: int, bufs: Sequence[memoryview],
                  done: Done, flags: int = 0) -> None:
@@ -505,47 +605,57 @@ class _Command:
         self.done = done
         self.error: OSError | None = None  # first error chunk of a structured reply
         self.covered = 0  # bytes of a structured read covered by data and hole chunks
+        # The ranges they covered, relative to offset: [start, end, start, end, ...],
+        # sorted, neither overlapping nor touching (touching ranges are merged).
+        self.spans: list[int] | None = None
         self.retry_since: float | None = None  # when a lost connection first took it
 
     def reset(self) -> None:
         """Forget a partial reply before the command is sent again."""
         self.error = None
         self.covered = 0
+        self.spans = None
+
+    def cover(self, start: int, end: int) -> bool:
+        """Note that a chunk filled bytes ``start:end`` of a read; False if some of them
+        were filled already (nothing is noted then)."""
+        spans = self.spans
+        if spans is None:  # the first chunk: usually the only one
+            self.spans = [start, end]
+        else:
+            pos = bisect.bisect_right(spans, start)
+            if pos & 1 or (pos < len(spans) and spans[pos] < end):
+                return False  # start is inside a range, or the next range begins before end
+            joins_before = pos > 0 and spans[pos - 1] == start
+            joins_after = pos < len(spans) and spans[pos] == end
+            if joins_before and joins_after:
+                del spans[pos - 1:pos + 1]
+            elif joins_before:
+                spans[pos - 1] = end
+            elif joins_after:
+                spans[pos] = start
+            else:
+                spans[pos:pos] = [start, end]
+        self.covered += end - start
+        return True
 
     def describe(self) -> str:
         return f"{_COMMAND_NAMES.get(self.kind, self.kind)} {self.offset}+{self.length}"
-
-
-class _RateLimited:
-    """Logs at most one message per interval; the next one says how many were left out."""
-
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
-        self.interval = interval
-        self._last = -math.inf
-        self._skipped = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, level: int, message: str, *args: object) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < self.interval:
-                self._skipped += 1
-                return
-            skipped, self._skipped, self._last = self._skipped, 0, now
-        if skipped:
-            message += f" ({skipped} similar message{'s' if skipped > 1 else ''} left out)"
-        log.log(level, message, *args)
 
 
 def _closed_error() -> OSError:
     return OSError(errno.EIO, "nbd backend closed")
 
 
+#: A failing completion may fail for every request: its traceback a few times per interval.
+_done_log = RateLimitedLog(log, LOG_INTERVAL, burst=3)
+
+
 def _call_done(done: Done, error: BaseException | None) -> None:
     try:
         done(error)
-    except Exception:  # the completion itself failed: nobody else can report it
-        log.exception("nbd: a request's completion failed")
+    except Exception as exc:  # the completion itself failed: nobody else can report it
+        _done_log.error("done", "nbd: a request's completion failed", exc_info=exc)
 
 
 # -- connections ------------------------------------------------------------------------
@@ -626,20 +736,25 @@ class _Connection:
     def _read_loop(self) -> None:
         reason = "closed"
         soft = False
+        blamed: _Command | None = None
         try:
             self._read_replies()
         except _ShutdownRequested as exc:
             reason, soft = str(exc), True
         except _ProtocolError as exc:
             reason = f"protocol error: {exc}"
+            if exc.blame is not None:
+                with self.backend._lock:
+                    blamed = self.pending.pop(exc.blame, None)
         except EOFError as exc:
             reason = str(exc)
         except OSError as exc:
             reason = exc.strerror or str(exc)
         except Exception as exc:  # a bug here must not leave requests hanging
-            log.exception("nbd: reader of connection %d failed", self.number)
+            self.backend._log.error("reader", "nbd: reader of connection %d failed",
+                                    self.number, exc_info=exc)
             reason = f"{type(exc).__name__}: {exc}"
-        self.backend._lost(self, reason, soft)
+        self.backend._lost(self, reason, soft, blamed)
 
     def _command(self, handle: int) -> _Command:
         cmd = self.pending.get(handle)
@@ -677,7 +792,7 @@ class _Connection:
                     raise _ProtocolError("structured reply without negotiation")
                 flags, kind, handle, length = stream.unpack(_STRUCTURED_REST)
                 cmd = self._command(handle)
-                self._chunk(stream, cmd, kind, length)
+                self._chunk(stream, handle, cmd, kind, length)
                 if flags & REPLY_FLAG_DONE:
                     error = cmd.error
                     if error is None and cmd.kind == CMD_READ and cmd.covered != cmd.length:
@@ -690,8 +805,14 @@ class _Connection:
                 raise _ProtocolError(f"bad reply magic {magic:#x}")
 
     @staticmethod
-    def _chunk(stream: ReceiveBuffer, cmd: _Command, kind: int, length: int) -> None:
-        """Take one structured reply chunk's payload of ``length`` bytes for ``cmd``."""
+    def _chunk(stream: ReceiveBuffer, handle: int, cmd: _Command, kind: int,
+               length: int) -> None:
+        """Take one structured reply chunk's payload of ``length`` bytes for ``cmd``.
+
+        A data or hole chunk outside the read, or overlapping one received
+        before, is a protocol error that fails ``cmd``: its buffers are left
+        as they are.
+        """
         if kind == REPLY_TYPE_NONE:
             if length:
                 raise _ProtocolError("NBD_REPLY_TYPE_NONE with a payload")
@@ -709,13 +830,16 @@ class _Connection:
                 offset, size = stream.unpack(_HOLE)
             start = offset - cmd.offset
             if start < 0 or size <= 0 or start + size > cmd.length:
-                raise _ProtocolError(f"chunk {offset}+{size} outside {cmd.describe()}")
+                raise _ProtocolError(f"chunk {offset}+{size} outside {cmd.describe()}",
+                                     blame=handle)
+            if not cmd.cover(start, start + size):
+                raise _ProtocolError(f"chunk {offset}+{size} overlaps another chunk of "
+                                     f"{cmd.describe()}", blame=handle)
             views = slice_views(cmd.bufs, start, size)
             if kind == REPLY_TYPE_OFFSET_DATA:
                 stream.read_into(views)
             else:
                 _zero_fill(views)
-            cmd.covered += size
         elif kind & REPLY_TYPE_ERROR_BIT:
             if length < _ERROR_HEAD.size or length > _MAX_MESSAGE:
                 raise _ProtocolError(f"error chunk of {length} bytes")
@@ -791,10 +915,9 @@ class NbdBackend(AsynchronousBackend):
         self._next_number = 0
         self._rr = 0
         self._batch = threading.local()  # .held: commands a plugged thread registered
-        self._log_lost = _RateLimited()
-        self._log_retry = _RateLimited()
-        self._log_back = _RateLimited()
-        self._log_failed = _RateLimited()
+        # One message per kind of connection trouble and interval; a server that breaks
+        # the protocol at every reply must not flood the log.
+        self._log = RateLimitedLog(log, LOG_INTERVAL, burst=1)
 
         sock, info = self._connect_or_config_error()
         self.info = info
@@ -1077,8 +1200,13 @@ class NbdBackend(AsynchronousBackend):
             sock.close()
         return accepted
 
-    def _lost(self, conn: _Connection, reason: str, soft: bool) -> None:
-        """Called by ``conn``'s reader when it stops: hand its requests on, and clean up."""
+    def _lost(self, conn: _Connection, reason: str, soft: bool,
+              blamed: _Command | None = None) -> None:
+        """Called by ``conn``'s reader when it stops: hand its requests on, and clean up.
+
+        ``blamed``, a request the server answered wrongly (no longer pending
+        on ``conn``), fails with ``EIO`` once the connection is out of service.
+        """
         if soft:
             conn.disconnect()
         conn.shut()
@@ -1094,13 +1222,15 @@ class NbdBackend(AsynchronousBackend):
             self._wake.notify_all()
         conn.sock.close()
         try:
+            if blamed is not None:
+                _call_done(blamed.done, _closed_error() if closed else OSError(
+                    errno.EIO, f"nbd {self.url}: {blamed.describe()}: {reason}"))
             if closed:
                 for cmd in cmds:
                     _call_done(cmd.done, _closed_error())
                 return
-            self._log_lost(logging.WARNING,
-                           "nbd %s: connection %d lost (%s); %d request(s) in flight will be "
-                           "sent again", self.url, conn.number, reason, len(cmds))
+            self._log.warning("lost", "nbd %s: connection %d lost (%s); %d request(s) in flight "
+                              "will be sent again", self.url, conn.number, reason, len(cmds))
             now = time.monotonic()
             for cmd in cmds:
                 cmd.reset()
@@ -1137,6 +1267,7 @@ class NbdBackend(AsynchronousBackend):
         delay = self.reconnect_delay
         last = -math.inf
         while True:
+            expired: list[_Command] | None = None
             with self._lock:
                 while True:
                     if self._closed:
@@ -1150,21 +1281,33 @@ class NbdBackend(AsynchronousBackend):
                     if last == -math.inf:
                         last = time.monotonic()  # a fresh loss: wait reconnect-delay first
                     now = time.monotonic()
+                    limit = self._retry_limit()
+                    if now >= limit and self._down_since is not None and (
+                            self._last_failure >= self._down_since):
+                        # Time is up and an attempt already failed: no last one.
+                        expired = self._expire()
+                        break
                     at = self._next_attempt(last, delay)
                     if now >= at:
                         break
                     self._wake.wait(at - now)
-            last = time.monotonic()
+            if expired is not None:
+                self._fail_expired(expired)
+                continue
+            last = now
+            # An attempt that starts before waiting requests must fail ends when they
+            # must; one that starts later is the attempt they get, with all its timeout.
+            cut = limit if last < limit < last + self.timeout else math.inf
             try:
-                sock, info = connect(self.address, self.timeout, self._set_connecting)
+                sock, info = connect(self.address, self.timeout, self._set_connecting, cut)
                 if info.size != self.info.size:
                     sock.close()
                     raise NbdError(f"the export's size changed from {self.info.size} to "
                                    f"{info.size} bytes")
                 if info.flags != self.info.flags:
-                    self._log_back(logging.WARNING, "nbd %s: the server's transmission flags "
-                                   "changed from %#x to %#x", self.url, self.info.flags,
-                                   info.flags)
+                    self._log.warning("flags", "nbd %s: the server's transmission flags "
+                                      "changed from %#x to %#x", self.url, self.info.flags,
+                                      info.flags)
                 if self._wanted > 1 and not info.has(FLAG_CAN_MULTI_CONN):
                     with self._lock:
                         self._wanted = 1
@@ -1173,7 +1316,8 @@ class NbdBackend(AsynchronousBackend):
                         sock.close()
                         continue
             except (OSError, NbdError, EOFError) as exc:
-                self._attempt_failed(exc, delay)
+                self._attempt_failed(exc, delay, isinstance(exc, AttemptTimedOut)
+                                     and cut < math.inf)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY)
                 continue
             finally:
@@ -1189,15 +1333,25 @@ class NbdBackend(AsynchronousBackend):
                 self._down_since = None
                 self._expired = False
             if was_down and down_since is not None:
-                self._log_back(logging.WARNING, "nbd %s: reconnected after %.1f s; sending %d "
-                               "waiting request(s)", self.url, time.monotonic() - down_since,
-                               len(waiting))
+                self._log.warning("back", "nbd %s: reconnected after %.1f s; sending %d "
+                                  "waiting request(s)", self.url, time.monotonic() - down_since,
+                                  len(waiting))
             for cmd in waiting:
                 refused = self._start(cmd)
                 if refused is not None:
                     _call_done(cmd.done, refused)
             delay = self.reconnect_delay
             last = -math.inf
+
+    def _retry_limit(self) -> float:
+        """When the requests waiting for a lost server fail (called with the lock held).
+
+        Infinite while a connection is up, and once the retry timeout has
+        passed (requests then get one attempt each).
+        """
+        if self._live or self._expired or self._down_since is None:
+            return math.inf
+        return self._down_since + self.retry_timeout
 
     def _set_connecting(self, sock: socket.socket | None) -> None:
         with self._lock:
@@ -1207,28 +1361,45 @@ class NbdBackend(AsynchronousBackend):
             sock.close()
             raise OSError(errno.ESHUTDOWN, "closing")
 
-    def _attempt_failed(self, exc: BaseException, delay: float) -> None:
-        failed: list[_Command] = []
+    def _attempt_failed(self, exc: BaseException, delay: float, cut: bool = False) -> None:
+        """Note a failed reconnection attempt; past the retry timeout (or when the
+        attempt was ``cut`` short at it), fail the waiting requests with ``EIO``."""
+        expired: list[_Command] | None = None
         with self._lock:
             if self._closed:
                 return
             now = time.monotonic()
             self._last_failure, self._failure = now, _reason(exc)
-            down_for = now - self._down_since if self._down_since is not None else 0.0
             if not self._live and self._down_since is not None and (
-                    down_for >= self.retry_timeout):
-                failed = list(self._waiting)
-                self._waiting.clear()
-                self._expired = True
-        self._log_retry(logging.WARNING, "nbd %s: reconnecting failed (%s); retrying in up to "
-                        "%.3g s", self.url, _reason(exc), min(delay * 2, MAX_RECONNECT_DELAY))
-        if failed:
-            self._log_failed(logging.ERROR, "nbd %s: server gone for %.1f s (retry-timeout %g "
-                             "s): failing %d request(s) with EIO", self.url, down_for,
-                             self.retry_timeout, len(failed))
+                    cut or now - self._down_since >= self.retry_timeout):
+                expired = self._expire()
+        self._log.warning("retry", "nbd %s: reconnecting failed (%s); retrying in up to "
+                          "%.3g s", self.url, _reason(exc), min(delay * 2, MAX_RECONNECT_DELAY))
+        if expired is not None:
+            self._fail_expired(expired)
+
+    def _expire(self) -> list[_Command]:
+        """The server is gone for good (called with the lock held): take the waiting
+        requests, to fail; from now on each request gets one attempt of its own."""
+        failed = list(self._waiting)
+        self._waiting.clear()
+        self._expired = True
+        return failed
+
+    def _fail_expired(self, failed: list[_Command]) -> None:
+        """Fail requests :meth:`_expire` took with ``EIO``."""
+        with self._lock:
+            down_since = self._down_since
+            reason = self._failure
+        if not failed:
+            return
+        down_for = time.monotonic() - down_since if down_since is not None else 0.0
+        self._log.error("failed", "nbd %s: server gone for %.1f s (retry-timeout %g s): failing "
+                        "%d request(s) with EIO", self.url, down_for, self.retry_timeout,
+                        len(failed))
         for cmd in failed:
             _call_done(cmd.done, OSError(errno.EIO, f"nbd {self.url}: server unreachable "
-                                                    f"({_reason(exc)})"))
+                                                    f"({reason})"))
 
     def close(self) -> None:
         """Disconnect (``NBD_CMD_DISC``), stop the threads; requests left get ``EIO``.
