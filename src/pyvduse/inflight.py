@@ -258,10 +258,16 @@ class InflightLog:
             raise InflightLogError(
                 f"cannot open inflight log {path}: {exc.strerror or exc}") from None
         try:
-            return cls._validate(path, fd)
+            log = cls._validate(path, fd)
         except BaseException:
             os.close(fd)
             raise
+        status = log.status
+        if status & 0x80 or status & ~0xCF:  # FAILED, or bits no device sets
+            log.close()
+            raise InflightLogError(f"inflight log {path} is corrupt (device status "
+                                   f"{status:#x}); it cannot be trusted to recover the device")
+        return log
 
     @classmethod
     def _validate(cls, path: str, fd: int) -> InflightLog:
@@ -295,12 +301,7 @@ class InflightLog:
             raise corrupt("unreadable options") from None
         if not isinstance(identity, dict):
             raise corrupt("unreadable options")
-        log = cls(path, fd, mmap.mmap(fd, actual), queues, queue_size, identity)
-        status = log.status
-        if status & 0x80 or status & ~0xCF:  # FAILED, or bits no device sets
-            log.close()
-            raise corrupt(f"device status {status:#x}")
-        return log
+        return cls(path, fd, mmap.mmap(fd, actual), queues, queue_size, identity)
 
     # -- device state ---------------------------------------------------------------
 
