@@ -19,6 +19,7 @@ from pyvduse.commands import daemon_commands
 from pyvduse.control import ControlServer
 from pyvduse.ctl import add_ctl_parser, run_ctl
 from pyvduse.errors import PyvduseError
+from pyvduse.ratelimit import flush_all
 from pyvduse.registry import ExportRegistry
 from pyvduse.spec import add_export_options, spec_from_namespace
 
@@ -128,6 +129,7 @@ def serve(args: argparse.Namespace) -> int:
         with _pidfile(args.pidfile):
             while not stop.event.wait(CHECK_INTERVAL):
                 registry.check()
+                flush_all()  # counts of suppressed log lines nothing else reported
                 if control is None and registry.failed():
                     break
         if stop.received is not None:

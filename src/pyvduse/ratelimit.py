@@ -22,9 +22,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 
-__all__ = ["DEFAULT_NOTE", "RateLimitedLog"]
+__all__ = ["DEFAULT_NOTE", "RateLimitedLog", "flush_all"]
+
+_instances: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
+
+
+def flush_all(force: bool = False) -> int:
+    """:meth:`RateLimitedLog.flush` every limiter alive; return the lines logged.
+
+    For a daemon's periodic tick: counts of suppressed messages that no later
+    message carried are reported within about one interval.
+    """
+    return sum(limiter.flush(force) for limiter in list(_instances))
 
 #: The note added to a message let through after others were suppressed. Its fields:
 #: ``count`` (how many), ``s`` (``"s"`` unless ``count`` is 1) and ``seconds`` (how long
@@ -81,6 +93,7 @@ class RateLimitedLog:
         self._note = note
         self._lock = threading.Lock()
         self._windows: dict[Hashable, _Window] = {}
+        _instances.add(self)
 
     def log(self, level: int, key: Hashable, msg: str, *args: object,
             exc_info: ExcInfo = None) -> bool:

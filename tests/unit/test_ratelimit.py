@@ -19,7 +19,7 @@ from test_blk_handler import Driver, Ram
 
 import pyvduse.blk.handler as handler_module
 from pyvduse.blk import BlkConfig
-from pyvduse.ratelimit import RateLimitedLog
+from pyvduse.ratelimit import RateLimitedLog, flush_all
 from pyvduse.uapi import virtio as v
 
 NAME = "test.ratelimit"
@@ -311,3 +311,18 @@ def test_rejected_requests_do_not_hide_a_backend_failure(
     assert len(lines) == 2
     assert "not aligned" in lines[0]
     assert "bad sector" in lines[1]
+
+
+def test_flush_all_reports_every_limiter(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limiters = [RateLimitedLog(logging.getLogger(f"flush-all-{i}"), interval=1.0, burst=1,
+                               clock=lambda: now[0]) for i in range(2)]
+    for limiter in limiters:
+        for _ in range(3):
+            limiter.warning("k", "again")
+    now[0] = 2.0
+    with caplog.at_level(logging.WARNING):
+        assert flush_all() >= 2
+    flushed = [r for r in caplog.records if r.name.startswith("flush-all-")
+               and "1 similar message suppressed" in r.getMessage()]
+    assert sorted(r.name for r in flushed) == ["flush-all-0", "flush-all-1"]
