@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_conformance import Ram as ConformanceRam
 
 from pyvduse.backends import Backend, FileBackend, MemoryBackend, NullBackend
 from pyvduse.backends.base import check_new_size, shrink_refused
@@ -358,20 +359,11 @@ def test_thread_pool_over_memory_keeps_the_contract() -> None:
 # -- the conformance check --------------------------------------------------------------
 
 
-class Ram(Backend):
+class Ram(ConformanceRam):
     """A correct resizable RAM disk the broken variants below start from."""
 
     def __init__(self, size: int = 64 * 1024) -> None:
-        self.data = bytearray(size)
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def read(self, offset: int, buf: memoryview) -> None:
-        buf[:] = self.data[offset:offset + len(buf)]
-
-    def write(self, offset: int, buf: memoryview) -> None:
-        self.data[offset:offset + len(buf)] = buf
+        super().__init__(size)
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         if size < len(self.data) and not shrink and any(self.data[size:]):
