@@ -194,16 +194,21 @@ def test_reset_is_answered_at_once_and_later_completions_are_dropped(
     assert rig.ch.wait_used(0, 1) == [(req.head, 1)]
 
 
-def test_update_iotlb_waits_and_keeps_positions(gated: tuple[Rig, GatedBackend]) -> None:
+def test_update_iotlb_does_not_wait_and_requests_in_flight_complete_into_the_new_rings(
+        gated: tuple[Rig, GatedBackend]) -> None:
     rig, backend = gated
-    rig.batch(1, [(T_OUT, i * 8, pattern(4096, i), 0) for i in range(3)])
+    writes = rig.batch(1, [(T_OUT, i * 8, pattern(4096, i), 0) for i in range(3)])
     held = backend.wait_held(3)
-    finisher = threading.Timer(0.2, lambda: [backend.finish(h, backend.data) for h in held])
-    finisher.start()
-    response = rig.ch.send(u.VDUSE_UPDATE_IOTLB, u.vduse_iova_range.pack(0, 2**64 - 1))
-    finisher.join()
+    old_queue = rig.dev.workers[1].queue
+    # answered while the backend still has all three (it never answers before this returns)
+    response = rig.ch.send(u.VDUSE_UPDATE_IOTLB, u.vduse_iova_range.pack(0, 2**64 - 1),
+                           timeout=2.0)
     assert u.vduse_dev_response_header.unpack_from(response)[1] == RESULT_OK
-    assert len(rig.ch.wait_used(1, 3)) == 3
+    assert rig.dev.workers[1].queue is not old_queue
+    assert rig.dev.workers[1].inflight == 3
+    for h in held:
+        backend.finish(h, backend.data)
+    assert sorted(head for head, _ in rig.ch.wait_used(1, 3)) == sorted(w.head for w in writes)
     queue = rig.dev.workers[1].queue
     assert (queue.last_avail_idx, queue.used_idx) == (3, 3)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import threading
 import time
@@ -1001,3 +1002,37 @@ def test_a_polling_thread_busy_with_one_queue_still_hears_the_others_kicks() -> 
         finally:
             keep_going.clear()
             thread.stop()
+
+
+def test_a_completion_racing_a_stopping_queue_does_not_hit_a_closed_fd(lone: LoneQueue) -> None:
+    worker = lone.worker(lambda chain, complete: PENDING)
+    with worker.ring_lock:  # the serving thread is in a batch: the completion is handed over
+        worker.close()  # meanwhile the queue stopped and closed its completion eventfd
+        worker.complete(0, 1)  # used to write to the closed fd (EBADF, or another file's)
+    assert worker.done_fd == -1
+
+
+def test_driver_ok_again_without_a_reset_starts_nothing_twice(running: Rig) -> None:
+    r = running
+    workers = dict(r.dev.workers)
+    threads = r.queue_thread_names()
+    for status in (0x0B, 0x0F, 0x0F):  # DRIVER_OK dropped and set again, then repeated
+        assert r.ch.set_status(status) == RESULT_OK
+    assert r.dev.workers == workers
+    assert thread_names(f"{r.name}-vq") == threads
+    assert r.run(0, v.VIRTIO_BLK_T_OUT, 0, pattern(4096, 7))[0] == OK
+
+
+def test_malformed_chains_are_logged_rate_limited(lone: LoneQueue,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    worker = lone.worker(lambda chain, complete: 1)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            for _ in range(8):
+                lone.ring.write_desc(0, 0, 16, 0x4)  # indirect, pointing nowhere
+                lone.ring.publish([0])
+            worker.drain()
+            lone.ring.take_used()
+    lines = [r for r in caplog.records if "completed with length 0" in r.getMessage()]
+    assert worker.bad_chains == 160
+    assert 1 <= len(lines) <= 11
