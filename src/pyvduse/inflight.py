@@ -136,9 +136,9 @@ class QueueLog:
         ``ring_used_idx`` and ``ring_avail_idx`` are the indexes in the rings
         now; ``used_heads`` are the heads of the used elements from the log's
         used index (``header[0]``) up to ``ring_used_idx``, oldest first (see
-        :meth:`unlogged_window`). Clears those heads' slots (they were
-        published: the process died before clearing them) and stores the log's
-        used index.
+        :meth:`unlogged_window`). Once everything checks out, clears those
+        heads' slots (they were published: the process died before clearing
+        them) and stores the log's used index; a log refused is left as it was.
 
         Why it is right: every head taken from the avail ring is marked before
         the next one is taken and before its request starts, and its mark is
@@ -154,9 +154,9 @@ class QueueLog:
             if head >= size:
                 raise InflightLogError(
                     f"the used ring names head {head}, beyond the queue size {size}")
-            slots[head] = 0
-        self.header[0] = ring_used_idx
-        marked = sorted((slots[head], head) for head in range(size) if slots[head])
+        published = set(used_heads)
+        marked = sorted((slots[head], head) for head in range(size)
+                        if slots[head] and head not in published)
         if len({seq for seq, _ in marked}) != len(marked):
             raise InflightLogError("two heads carry the same pop sequence number")
         last_avail = (ring_used_idx + len(marked) + self.header[1]) & 0xFFFF
@@ -165,6 +165,9 @@ class QueueLog:
             raise InflightLogError(
                 f"it puts the next request at avail entry {last_avail}, but the driver's "
                 f"avail index is {ring_avail_idx} (queue size {size})")
+        for head in published:  # checked: now repair what the crash interrupted
+            slots[head] = 0
+        self.header[0] = ring_used_idx
         return Recovery(last_avail, [head for _, head in marked], len(used_heads))
 
     def unlogged_window(self, ring_used_idx: int) -> int:

@@ -220,9 +220,11 @@ def test_a_log_that_cannot_describe_the_rings_is_refused(
     for head in range(16):
         on_disk.queues[0].slots[head] = head + 1  # 16 marked, only 2 ever made available
     on_disk.close()
+    before = log.read_bytes()
     with pytest.raises(PyvduseError, match=r"cannot recover the device.*avail index"):
         export(fake, backend, log).start()
     assert fake.device_exists(NAME)
+    assert log.read_bytes() == before  # refused, not repaired half-way
 
 
 def test_a_stale_log_is_refused(rig: tuple) -> None:  # type: ignore[type-arg]
