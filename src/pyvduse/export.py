@@ -14,6 +14,7 @@ vdpa attachment (which survives the daemon) is taken over as it is.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -24,7 +25,7 @@ from pyvduse.binding import AttachedDevice, attach, detach, find_attached
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.device import BlkDevice
 from pyvduse.device import VduseDevice
-from pyvduse.errors import ConfigError, PyvduseError
+from pyvduse.errors import ConfigError, KernelError, PyvduseError
 from pyvduse.inflight import InflightLog
 from pyvduse.kernel import VduseKernel
 from pyvduse.netlink import VdpaClient
@@ -162,6 +163,14 @@ class BlkExport:
         self.device.inflight_log = log_
         try:
             self.resubmitted = self.device.reopen(trust_used_index=log_ is None)
+        except KernelError as exc:
+            if log_ is not None:
+                log_.close()
+            self.device.inflight_log = None
+            if exc.errno == errno.EBUSY:
+                raise PyvduseError(f"{self.name}: a VDUSE device with this name exists and "
+                                   "another process serves it") from None
+            raise
         except BaseException:
             if log_ is not None:
                 log_.close()

@@ -13,7 +13,7 @@ from test_async_requests import GatedBackend
 from test_device import pattern
 
 from pyvduse.blk import BlkConfig
-from pyvduse.errors import ConfigError, KernelError, PyvduseError
+from pyvduse.errors import ConfigError, PyvduseError
 from pyvduse.export import BlkExport
 from pyvduse.inflight import InflightLog, InflightLogError
 from pyvduse.testing import DriverMemory, FakeVduse
@@ -251,6 +251,6 @@ def test_other_options_are_refused_and_touch_nothing(
 def test_a_device_another_process_serves_is_refused(
         rig: tuple) -> None:  # type: ignore[type-arg]
     fake, backend, log, _driver, first = rig
-    with pytest.raises(KernelError, match=r"busy"):
+    with pytest.raises(PyvduseError, match="exists and another process serves it"):
         export(fake, backend, log).start()
     first.stop()
