@@ -21,6 +21,7 @@ import struct
 from typing import Any, Literal
 
 from pyvduse.backends.base import Backend
+from pyvduse.backends.threads import ThreadPoolBackend
 from pyvduse.binding import AttachedDevice, attach, detach, find_attached
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.device import BlkDevice
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 AttachMode = Literal["virtio", "vhost", "none"]
 _DRIVERS: dict[str, Literal["virtio_vdpa", "vhost_vdpa"]] = {
     "virtio": "virtio_vdpa", "vhost": "vhost_vdpa"}
+
+
+def _label(backend: Backend) -> str:
+    """A backend as messages name it: by its name or class, not by a thread pool around it."""
+    if isinstance(backend, ThreadPoolBackend):
+        backend = backend.backend
+    return backend.name or type(backend).__name__
 
 
 def device_identity(name: str, model: BlkDevice) -> dict[str, Any]:
@@ -246,7 +254,7 @@ class BlkExport:
         old = self.config.capacity
         if size != self.backend.size():
             if not self.backend.can_resize:
-                raise ConfigError(f"{self.name}: the {type(self.backend).__name__} backend "
+                raise ConfigError(f"{self.name}: the {_label(self.backend)} backend "
                                   "cannot be resized")
             if size < old:
                 self._set_capacity(size)
