@@ -315,7 +315,7 @@ def add_ctl_parser(subparsers: Any) -> None:
         epilog="Values of key=value are sent as JSON booleans (true, false), integers "
         "(decimal) or else strings; --json gives the arguments as one JSON object (key=value "
         "pairs override its keys). Examples: 'pyvduse ctl /run/pyvduse.sock query-exports', "
-        "'pyvduse ctl /run/pyvduse.sock export-del name=vduse1', "
+        "'pyvduse ctl /run/pyvduse.sock export-del id=vduse1', "
         "'pyvduse ctl --events /run/pyvduse.sock'. Exit status: 0 success, 1 error reply or "
         "connection failure, 2 usage.")
     ctl.add_argument("--human", action="store_true",
