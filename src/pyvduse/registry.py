@@ -6,7 +6,9 @@ an :class:`~pyvduse.spec.ExportSpec` (:func:`build_export`), starts it
 and watches all of them from one place (:meth:`ExportRegistry.check`): a
 device the kernel broke, an attachment removed behind the daemon's back, a
 resizable backend whose size changed. What it sees goes out as events
-(``emit(name, data)``, e.g. the control socket's).
+(``emit(name, data)``, e.g. the control socket's), and so do the events the
+backends report themselves (:meth:`pyvduse.backends.base.Backend.emit_event`,
+such as ``BACKEND_CONNECTION_LOST``), with the export's ``id`` added.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class ExportRegistry:
             self._changing.add(spec.id)
         try:
             export = build_export(spec, self._kernel)
+            export.backend.event_sink = self._backend_events(spec.id)
             try:
                 export.start()
             except BaseException:
@@ -128,6 +131,16 @@ class ExportRegistry:
                  config.capacity, config.num_queues, config.queue_size,
                  ", read-only" if config.readonly else "")
         return export
+
+    def _backend_events(self, export_id: str) -> Emit:
+        """The event sink of export ``export_id``'s backend: its events, with ``id`` added
+        (first, and always the export's), go to :attr:`emit`."""
+
+        def sink(event: str, data: dict[str, Any]) -> None:
+            self.emit(event, {"id": export_id,
+                              **{key: value for key, value in data.items() if key != "id"}})
+
+        return sink
 
     def remove(self, export_id: str) -> None:
         """Detach, destroy and forget export ``export_id`` (its log is removed)."""

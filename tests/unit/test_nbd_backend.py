@@ -4,7 +4,8 @@ Servers run as child processes on Unix sockets in a short temporary directory
 (or on a TCP port of 127.0.0.1). Covered: the conformance suite over several
 server configurations, capabilities from the transmission flags, many requests
 in flight, splitting, holes, the whole device path, reconnecting after the
-server was killed mid-I/O, the retry timeout, error replies, protocol
+server was killed mid-I/O, the retry timeout, the connection events (lost,
+restored) up to a control socket client, error replies, protocol
 violations, multi-conn, close, and one-line errors for bad options and
 unreachable servers.
 """
@@ -24,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Recorder
@@ -32,8 +34,14 @@ from test_device import Rig, thread_names, wait_until
 from pyvduse.backends import BACKENDS, open_backend
 from pyvduse.backends import nbd as nbd_module
 from pyvduse.backends.nbd import NbdBackend, parse_nbd_url
+from pyvduse.commands import daemon_commands
+from pyvduse.control import ControlServer
+from pyvduse.ctl import ControlClient
 from pyvduse.errors import ConfigError
 from pyvduse.ratelimit import RateLimitedLog
+from pyvduse.registry import ExportRegistry
+from pyvduse.spec import ExportSpec
+from pyvduse.testing import FakeVduse
 from pyvduse.testing.conformance import check_backend
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
@@ -534,6 +542,164 @@ def test_retry_timeout_zero_fails_at_once(servers: Start) -> None:
         assert time.monotonic() - started < 1  # no wait for reconnect-delay
     finally:
         backend.close()
+
+
+# -- connection events ------------------------------------------------------------------
+
+
+class Events:
+    """An event sink that records ``(name, data)``, thread-safely."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        with self.cond:
+            self.seen.append((event, data))
+            self.cond.notify_all()
+
+    def names(self) -> list[str]:
+        with self.cond:
+            return [name for name, _ in self.seen]
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, dict[str, Any]]]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.seen) >= count, timeout), (
+                f"{count} event(s) expected, got {self.seen}")
+            return list(self.seen)
+
+
+LOST, RESTORED = "BACKEND_CONNECTION_LOST", "BACKEND_CONNECTION_RESTORED"
+
+
+def test_a_lost_and_restored_server_is_reported_once_per_transition(servers: Start,
+                                                                    sockdir: Path) -> None:
+    server = servers("nbdkit", "file", str(image(sockdir)))
+    backend = NbdBackend(server.url, reconnect_delay=0.02, timeout=2)
+    events = Events()
+    backend.event_sink = events
+    rec = Recorder()
+    try:
+        backend.write(0, memoryview(b"e" * 512))
+        assert events.seen == []
+        for outage in range(2):
+            server.kill()
+            (lost,) = events.wait_for(1 + 2 * outage)[2 * outage:]
+            assert lost[0] == LOST
+            assert lost[1]["uri"] == server.url
+            assert isinstance(lost[1]["reason"], str) and lost[1]["reason"]
+            out = bytearray(512)
+            backend.submit_readv(0, [memoryview(out)], rec.done(outage))
+            # Reconnection attempts fail meanwhile (delays 0.02, 0.04, 0.08, 0.16 s):
+            # none of them is a transition.
+            time.sleep(0.4)
+            assert events.names() == [LOST, RESTORED] * outage + [LOST]
+            server.start()
+            assert rec.wait() == {outage: None}
+            assert out == b"e" * 512
+            restored = events.wait_for(2 + 2 * outage)[-1]
+            assert restored[0] == RESTORED
+            assert restored[1]["uri"] == server.url
+            assert 0.4 <= restored[1]["down-for"] < 10
+            time.sleep(0.1)
+            assert events.names() == [LOST, RESTORED] * (outage + 1)
+    finally:
+        backend.close()
+    assert events.names() == [LOST, RESTORED] * 2  # closing is no loss
+
+
+def test_with_several_connections_only_losing_all_of_them_is_an_event(servers: Start) -> None:
+    server = servers("nbdkit", "memory", "1M")
+    backend = NbdBackend(server.url, connections=2, reconnect_delay=0.05, timeout=2)
+    events = Events()
+    backend.event_sink = events
+    try:
+        assert backend.live_connections == 2
+        first = backend._live[0]
+        first.shut()  # one connection breaks, the other carries on
+        wait_until(lambda: first not in backend._live, what="the loss to be noticed")
+        wait_until(lambda: backend.live_connections == 2, what="the connection back")
+        time.sleep(0.1)
+        assert events.seen == []
+        server.kill()  # both connections break
+        wait_until(lambda: backend.live_connections == 0, what="both losses to be noticed")
+        server.start()
+        wait_until(lambda: backend.live_connections == 2, what="both connections back")
+        time.sleep(0.2)
+        assert events.names() == [LOST, RESTORED]
+    finally:
+        backend.close()
+
+
+def test_a_failing_event_sink_never_reaches_the_backend(servers: Start) -> None:
+    server = servers("nbdkit", "memory", "1M")
+    backend = NbdBackend(server.url, reconnect_delay=0.02, timeout=2)
+    calls: list[str] = []
+
+    def broken(event: str, data: dict[str, Any]) -> None:
+        calls.append(event)
+        raise RuntimeError("the sink is broken")
+
+    backend.event_sink = broken
+    try:
+        server.kill()
+        wait_until(lambda: calls == [LOST], what="the loss reported")
+        server.start()
+        wait_until(lambda: calls == [LOST, RESTORED], what="the recovery reported")
+        backend.write(0, memoryview(b"f" * 512))  # the client still works
+        out = bytearray(512)
+        backend.read(0, memoryview(out))
+        assert out == b"f" * 512
+        assert backend.live_connections == 1
+    finally:
+        backend.close()
+
+
+def test_connection_events_reach_the_registry_and_control_clients(
+        servers: Start, sockdir: Path) -> None:
+    server = servers("nbdkit", "memory", "1M")
+    recorded = Events()
+    control: ControlServer | None = None
+
+    def emit(event: str, data: dict[str, Any]) -> None:
+        recorded(event, data)
+        if control is not None:
+            control.emit(event, data)
+
+    fake = FakeVduse()
+    registry = ExportRegistry(kernel=fake, emit=emit)
+    control = ControlServer(str(sockdir / "ctl.sock"),
+                            daemon_commands(registry, lambda: None), version="test")
+    control.start()
+    try:
+        registry.add(ExportSpec(id="nbdev0", backend="nbd", attach="none",
+                                backend_options=(f"uri={server.url}", "reconnect-delay=0.02",
+                                                 "timeout=2"),
+                                inflight_log=str(sockdir / "nbdev0.inflight")))
+        with ControlClient(control.path, timeout=10) as client:
+            assert [e["id"] for e in client.execute("query-exports")] == ["nbdev0"]
+            server.kill()
+            lost = client.next_event(timeout=10)
+            assert lost is not None and lost["event"] == LOST, lost
+            assert lost["data"]["id"] == "nbdev0" and lost["data"]["uri"] == server.url
+            assert lost["data"]["reason"]
+            time.sleep(0.3)  # failed reconnection attempts are no events
+            server.start()
+            restored = client.next_event(timeout=10)
+            assert restored is not None and restored["event"] == RESTORED, restored
+            assert restored["data"]["id"] == "nbdev0"
+            assert restored["data"]["down-for"] >= 0.3
+            assert client.next_event(timeout=0.3) is None
+        assert [(name, data["id"]) for name, data in recorded.seen] == [
+            (LOST, "nbdev0"), (RESTORED, "nbdev0")]
+        assert list(recorded.seen[0][1]) == ["id", "uri", "reason"]
+    finally:
+        control.close()
+        registry.close()
+        fake.memory.close()
+    assert fake.destroyed == ["nbdev0"]
+    assert [name for name, _ in recorded.seen] == [LOST, RESTORED]  # removing it is no loss
 
 
 # -- errors from the server -------------------------------------------------------------

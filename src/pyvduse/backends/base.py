@@ -64,6 +64,14 @@ nbd backend sends them); by default both do nothing and every request starts
 when it is submitted. Plugging is per thread: a request submitted on a thread
 that did not plug must start at once.
 
+Events: a backend may tell the daemon what happens to its storage (a lost
+connection, one that is back) with :meth:`Backend.emit_event`, from any
+thread. The daemon's export registry sets :attr:`Backend.event_sink` and
+sends each event to the control socket's clients, with the export's id
+added to its data (see ``docs/control.md``). Without a sink (a backend used
+on its own, in tests) events go nowhere; a sink that fails is logged and
+never raises into the backend.
+
 Threading contract: with ``--num-queues N`` the request methods are called
 concurrently from N threads, one per queue, so a backend must be
 thread-safe. The device does not serialize requests: two in flight at once
@@ -87,19 +95,30 @@ the last request.
 from __future__ import annotations
 
 import errno
+import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from pyvduse.errors import BackendError
 from pyvduse.queue_worker import deferred_interrupts
+from pyvduse.ratelimit import RateLimitedLog
 
-__all__ = ["ZERO_CHUNK", "AsynchronousBackend", "Backend", "Done", "DoneGroup",
+__all__ = ["ZERO_CHUNK", "AsynchronousBackend", "Backend", "Done", "DoneGroup", "EventSink",
            "check_new_size", "deferred_interrupts", "run_and_report", "shrink_refused"]
+
+log = logging.getLogger(__name__)
 
 ZERO_CHUNK = bytes(1 << 20)
 
 Done = Callable[[BaseException | None], None]
 """Called once when a submitted request ends: ``None`` on success, else the exception."""
+
+EventSink = Callable[[str, dict[str, Any]], None]
+"""Receives a backend's events: ``sink(name, data)`` (see :attr:`Backend.event_sink`)."""
+
+#: Failing event sinks are reported at most once per interval and event name.
+_sink_log = RateLimitedLog(log, 5.0, burst=1)
 
 
 class Backend:
@@ -115,6 +134,10 @@ class Backend:
     script=FILE key=value ...`` passes the ``key=value`` pairs as strings
     to the class, or to its ``from_options(options: BackendOptions)``
     classmethod if it defines one (see :mod:`pyvduse.backends.python`).
+
+    Events: :meth:`emit_event` reports something that happened to the
+    storage (``BACKEND_CONNECTION_LOST``, ...) to :attr:`event_sink`, which
+    the daemon sets; see the module docstring.
     """
 
     #: Name used on the command line (``pyvduse serve NAME key=value ...``)
@@ -135,6 +158,34 @@ class Backend:
     #: :meth:`resize`. The two are independent: ``resizable`` says that
     #: someone else may change the size, :attr:`can_resize` that pyvduse can.
     resizable: bool = False
+
+    #: Where :meth:`emit_event` sends events: ``sink(name, data)``, or ``None``
+    #: (the default: events go nowhere). The daemon's export registry sets it
+    #: once the backend is built, to a function that adds the export's ``id`` to
+    #: ``data`` and sends the event to the control socket's clients. A sink is
+    #: called on the backend's own threads: it must be quick, must not block, and
+    #: must not call back into the backend. Backends call :meth:`emit_event`,
+    #: never the sink itself.
+    event_sink: EventSink | None = None
+
+    def emit_event(self, event: str, data: Mapping[str, Any] | None = None) -> None:
+        """Report ``event`` (an upper-case name such as ``BACKEND_CONNECTION_LOST``) with
+        ``data`` (JSON-friendly: strings, numbers, booleans, lists, dicts) to
+        :attr:`event_sink`; nothing happens without a sink.
+
+        Callable from any thread; the sink runs on the calling thread, so call it
+        without holding locks that requests wait for. Never raises: a sink that
+        fails is logged (rate-limited) and the event is lost. Report each change
+        once (a connection lost, then restored), not a state at every request.
+        """
+        sink = self.event_sink
+        if sink is None:
+            return
+        try:
+            sink(event, dict(data or {}))
+        except Exception as exc:
+            _sink_log.error(event, "backend %s: delivering event %s failed",
+                            self.name or type(self).__name__, event, exc_info=exc)
 
     def size(self) -> int:
         """Size of the storage in bytes (required).

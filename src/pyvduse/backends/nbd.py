@@ -71,6 +71,15 @@ Losses, failed attempts and recoveries are logged (rate-limited, with
 :class:`~pyvduse.ratelimit.RateLimitedLog`, as are failing completions) on
 the ``pyvduse.backends.nbd`` logger.
 
+Events (:meth:`~pyvduse.backends.base.Backend.emit_event`, which the daemon
+sends to its control socket's clients): ``BACKEND_CONNECTION_LOST`` (data
+``uri``, ``reason``) when the last live connection to the server is lost,
+and ``BACKEND_CONNECTION_RESTORED`` (``uri``, ``down-for``: seconds without
+a connection) when a connection is back after that; each once per
+transition, in that order, whatever the number of connections and of failed
+reconnection attempts in between. Losing one of several connections while
+another stays up, and closing the backend, are no such transition.
+
 Not supported: TLS, FUA (flush is used instead), block status, resizing,
 oldstyle negotiation. There is no timeout on a request that a connected
 server never answers (TCP keepalive detects dead peers on TCP).
@@ -915,6 +924,11 @@ class NbdBackend(AsynchronousBackend):
         self._next_number = 0
         self._rr = 0
         self._batch = threading.local()  # .held: commands a plugged thread registered
+        # Events: the state they last reported, and those waiting to be delivered (queued
+        # under _lock, delivered in order under _event_lock, outside _lock).
+        self._reported_up = True
+        self._events: deque[tuple[str, dict[str, object]]] = deque()
+        self._event_lock = threading.Lock()
         # One message per kind of connection trouble and interval; a server that breaks
         # the protocol at every reply must not flood the log.
         self._log = RateLimitedLog(log, LOG_INTERVAL, burst=1)
@@ -1218,9 +1232,12 @@ class NbdBackend(AsynchronousBackend):
                 self._live.remove(conn)
             if not self._live and self._down_since is None and not self._closed:
                 self._down_since = time.monotonic()
+            if not self._live and not self._closed:
+                self._note_connected(False, reason)
             closed = self._closed
             self._wake.notify_all()
         conn.sock.close()
+        self._deliver_events()
         try:
             if blamed is not None:
                 _call_done(blamed.done, _closed_error() if closed else OSError(
@@ -1250,6 +1267,33 @@ class NbdBackend(AsynchronousBackend):
             with self._lock:
                 if conn in self._readers:
                     self._readers.remove(conn)
+
+    def _note_connected(self, up: bool, reason: str, down_since: float | None = None) -> None:
+        """Queue the event of a change between "no connection" and "connected" (lock held).
+
+        Nothing is queued when the state is the one the last event reported:
+        each transition is reported once. :meth:`_deliver_events` sends it.
+        """
+        if up == self._reported_up:
+            return
+        self._reported_up = up
+        if up:
+            down_for = 0.0 if down_since is None else time.monotonic() - down_since
+            self._events.append(("BACKEND_CONNECTION_RESTORED",
+                                 {"uri": self.url, "down-for": round(down_for, 3)}))
+        else:
+            self._events.append(("BACKEND_CONNECTION_LOST",
+                                 {"uri": self.url, "reason": reason}))
+
+    def _deliver_events(self) -> None:
+        """Emit the queued events in the order they were queued (without ``_lock`` held)."""
+        with self._event_lock:
+            while True:
+                with self._lock:
+                    if not self._events:
+                        return
+                    event, data = self._events.popleft()
+                self.emit_event(event, data)
 
     def _next_attempt(self, last: float, delay: float) -> float:
         """When the reconnection thread should try next (called with the lock held)."""
@@ -1332,6 +1376,8 @@ class NbdBackend(AsynchronousBackend):
                 self._waiting.clear()
                 self._down_since = None
                 self._expired = False
+                self._note_connected(True, "", down_since)
+            self._deliver_events()
             if was_down and down_since is not None:
                 self._log.warning("back", "nbd %s: reconnected after %.1f s; sending %d "
                                   "waiting request(s)", self.url, time.monotonic() - down_since,

@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 
-from pyvduse.backends.base import Backend, Done, run_and_report
+from pyvduse.backends.base import Backend, Done, EventSink, run_and_report
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,10 @@ class ThreadPoolBackend(Backend):
 
     Capabilities, size and block size are the wrapped backend's, and
     :meth:`resize` is its ``resize``, run on the caller's thread (so
-    :attr:`can_resize` is the wrapped backend's too). :meth:`close` lets
-    queued requests finish, stops the threads and closes the wrapped backend.
+    :attr:`can_resize` is the wrapped backend's too). :attr:`event_sink` is the
+    wrapped backend's: setting it here sets it there, so the events the wrapped
+    backend emits reach the daemon. :meth:`close` lets queued requests finish,
+    stops the threads and closes the wrapped backend.
     """
 
     def __init__(self, backend: Backend, threads: int,
@@ -79,6 +81,15 @@ class ThreadPoolBackend(Backend):
     @property
     def preferred_block_size(self) -> int:
         return self.backend.preferred_block_size
+
+    @property
+    def event_sink(self) -> EventSink | None:
+        """The wrapped backend's sink (it is the one that emits events)."""
+        return self.backend.event_sink
+
+    @event_sink.setter
+    def event_sink(self, sink: EventSink | None) -> None:
+        self.backend.event_sink = sink
 
     @property
     def can_write(self) -> bool:
