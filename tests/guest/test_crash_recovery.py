@@ -27,15 +27,22 @@ from conftest import PYVDUSE, Daemon, assert_gone, scratch_dir, start_daemon
 from test_blk_kernel import MiB, make_file, run, sysfs_block
 
 NAME = "pv-crash"
+JITTER = Path(__file__).with_name("jitter_backend.py")
+KEEP_FILES = 200  # the fsync writer rewrites its files in a cycle of this many
 ROUNDS = 7  # kills under load, besides the long outage and the double kill
 FIO_TIMEOUT = 600
 
 
+def backend_args(image: Path) -> list[str]:
+    """Every request on a thread pool, each delayed at random: completions come out of
+    order (the hard case for a restart)."""
+    return ["--io-threads", "8", "--io-threads-min", "4k", "python", f"script={JITTER}",
+            "class=JitterFileBackend", f"path={image}"]
+
+
 def daemon_args(image: Path, log: Path, control: Path) -> list[str]:
-    # small requests on a thread pool too: completions come out of order, the hard case
-    return ["--num-queues", "2", "--queue-size", "128", "--io-threads", "4",
-            "--io-threads-min", "4k", "--inflight-log", str(log), "--control", str(control),
-            "file", f"path={image}"]
+    return ["--num-queues", "2", "--queue-size", "128", "--inflight-log", str(log),
+            "--control", str(control), *backend_args(image)]
 
 
 def inflight(disk: str) -> int:
@@ -91,7 +98,8 @@ class FsyncWriter(threading.Thread):
         try:
             while not self.halt.is_set():
                 data = os.urandom(64 * 1024 + number % 4096)
-                path = self.directory / f"file{number:05d}"
+                path = self.directory / f"file{number % KEEP_FILES:05d}"
+                self.acked.pop(path.name, None)  # rewritten: not acknowledged until fsynced
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
                     os.write(fd, data)
@@ -244,8 +252,7 @@ def test_without_the_inflight_log_the_loss_is_caught() -> None:
     image = scratch / "nolog.img"
     make_file(image, 64 * MiB)
     name = "pv-nolog"
-    args = ["--num-queues", "2", "--queue-size", "128", "--io-threads", "4",
-            "--io-threads-min", "4k", "file", f"path={image}"]
+    args = ["--num-queues", "2", "--queue-size", "128", *backend_args(image)]
     os.environ["PYVDUSE_TEST_NO_INFLIGHT_LOG"] = "1"
     mark = len(run("dmesg").stdout.splitlines())
     caught = ""
