@@ -265,7 +265,7 @@ def test_without_the_inflight_log_the_loss_is_caught() -> None:
             kill_when_busy(daemon, 0.5 + 0.3 * round_number)
             daemon = start_daemon(name, *args)
             try:
-                out, _ = fio.communicate(timeout=120)
+                out, _ = fio.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 caught = f"round {round_number}: a request never completed"
                 break
