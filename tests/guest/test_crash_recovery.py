@@ -117,6 +117,29 @@ class FsyncWriter(threading.Thread):
             self.error = exc
 
 
+def waits_forever(fio: subprocess.Popen[str], disk: str) -> str:
+    """Wait for ``fio``; "" once it ended, or why its requests are stuck for good.
+
+    Stuck: after 60 s, the device's requests in flight stay the same non-zero
+    number for 15 s while fio waits (a slow run keeps completing requests).
+    """
+    try:
+        fio.wait(60)
+        return ""
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        before = Path("/sys/block", disk, "stat").read_text().split()
+        time.sleep(15)
+        if fio.poll() is not None:
+            return ""
+        after = Path("/sys/block", disk, "stat").read_text().split()
+        if before == after and inflight(disk):
+            return f"{inflight(disk)} request(s) never completed (no progress for 15 s)"
+    raise AssertionError("fio neither finished nor stopped making progress")
+
+
 def kernel_log_since(mark: int) -> str:
     return "\n".join(run("dmesg").stdout.splitlines()[mark:])
 
@@ -264,11 +287,11 @@ def test_without_the_inflight_log_the_loss_is_caught() -> None:
             fio = fio_verify(Path(device), f"nolog{round_number}", size="32M")
             kill_when_busy(daemon, 0.5 + 0.3 * round_number)
             daemon = start_daemon(name, *args)
-            try:
-                out, _ = fio.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                caught = f"round {round_number}: a request never completed"
+            stuck = waits_forever(fio, daemon.disk)
+            if stuck:
+                caught = f"round {round_number}: {stuck}"
                 break
+            out, _ = fio.communicate()
             kernel = kernel_log_since(mark)
             if fio.returncode != 0 or "is not a head" in kernel or "I/O error" in kernel:
                 caught = f"round {round_number}: fio exit {fio.returncode}\n{out[-1500:]}\n" \
