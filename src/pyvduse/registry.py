@@ -230,13 +230,17 @@ class ExportRegistry:
         now = time.monotonic()
         for export_id, entry in list(self._entries.items()):
             export = entry.export
+            if not self._serving(export_id, entry):
+                continue  # removed meanwhile (export-del): it is detached and destroyed
             try:
                 if export.device.failed.is_set() and not entry.failure_reported:
                     entry.failure_reported = True
                     self.emit("EXPORT_FAILED", {"id": export_id,
                                                 "reason": export.device.failure})
                 if (export.attached is not None and not entry.detached_reported
-                        and find_attached(export_id) is None):
+                        and find_attached(export_id) is None
+                        and self._serving(export_id, entry)):
+                    # (an export-del that began during the look detached it: no news)
                     entry.detached_reported = True
                     log.warning("%s: the vdpa device was removed by someone else", export_id)
                     self.emit("EXPORT_DETACHED", {"id": export_id})
@@ -249,6 +253,12 @@ class ExportRegistry:
                 log.warning("%s: checking the export failed: %s", export_id, exc)
             except Exception:
                 log.exception("%s: checking the export failed", export_id)
+
+    def _serving(self, export_id: str, entry: _Entry) -> bool:
+        """Whether ``entry`` is still export ``export_id``: :meth:`remove` forgets an
+        export before it detaches and destroys it."""
+        with self._lock:
+            return self._entries.get(export_id) is entry
 
     def failed(self) -> list[str]:
         """Ids of exports whose device can no longer be served."""

@@ -34,10 +34,15 @@ from typing import Any, ClassVar
 import pytest
 
 from pyvduse import cli
+from pyvduse import export as export_module
+from pyvduse import registry as registry_module
 from pyvduse.backends.memory import MemoryBackend
 from pyvduse.backends.threads import ThreadPoolBackend
+from pyvduse.binding import AttachedDevice
 from pyvduse.control import CommandError, ControlServer
 from pyvduse.ctl import ControlClient, ControlError, run_ctl
+from pyvduse.registry import ExportRegistry
+from pyvduse.spec import ExportSpec
 from pyvduse.testing import FakeVduse
 from pyvduse.uapi import virtio as v
 
@@ -712,6 +717,58 @@ def test_the_thread_pool_hands_the_event_sink_to_the_backend_it_wraps() -> None:
         assert inner.event_sink is None and len(got) == 2
     finally:
         pool.close()
+
+
+class _NoVdpa:
+    """Stands in for the netlink client: detaching needs no kernel here."""
+
+    def __enter__(self) -> _NoVdpa:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+def test_detached_behind_the_daemons_back_is_reported_but_not_an_export_del_under_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeVduse()
+    events: list[tuple[str, dict[str, Any]]] = []
+    registry = ExportRegistry(kernel=fake, emit=lambda event, data: events.append((event,
+                                                                                    data)))
+    monkeypatch.setattr(export_module, "VdpaClient", _NoVdpa)
+    monkeypatch.setattr(export_module, "detach", lambda *args, **kwargs: None)
+    kernel_view: dict[str, bool] = {}  # vdpa devices present, as sysfs would say
+    racing: list[str] = []
+
+    def find_attached(name: str) -> AttachedDevice | None:
+        if name in racing:  # export-del, on another thread, got there during the look
+            registry.remove(name)
+            kernel_view[name] = False
+        if kernel_view.get(name):
+            return AttachedDevice(name, "virtio_vdpa", f"/dev/{name}")
+        return None
+
+    monkeypatch.setattr(registry_module, "find_attached", find_attached)
+    try:
+        for name in ("dt0", "dt1"):
+            registry.add(ExportSpec(id=name, backend="memory", backend_options=("size=1M",),
+                                    attach="none", inflight_log=str(tmp_path / name)))
+            registry.get(name).attached = AttachedDevice(name, "virtio_vdpa", f"/dev/{name}")
+            kernel_view[name] = True
+        registry.check()
+        assert events == []
+        kernel_view["dt0"] = False  # 'vdpa dev del dt0' by someone else
+        registry.check()
+        registry.check()
+        assert events == [("EXPORT_DETACHED", {"id": "dt0"})]  # once
+        racing.append("dt1")
+        registry.check()
+        assert "dt1" not in registry
+        assert events == [("EXPORT_DETACHED", {"id": "dt0"})]
+    finally:
+        registry.close()
+        fake.memory.close()
+    assert sorted(fake.destroyed) == ["dt0", "dt1"]
 
 
 # -- hostile clients while the served export does I/O -----------------------------------
