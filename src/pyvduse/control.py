@@ -27,7 +27,6 @@ import errno
 import json
 import logging
 import os
-import secrets
 import selectors
 import socket
 import stat
@@ -406,7 +405,7 @@ class ControlServer:
         """A new mode-0700 directory next to :attr:`path` (same file system, for the rename)."""
         parent = os.path.dirname(self.path) or "."
         for _ in range(100):
-            private = os.path.join(parent, "." + secrets.token_hex(4))
+            private = os.path.join(parent, "." + os.urandom(4).hex())
             try:
                 os.mkdir(private, 0o700)
                 os.chmod(private, 0o700)  # whatever the umask

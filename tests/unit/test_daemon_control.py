@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+import pyvduse.control as control_module
 from pyvduse import cli
 from pyvduse import export as export_module
 from pyvduse import registry as registry_module
@@ -790,7 +791,7 @@ def test_hostile_clients_disturb_neither_io_nor_other_clients(
     # A lower output limit than the default 1 MiB, so that a client that never reads
     # is dropped after a few hundred events.
     limit = 64 * 1024
-    monkeypatch.setattr(cli, "ControlServer",
+    monkeypatch.setattr(control_module, "ControlServer",
                         functools.partial(ControlServer, max_output_bytes=limit))
     daemon = serve("memory", "size=4M")
     daemon.execute(ADD, memory_export("ev"))

@@ -11,19 +11,21 @@ wrote (:mod:`pyvduse.backends.python`); ``nbd`` is a client of an NBD server
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType
-from typing import Protocol
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyvduse.backends.base import AsynchronousBackend, Backend
-from pyvduse.backends.file import FileBackend
-from pyvduse.backends.memory import MemoryBackend
-from pyvduse.backends.nbd import NbdBackend
-from pyvduse.backends.null import NullBackend
 from pyvduse.backends.options import BackendOptions
-from pyvduse.backends.python import PythonBackendLoader, load_backend
-from pyvduse.backends.rbd import RbdBackend
 from pyvduse.errors import ConfigError
+
+if TYPE_CHECKING:  # imported on first use: a daemon loads only the backend it serves
+    from pyvduse.backends.file import FileBackend
+    from pyvduse.backends.memory import MemoryBackend
+    from pyvduse.backends.nbd import NbdBackend
+    from pyvduse.backends.null import NullBackend
+    from pyvduse.backends.python import PythonBackendLoader, load_backend
+    from pyvduse.backends.rbd import RbdBackend
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +43,20 @@ __all__ = [
     "open_backend",
 ]
 
+#: Where each lazily imported name of this package lives.
+_LAZY = {
+    "FileBackend": "file", "MemoryBackend": "memory", "NbdBackend": "nbd",
+    "NullBackend": "null", "PythonBackendLoader": "python", "load_backend": "python",
+    "RbdBackend": "rbd",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
 
 class BackendFactory(Protocol):
     """What the registry holds: a backend class (or anything) with ``from_options``."""
@@ -50,20 +66,33 @@ class BackendFactory(Protocol):
         ...
 
 
+class _Registry(Mapping[str, BackendFactory]):
+    """Backend name -> factory, each module imported when its backend is first asked for
+    (starting the daemon is quicker: it loads one backend, not all of them)."""
+
+    def __init__(self, classes: Mapping[str, str]) -> None:
+        self._classes = dict(classes)
+
+    def __getitem__(self, name: str) -> BackendFactory:
+        factory: BackendFactory = __getattr__(self._classes[name])
+        return factory
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._classes)
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+
 #: Backends by command-line name: the built-in backend classes, and the loader of user backends.
-BACKENDS: Mapping[str, BackendFactory] = MappingProxyType({
-    FileBackend.name: FileBackend,
-    MemoryBackend.name: MemoryBackend,
-    NbdBackend.name: NbdBackend,
-    NullBackend.name: NullBackend,
-    PythonBackendLoader.name: PythonBackendLoader,
-    RbdBackend.name: RbdBackend,
+BACKENDS: Mapping[str, BackendFactory] = _Registry({
+    "file": "FileBackend", "memory": "MemoryBackend", "nbd": "NbdBackend",
+    "null": "NullBackend", "python": "PythonBackendLoader", "rbd": "RbdBackend",
 })
 
 
 def open_backend(name: str, args: Sequence[str]) -> Backend:
     """Build backend ``name`` from its ``key=value`` ``args``; any bad input is a ConfigError."""
-    factory = BACKENDS.get(name)
-    if factory is None:
+    if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
-    return factory.from_options(BackendOptions.parse(args, backend=name))
+    return BACKENDS[name].from_options(BackendOptions.parse(args, backend=name))
