@@ -120,22 +120,25 @@ class FsyncWriter(threading.Thread):
 def waits_forever(fio: subprocess.Popen[str], disk: str) -> str:
     """Wait for ``fio``; "" once it ended, or why its requests are stuck for good.
 
-    Stuck: after 60 s, the device's requests in flight stay the same non-zero
-    number for 15 s while fio waits (a slow run keeps completing requests).
+    Stuck: after 60 s, the device completes no request for 15 s while some are
+    in flight and fio waits (a slow run keeps completing requests).
     """
     try:
         fio.wait(60)
         return ""
     except subprocess.TimeoutExpired:
         pass
+    def completed() -> tuple[str, str]:
+        fields = Path("/sys/block", disk, "stat").read_text().split()
+        return fields[0], fields[4]  # reads and writes completed (the times keep moving)
+
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        before = Path("/sys/block", disk, "stat").read_text().split()
+        before = completed()
         time.sleep(15)
         if fio.poll() is not None:
             return ""
-        after = Path("/sys/block", disk, "stat").read_text().split()
-        if before == after and inflight(disk):
+        if completed() == before and inflight(disk):
             return f"{inflight(disk)} request(s) never completed (no progress for 15 s)"
     raise AssertionError("fio neither finished nor stopped making progress")
 
