@@ -30,6 +30,10 @@ NAME = "pv-crash"
 JITTER = Path(__file__).with_name("jitter_backend.py")
 KEEP_FILES = 200  # the fsync writer rewrites its files in a cycle of this many
 ROUNDS = 7  # kills under load, besides the long outage and the double kill
+# Without the log a kill loses a request only when completions were out of order at that
+# moment and the re-run requests show it (a re-run write of the same data is invisible):
+# usually within a few kills, so up to this many.
+NOLOG_ROUNDS = 20
 FIO_TIMEOUT = 600
 
 
@@ -286,9 +290,9 @@ def test_without_the_inflight_log_the_loss_is_caught() -> None:
     try:
         daemon = start_daemon(name, *args)
         device = daemon.device
-        for round_number in range(10):
+        for round_number in range(NOLOG_ROUNDS):
             fio = fio_verify(Path(device), f"nolog{round_number}", size="32M")
-            kill_when_busy(daemon, 0.5 + 0.3 * round_number)
+            kill_when_busy(daemon, 0.5 + 0.1 * round_number, want=16)
             daemon = start_daemon(name, *args)
             stuck = waits_forever(fio, daemon.disk)
             if stuck:
@@ -300,7 +304,8 @@ def test_without_the_inflight_log_the_loss_is_caught() -> None:
                 caught = f"round {round_number}: fio exit {fio.returncode}\n{out[-1500:]}\n" \
                          f"{kernel[-1500:]}"
                 break
-        assert caught, "ten kills without the inflight log lost nothing: the test cannot fail"
+        assert caught, (f"{NOLOG_ROUNDS} kills without the inflight log lost nothing: the "
+                        "test cannot fail")
         print(f"caught without the log: {caught}")
     finally:
         del os.environ["PYVDUSE_TEST_NO_INFLIGHT_LOG"]
