@@ -10,9 +10,13 @@ between rounds is not.
 
 Variants: 4 KiB reads with direct and indirect descriptors, 4 KiB writes, flushes.
 The interrupt callback is a counter (a real one is one ioctl per batch).
+Every popped head is marked in the worker's inflight record and cleared after
+publish: in memory by default, in a real memory-mapped log file (as the daemon
+keeps it) with ``--inflight-log``.
 
     python bench/datapath.py [--queue-size 256] [--batch 64] [--seconds 2] [--repeat 3]
                              [--variant NAME ...] [--json OUT [--label TEXT]] [--profile]
+                             [--inflight-log]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import cProfile
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -28,6 +33,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,7 +85,8 @@ VARIANTS = {
 class Rig:
     """Driver memory, one ring of ``batch`` prepared requests and the device serving it."""
 
-    def __init__(self, variant: Variant, queue_size: int, batch: int) -> None:
+    def __init__(self, variant: Variant, queue_size: int, batch: int,
+                 log_file: bool = False) -> None:
         if batch * variant.descriptors() > queue_size:
             raise SystemExit(f"{variant.name}: {batch} requests of {variant.descriptors()} "
                              f"descriptors do not fit a queue of {queue_size}")
@@ -96,8 +103,19 @@ class Rig:
         self.handler = BlkHandler(backend, BlkConfig.for_backend(backend, queue_size=queue_size))
         self.interrupts = 0
         self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.worker = QueueWorker("bench", self.queue, self.handler.handle, self._kick_fd,
-                                  self._notify)
+        self.log: Any = None
+        self._log_dir: Any = None
+        if log_file:  # a file-backed inflight log, as the daemon keeps by default
+            from pyvduse.inflight import InflightLog
+
+            self._log_dir = tempfile.TemporaryDirectory(prefix="datapath-")
+            self.log = InflightLog.create(os.path.join(self._log_dir.name, "bench.inflight"), 1,
+                                          queue_size, {"bench": True}, DISK_SIZE)
+            self.worker = QueueWorker("bench", self.queue, self.handler.handle, self._kick_fd,
+                                      self._notify, log=self.log.queues[0])
+        else:
+            self.worker = QueueWorker("bench", self.queue, self.handler.handle, self._kick_fd,
+                                      self._notify)
         self.status: list[Buffer] = []
         self.heads: list[int] = []
         sectors = DISK_SIZE // 512
@@ -141,6 +159,9 @@ class Rig:
         self.queue.release()
         self.gmem.invalidate()
         self.dmem.close()
+        if self.log is not None:
+            self.log.remove()
+            self._log_dir.cleanup()
 
 
 def measure(rig: Rig, seconds: float, drain: Callable[[], None] | None = None
@@ -171,7 +192,7 @@ def measure(rig: Rig, seconds: float, drain: Callable[[], None] | None = None
 
 def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, object]:
     """Measure one variant ``args.repeat`` times; keep the best and the median."""
-    rig = Rig(variant, args.queue_size, args.batch)
+    rig = Rig(variant, args.queue_size, args.batch, args.inflight_log)
     try:
         measure(rig, min(0.2, args.seconds))  # warm-up: faults the mappings in, fills caches
         rates = []
@@ -198,7 +219,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, object]
 
 def profile_variant(variant: Variant, args: argparse.Namespace) -> None:
     """Run one variant under cProfile (device side only) and print the top 25 functions."""
-    rig = Rig(variant, args.queue_size, args.batch)
+    rig = Rig(variant, args.queue_size, args.batch, args.inflight_log)
     profiler = cProfile.Profile()
 
     def drain() -> None:
@@ -229,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a note stored with the results")
     parser.add_argument("--profile", action="store_true",
                         help="run each variant under cProfile and print the top 25 functions")
+    parser.add_argument("--inflight-log", action="store_true",
+                        help="mark the heads in a memory-mapped inflight log file, as the "
+                             "daemon does, instead of the worker's in-memory record")
     args = parser.parse_args(argv)
+    has_log = importlib.util.find_spec("pyvduse.inflight") is not None
+    if args.inflight_log and not has_log:
+        parser.error("--inflight-log: this pyvduse has no inflight log")
     chosen = [VARIANTS[name] for name in args.variant or VARIANTS]
 
     if args.profile:
@@ -239,9 +266,11 @@ def main(argv: list[str] | None = None) -> int:
 
     gc.collect()
     results = {}
+    inflight_log = ("a file" if args.inflight_log else "memory") if has_log else \
+        "none (this pyvduse predates it)"
     print(f"queue size {args.queue_size}, batch {args.batch}, {args.seconds:g} s x "
           f"{args.repeat} runs per variant, {platform.python_implementation()} "
-          f"{platform.python_version()}, single thread")
+          f"{platform.python_version()}, single thread, inflight record in {inflight_log}")
     print("req/s per core: requests / CPU seconds of the drain() calls (best and median runs)")
     print(f"{'variant':<18} {'req/s (best)':>14} {'ns/req':>8} {'req/s (median)':>15} "
           f"{'req/s (wall)':>13}")
@@ -264,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_run": args.seconds,
             "runs": args.repeat,
             "clock": "thread CPU time around drain() (wall: perf_counter)",
+            "inflight_record": inflight_log,
             "results": results,
         }
         report: dict[str, Any] = {"benchmark": "bench/datapath.py", "runs": []}

@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import report  # bench/report.py: this script's folder is on sys.path
+
 HERE = Path(__file__).resolve().parent
 PYVDUSE = str(Path(sys.executable).with_name("pyvduse"))
 PLUGIN = str(HERE / "nbdkit_passthrough.py")
@@ -60,6 +62,8 @@ RBD_IMAGE = "rbd/bench"
 CEPH_CLUSTER = str(HERE.parent / "scripts" / "ceph-cluster")
 MGR_MODULES = "/usr/share/ceph/mgr"  # where Debian's ceph-mgr has its Python modules
 QUEUE_SIZE = 256
+# pyvduse-nolog: serve without the inflight log (a test-only switch of pyvduse's)
+NO_LOG_ENV = "PYVDUSE_TEST_NO_INFLIGHT_LOG"
 START_TIMEOUT = 300.0  # Python under TCG takes ~10 s to start; leave room for a loaded host
 STOP_TIMEOUT = 120.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -214,6 +218,7 @@ class Peer:
     backing = ""  # file, null, ram or rbd
     daemon = True
     remote = False  # an RBD peer: runs in the last phase, on the Ceph cluster
+    optional = False  # runs only when named in --peers
     size = SIZE  # bytes of the block device
 
     def __init__(self, work: Path, image: Path) -> None:
@@ -353,18 +358,27 @@ class CephCluster:
 
 
 class PyvdusePeer(Peer):
+    """pyvduse on a backend; ``log=False``: without its inflight log (the test-only
+    switch), to measure what the log costs against the same daemon with it."""
+
     group = "pyvduse"
 
     def __init__(self, work: Path, image: Path, backend: str,
-                 ceph: CephCluster | None = None) -> None:
-        self.id = f"pyvduse-{backend}"
+                 ceph: CephCluster | None = None, log: bool = True) -> None:
+        if not log and backend != "file":
+            raise ValueError("only the file backend has a peer without the inflight log")
+        self.id = f"pyvduse-{backend}" if log else "pyvduse-nolog"
         self.label = {"file": "pyvduse file", "null": "pyvduse null",
                       "nbd": "pyvduse nbd", "rbd": "pyvduse rbd"}[backend]
+        if not log:
+            self.label += ", no inflight log"
+            self.optional = True
+        self.log_on = log
         self.backend = backend
         self.backing = "file" if backend == "nbd" else backend
         self.remote = backend == "rbd"
         self.size = RBD_SIZE if backend == "rbd" else SIZE
-        self.name = f"pyvduse{backend}"
+        self.name = self.id.replace("-", "")
         super().__init__(work, image)
         self.ceph = ceph
         # pyvduse's nbd backend against its own nbdkit, the same command as nbdkit-file's
@@ -390,8 +404,13 @@ class PyvdusePeer(Peer):
                 "--queue-size", str(QUEUE_SIZE), "--pidfile", str(self.pidfile),
                 *self.backend_args(queues)]
 
+    def env(self) -> dict[str, str] | None:
+        return None if self.log_on else dict(os.environ, **{NO_LOG_ENV: "1"})
+
     def describe(self, queues: int) -> str:
         cmd = " ".join(self.command(queues)).replace(PYVDUSE, ".venv/bin/pyvduse")
+        if not self.log_on:
+            cmd = f"{NO_LOG_ENV}=1 {cmd}"
         return f"{self.nbdkit.describe()} & {cmd}" if self.nbdkit is not None else cmd
 
     def start(self, queues: int) -> Served:
@@ -403,7 +422,7 @@ class PyvdusePeer(Peer):
         self.pidfile.unlink(missing_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(self.command(queues), stdout=out,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, env=self.env())
         wait_for("the pidfile", self.pidfile.exists, START_TIMEOUT, self.proc, self.log)
         disk = vdpa_disk(self.name)
         dev = check_disk(disk, f"/vduse/{self.name}/", self.size)
@@ -622,6 +641,7 @@ class KernelPeer(Peer):
 def make_peers(work: Path, image: Path, ceph: CephCluster) -> list[Peer]:
     return [
         PyvdusePeer(work, image, "file"),
+        PyvdusePeer(work, image, "file", log=False),
         QsdPeer(work, image, "file", "threads"),
         QsdPeer(work, image, "file", "io_uring"),
         NbdPeer(work, image, "file"),
@@ -799,8 +819,11 @@ def run_all(peers: list[Peer], workloads: list[Workload], fio: Fio, args: argpar
     all peers instead of landing on whichever peer happened to run then. An idle
     server costs nothing: each waits on its kick eventfds or sockets. A peer runs
     only the workloads of its entry (the RBD peers: a subset); the results go
-    into ``entries``.
+    into ``entries``. With ``args.rounds`` > 1 the whole sequence of jobs runs that
+    many times (each round starting with the next peer); every round's figures are
+    kept under the entry's ``rounds`` and ``results`` holds their mean.
     """
+    rounds = args.rounds
     rotation = 0
     for queues in sorted({w.queues for w in workloads}):
         batch = [w for w in workloads if w.queues == queues]
@@ -823,23 +846,33 @@ def run_all(peers: list[Peer], workloads: list[Workload], fio: Fio, args: argpar
                     continue
                 up.append((peer, served, record))
                 say(f"{peer.id}: {served.device} up after {record['start_seconds']} s")
-            for w in batch:
+            jobs = [(n, w) for n in range(1, rounds + 1) for w in batch]
+            for n, w in jobs:
+                if n > 1 and w is batch[0] and len(batch) % max(len(up), 1) == 0:
+                    rotation += 1  # else the round would start with the same peer again
                 order = up[rotation % len(up):] + up[:rotation % len(up)] if up else []
                 rotation += 1
                 for peer, served, _record in order:
                     entry = entries[peer.id]
                     if w.id not in entry["workloads"]:
                         continue
-                    out = fio_dir / peer.id / f"{w.id}.json"
+                    name = w.id if rounds == 1 else f"{w.id}.round{n}"
+                    out = fio_dir / peer.id / f"{name}.json"
                     out.parent.mkdir(parents=True, exist_ok=True)
                     try:
                         m = run_job(peer, served, w, fio, args, out, queues)
                     except Exception as exc:
-                        entry["errors"].append(f"{w.id}: {exc}")
-                        say(f"{peer.id}: {w.id} FAILED: {exc}")
+                        entry["errors"].append(f"{name}: {exc}")
+                        say(f"{peer.id}: {name} FAILED: {exc}")
                         continue
-                    entry["results"][w.id] = m
-                    say(f"{peer.id}: {w.id}: {m['iops']:,.0f} IOPS "
+                    if rounds == 1:
+                        entry["results"][w.id] = m
+                    else:
+                        m["round"] = n
+                        done = entry.setdefault("rounds", {}).setdefault(w.id, [])
+                        done.append(m)
+                        entry["results"][w.id] = report.mean_of_rounds(done)
+                    say(f"{peer.id}: {name}: {m['iops']:,.0f} IOPS "
                         f"{m['bw_bytes'] / 2**20:,.1f} MiB/s mean {m['lat_mean_us']:,.0f} us "
                         f"p99 {m['lat_p99_us']:,.0f} us"
                         + (f" daemon CPU {m['daemon_cpu_percent']}%"
@@ -867,8 +900,11 @@ def main() -> int:
     p.add_argument("--ramp", type=float, default=2.0, help="fio ramp seconds before measuring")
     p.add_argument("--smoke", action="store_true",
                    help=f"only {', '.join(SMOKE_WORKLOADS)} per peer (use a short --runtime)")
-    p.add_argument("--peers", help="comma-separated peer ids (default: all)")
+    p.add_argument("--peers", help="comma-separated peer ids, started in this order (default: "
+                   "all but pyvduse-nolog)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every job this many times, peers alternating (default 1)")
     p.add_argument("--rbd-workloads",
                    help="comma-separated workload ids the RBD peers run, or 'all' (default: "
                         f"{', '.join(RBD_WORKLOADS)}; with --workloads: those)")
@@ -903,7 +939,11 @@ def main() -> int:
         if unknown:
             say(f"unknown peer(s): {', '.join(sorted(unknown))}")
             return 2
-        peers = [peer for peer in peers if peer.id in wanted]
+        # in the order given: peers start (and get their /dev/vdX) in that order
+        peers = sorted((peer for peer in peers if peer.id in wanted),
+                       key=lambda peer: wanted.index(peer.id))
+    else:
+        peers = [peer for peer in peers if not peer.optional]
     local = [peer for peer in peers if not peer.remote]
     remote = [peer for peer in peers if peer.remote]
 
@@ -933,6 +973,7 @@ def main() -> int:
         "rbd_size": RBD_SIZE,
         "rbd_workloads": [w.id for w in rbd_workloads],
         "queue_size": QUEUE_SIZE,
+        "rounds": args.rounds,
         "fio_common": "--ioengine=libaio --direct=1 --time_based --norandommap --randrepeat=0 "
                       "--group_reporting --lat_percentiles=1 --output-format=json",
     }

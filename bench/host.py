@@ -189,17 +189,9 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
         guest_cmd += ["--workloads", args.workloads]
     if args.rbd_workloads:
         guest_cmd += ["--rbd-workloads", args.rbd_workloads]
-    env_args = []
-    if args.commit:
-        # Serve pyvduse from that commit's sources: PYTHONPATH comes before the
-        # venv's editable install of the working tree.
-        src = raw_dir / "pyvduse-src"
-        subprocess.run(["rm", "-rf", str(src)], check=True)
-        src.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.commit, "src/pyvduse"],
-                                 check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-        env_args = ["--env", f"PYTHONPATH={src / 'src'}"]
+    if args.rounds != 1:
+        guest_cmd += ["--rounds", str(args.rounds)]
+    env_args = commit_sources(args.commit, raw_dir) if args.commit else []
     cmd = [str(REPO / "scripts" / "vm-run"), "--memory", VM_MEMORY, "--cpus", "2",
            "--timeout", args.timeout, *env_args, "--outdir", str(raw_dir), "--", *guest_cmd]
     wait_for_idle_host(args.max_wait)
@@ -230,6 +222,28 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
     return rc
 
 
+def commit_sources(commit: str, raw_dir: Path) -> list[str]:
+    """Extract src/pyvduse of ``commit`` under ``raw_dir``, byte-compiled; return the
+    vm-run arguments that make the guest serve it (PYTHONPATH comes before the venv's
+    editable install of the working tree).
+
+    Compiled here, with the interpreter the guest runs, because the guest cannot
+    keep bytecode (its view of the repo is read-only, and it runs with
+    PYTHONDONTWRITEBYTECODE): else every daemon start there compiles pyvduse again,
+    as scripts/vm-run avoids for the working tree's src/.
+    """
+    src = raw_dir / "pyvduse-src"
+    subprocess.run(["rm", "-rf", str(src)], check=True)
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src/pyvduse"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "compileall", "-q",
+                    str(src / "src")], check=True, env=env, capture_output=True)
+    return ["--env", f"PYTHONPATH={src / 'src'}"]
+
+
 def write_report(raw_dir: Path, out: Path, host: dict[str, Any]) -> dict[str, Any]:
     raw = json.loads((raw_dir / "raw.json").read_text())
     res = report.compute(raw, host)
@@ -254,12 +268,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--raw", type=Path,
                    help="vm-run output folder with the guest's raw.json and fio output "
                         "(default build/bench/<name of --out>)")
-    p.add_argument("--peers", help="comma-separated peer ids (default: all)")
+    p.add_argument("--peers", help="comma-separated peer ids, started in this order (default: "
+                   "all but pyvduse-nolog)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
     p.add_argument("--rbd-workloads", metavar="IDS",
                    help="comma-separated workload ids the RBD peers (pyvduse-rbd, qsd-rbd, "
                         "kernel-rbd) run, or 'all' (default: the 4K QD1/QD32 and 1M jobs; "
                         "with --workloads: those)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every job this many times, the peers alternating; the report "
+                        "gives the mean and each round (default 1)")
     p.add_argument("--commit", metavar="REV",
                    help="benchmark src/pyvduse as committed in REV (e.g. HEAD) instead of the "
                         "working tree (which may hold someone's uncommitted changes)")

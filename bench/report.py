@@ -13,6 +13,7 @@ from typing import Any
 
 PYVDUSE = "pyvduse-file"
 PYVDUSE_NULL = "pyvduse-null"
+PYVDUSE_NOLOG = "pyvduse-nolog"  # pyvduse file without its inflight log (test-only switch)
 QSD_FILE = ("qsd-threads", "qsd-io_uring")
 NBD_PYTHON = "nbdkit-python"
 SCALING_FROM, SCALING_TO = "mixed-4k-qd16-1q1j", "mixed-4k-qd16-2q2j"
@@ -31,6 +32,7 @@ NBD_PYTHON_RATIO = 2.0
 # Ratio columns: pyvduse with a file backend against every peer on the file,
 # pyvduse null against every null device.
 RATIO_PEERS = [
+    (PYVDUSE, PYVDUSE_NOLOG),
     (PYVDUSE, "qsd-threads"), (PYVDUSE, "qsd-io_uring"), (PYVDUSE, "nbdkit-file"),
     (PYVDUSE, NBD_PYTHON), (PYVDUSE, "kernel-file"),
     (PYVDUSE_NULL, "qsd-null"), (PYVDUSE_NULL, "nbdkit-null"), (PYVDUSE_NULL, "kernel-null_blk"),
@@ -43,6 +45,69 @@ PYVDUSE_NBD, PYVDUSE_RBD = "pyvduse-nbd", "pyvduse-rbd"
 REMOTE_RATIO_PEERS = [
     (PYVDUSE_NBD, "nbdkit-file"), (PYVDUSE_RBD, "qsd-rbd"), (PYVDUSE_RBD, "kernel-rbd"),
 ]
+
+
+def mean_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One job's figures over several rounds: the mean of every number (nested ones too,
+    e.g. per direction) present in every round; anything else from the first round.
+    ``rounds_iops`` lists each round's IOPS."""
+
+    def mean(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: mean([v[k] for v in values]) if all(isinstance(v, dict) and k in v
+                                                            for v in values) else first[k]
+                    for k in first}
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return sum(values) / len(values)
+        return first
+
+    if not rounds:
+        raise ValueError("no rounds to combine")
+    out: dict[str, Any] = mean(rounds)
+    out.pop("round", None)
+    out["rounds"] = len(rounds)
+    out["rounds_iops"] = [r["iops"] for r in rounds]
+    return out
+
+
+def _iops_by_round(entry: dict[str, Any], workload: str) -> dict[int, float]:
+    """IOPS of each round of ``workload`` (one round: the result itself)."""
+    rounds = entry.get("rounds", {}).get(workload)
+    if not rounds:
+        return {1: float(entry["results"][workload]["iops"])}
+    return {int(r.get("round", i + 1)): float(r["iops"]) for i, r in enumerate(rounds)}
+
+
+def log_cost(peers: dict[str, Any], workloads: list[str]) -> list[dict[str, Any]]:
+    """What the inflight log costs: pyvduse file with it against without it, per workload.
+
+    Each row: IOPS of every round with and without the log, the ratio of their
+    means and of each round's pair (the two ran one after the other), p99
+    latency and daemon CPU per I/O with and without. Empty unless both ran.
+    """
+    if PYVDUSE not in peers or PYVDUSE_NOLOG not in peers:
+        return []
+    rows = []
+    for w in workloads:
+        on, off = peers[PYVDUSE]["results"].get(w), peers[PYVDUSE_NOLOG]["results"].get(w)
+        if on is None or off is None:
+            continue
+        with_log = _iops_by_round(peers[PYVDUSE], w)
+        without = _iops_by_round(peers[PYVDUSE_NOLOG], w)
+        pairs = [_ratio(with_log[n], without[n]) for n in sorted(with_log) if n in without]
+        rows.append({
+            "workload": w,
+            "iops_with": [with_log[n] for n in sorted(with_log)],
+            "iops_without": [without[n] for n in sorted(without)],
+            "ratio": _ratio(float(on["iops"]), float(off["iops"])),
+            "round_ratios": pairs,
+            "p99_with_us": on.get("lat_p99_us"),
+            "p99_without_us": off.get("lat_p99_us"),
+            "cpu_us_per_io_with": on.get("daemon_cpu_us_per_io"),
+            "cpu_us_per_io_without": off.get("daemon_cpu_us_per_io"),
+        })
+    return rows
 
 
 def _get(peers: dict[str, Any], peer: str, workload: str, key: str = "iops") -> float | None:
@@ -180,6 +245,7 @@ def compute(raw: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
                                  if a in peers and b in peers],
         "scaling": {p["id"]: scaling(p["id"]) for p in raw["peers"]
                     if scheduled(p, SCALING_FROM) and scheduled(p, SCALING_TO)},
+        "log_cost": log_cost(peers, workloads),
         "targets": targets,
         "targets_met": sum(1 for t in targets if t["met"]),
         "targets_total": len(targets),
@@ -263,10 +329,13 @@ def markdown(res: dict[str, Any]) -> str:
             add(f"| {wl[w]['label']} | "
                 + " | ".join(_ratio_cell(row.get(c)) for c in cols) + " |")
         add("")
-    add("Scaling, IOPS of the mixed job on 2 queues + 2 jobs / on 1 queue + 1 job: "
-        + ", ".join(f"{labels[p]} {_ratio_cell(s)}" for p, s in res["scaling"].items()) + ".\n")
+    if res["scaling"]:
+        add("Scaling, IOPS of the mixed job on 2 queues + 2 jobs / on 1 queue + 1 job: "
+            + ", ".join(f"{labels[p]} {_ratio_cell(s)}" for p, s in res["scaling"].items())
+            + ".\n")
 
     remote_md(res, add)
+    log_cost_md(res, add)
 
     add("## Every figure\n")
     add("IOPS and MiB/s: reads + writes. Latency: fio's total latency (submission to "
@@ -340,6 +409,31 @@ def targets_md(res: dict[str, Any], add: Any) -> None:
         mark = {True: "✅", False: "❌", None: "⚠️"}[t["met"]]
         add(f"| {t['target']} | {meas} | {req} | {mark} {t['verdict']} | {t['detail']} |")
     add(f"\n{res['targets_met']} of {res['targets_total']} targets met.\n")
+
+
+def log_cost_md(res: dict[str, Any], add: Any) -> None:
+    """The inflight log's cost: pyvduse file with and without it; nothing unless both ran."""
+    rows = res.get("log_cost") or []
+    if not rows:
+        return
+    wl = {w["id"]: w["label"] for w in res["workloads"]}
+    rounds = res["guest"].get("rounds", 1)
+    add("## Cost of the inflight log\n")
+    add("pyvduse file (the inflight log in `/run/pyvduse`, the default) against the same "
+        "command with `PYVDUSE_TEST_NO_INFLIGHT_LOG=1` (no log, no crash recovery), on the "
+        f"same file, taking turns job by job, {rounds} round(s). IOPS of each round; ratio "
+        "with / without of the means, and of each round's pair.\n")
+    add("| workload | IOPS with the log | IOPS without | with / without | per round | "
+        "p99 µs with / without | daemon CPU µs/IO with / without |")
+    add("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        add(f"| {wl.get(r['workload'], r['workload'])} | "
+            f"{', '.join(_fmt(v) for v in r['iops_with'])} | "
+            f"{', '.join(_fmt(v) for v in r['iops_without'])} | {_ratio_cell(r['ratio'])} | "
+            f"{', '.join(_ratio_cell(v) for v in r['round_ratios'])} | "
+            f"{_fmt(r['p99_with_us'])} / {_fmt(r['p99_without_us'])} | "
+            f"{_fmt(r['cpu_us_per_io_with'], 1)} / {_fmt(r['cpu_us_per_io_without'], 1)} |")
+    add("")
 
 
 def _column(col: str, labels: dict[str, str]) -> str:

@@ -218,3 +218,72 @@ def test_a_run_of_the_remote_peers_only() -> None:
     assert "None measured: this run had none of pyvduse-file" in md
     assert "## Ratios pyvduse / peer" not in md
     assert "| randread-4k-qd1 | 1.20x | 0.75x | 1.20x |" in md
+
+
+def rounds_entry(pid: str, per_round: dict[str, list[float]]) -> dict[str, Any]:
+    """A peer that ran every job in several rounds, as bench/guest_bench.py records it."""
+    entry = peer(pid, {})
+    for w, values in per_round.items():
+        done = []
+        for n, iops in enumerate(values, 1):
+            done.append({"iops": iops, "bw_bytes": iops * 4096, "lat_mean_us": 100.0 * n,
+                         "lat_p99_us": 300.0, "daemon_cpu_seconds": 1.2,
+                         "daemon_cpu_percent": 10.0, "round": n, "queues": 1,
+                         "dirs": {"read": {"iops": iops, "ios": 10 * n}}})
+        entry.setdefault("rounds", {})[w] = done
+        entry["results"][w] = report.mean_of_rounds(done)
+    return entry
+
+
+def test_mean_of_rounds() -> None:
+    rounds = [{"iops": 100.0, "lat_p99_us": 300, "queues": 1, "round": 1, "flag": True,
+               "dirs": {"write": {"iops": 100.0, "ios": 10}}, "name": "a"},
+              {"iops": 200.0, "lat_p99_us": 500, "queues": 1, "round": 2, "flag": False,
+               "dirs": {"write": {"iops": 200.0, "ios": 30}}, "name": "b"}]
+    m = report.mean_of_rounds(rounds)
+    assert m["iops"] == 150.0
+    assert m["lat_p99_us"] == 400.0
+    assert m["queues"] == 1
+    assert m["dirs"] == {"write": {"iops": 150.0, "ios": 20.0}}
+    assert m["flag"] is True and m["name"] == "a"  # not numbers: the first round's
+    assert "round" not in m
+    assert m["rounds"] == 2 and m["rounds_iops"] == [100.0, 200.0]
+    assert report.mean_of_rounds(rounds[:1])["iops"] == 100.0
+    with pytest.raises(ValueError):
+        report.mean_of_rounds([])
+
+
+def test_log_cost_pairs_the_rounds() -> None:
+    data = raw([rounds_entry("pyvduse-file", {"randread-4k-qd1": [900.0, 1100.0],
+                                              "randwrite-4k-qd32": [800.0, 1000.0]}),
+                rounds_entry("pyvduse-nolog", {"randread-4k-qd1": [1000.0, 1000.0],
+                                               "randwrite-4k-qd32": [1000.0]})])
+    data["meta"]["rounds"] = 2
+    res = report.compute(data, HOST)
+    rows = {r["workload"]: r for r in res["log_cost"]}
+    assert list(rows) == ["randread-4k-qd1", "randwrite-4k-qd32"]  # the others did not run
+    read = rows["randread-4k-qd1"]
+    assert read["iops_with"] == [900.0, 1100.0] and read["iops_without"] == [1000.0, 1000.0]
+    assert read["ratio"] == pytest.approx(1.0)
+    assert read["round_ratios"] == [pytest.approx(0.9), pytest.approx(1.1)]
+    write = rows["randwrite-4k-qd32"]  # round 2 of the run without the log failed
+    assert write["ratio"] == pytest.approx(0.9)
+    assert write["round_ratios"] == [pytest.approx(0.8)]
+    assert res["ratios_iops"]["randread-4k-qd1"]["pyvduse-file / pyvduse-nolog"] == \
+        pytest.approx(1.0)
+    md = report.markdown(res)
+    section = md.split("## Cost of the inflight log")[1].split("## Every figure")[0]
+    assert "2 round(s)" in section
+    assert "| randread-4k-qd1 | 900, 1,100 | 1,000, 1,000 | 1.00x | 0.90x, 1.10x | " \
+           "300 / 300 | 100.0 / 100.0 |" in section
+    assert "| randwrite-4k-qd32 | 800, 900 |" not in section
+    assert "| randwrite-4k-qd32 | 800, 1,000 | 1,000 | 0.90x | 0.80x |" in section
+
+
+def test_no_log_cost_without_both_peers() -> None:
+    res = report.compute(raw([peer("pyvduse-file", flat(1000.0))]), HOST)
+    assert res["log_cost"] == []
+    assert "Cost of the inflight log" not in report.markdown(res)
+    one_round = report.compute(raw([peer("pyvduse-file", flat(1000.0)),
+                                    peer("pyvduse-nolog", flat(800.0))]), HOST)
+    assert one_round["log_cost"][0]["round_ratios"] == [pytest.approx(1.25)]
