@@ -199,6 +199,27 @@ def version_of(cmd: list[str]) -> str:
 
 # -------------------------------------------------------------------- peers
 
+def stop_qsd_export(daemon: Any) -> None:
+    """Detach a qemu-storage-daemon vduse-blk export (``vdpa dev del``) and stop the daemon.
+
+    ``daemon`` has ``name``, ``added`` (attached through vdpa), ``proc`` and ``log``;
+    ``added`` and ``proc`` are cleared. Raises if the daemon exits with an error.
+    """
+    if daemon.added:
+        disk = vdpa_disk(daemon.name)
+        run(["vdpa", "dev", "del", daemon.name])
+        daemon.added = False
+        if disk:
+            wait_for(f"/sys/block/{disk} to go", lambda: not Path("/sys/block", disk).exists(),
+                     60)
+    if daemon.proc is not None:
+        proc, daemon.proc = daemon.proc, None
+        status = stop_process(proc, "qemu-storage-daemon")
+        if status != 0:
+            raise RuntimeError(f"qemu-storage-daemon exited {status}: "
+                               f"{daemon.log.read_text()[-2000:]}")
+
+
 @dataclass
 class Served:
     """A peer's block device while it is up."""
@@ -504,19 +525,7 @@ class QsdPeer(Peer):
         return Served(dev, self.proc.pid, {"disk": disk}, server_pid)
 
     def stop(self) -> None:
-        if self.added:
-            disk = vdpa_disk(self.name)
-            run(["vdpa", "dev", "del", self.name])
-            self.added = False
-            if disk:
-                wait_for(f"/sys/block/{disk} to go", lambda: not Path("/sys/block", disk).exists(),
-                         60)
-        if self.proc is not None:
-            proc, self.proc = self.proc, None
-            status = stop_process(proc, "qemu-storage-daemon")
-            if status != 0:
-                raise RuntimeError(f"qemu-storage-daemon exited {status}: "
-                                   f"{self.log.read_text()[-2000:]}")
+        stop_qsd_export(self)
 
 
 class NbdPeer(Peer):

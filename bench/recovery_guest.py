@@ -51,6 +51,7 @@ from guest_bench import (  # bench/ is not a package
     run,
     say,
     stop_process,
+    stop_qsd_export,
     vdpa_disk,
     version_of,
     wait_for,
@@ -219,19 +220,7 @@ class QsdDaemon(Daemon):
         return vdpa_disk(self.name)
 
     def stop(self) -> None:
-        if self.added:
-            disk = vdpa_disk(self.name)
-            run(["vdpa", "dev", "del", self.name])
-            self.added = False
-            if disk:
-                wait_for(f"/sys/block/{disk} to go", lambda: not Path("/sys/block", disk).exists(),
-                         60)
-        if self.proc is not None:
-            proc, self.proc = self.proc, None
-            status = stop_process(proc, "qemu-storage-daemon")
-            if status != 0:
-                raise RuntimeError(f"qemu-storage-daemon exited {status}: "
-                                   f"{self.log.read_text()[-2000:]}")
+        stop_qsd_export(self)
 
 
 DAEMONS = {d.id: d for d in (PyvduseDaemon, QsdDaemon)}
