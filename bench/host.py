@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,11 +192,23 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
         guest_cmd += ["--rbd-workloads", args.rbd_workloads]
     if args.rounds != 1:
         guest_cmd += ["--rounds", str(args.rounds)]
+    return run_guest(args, raw_dir, guest_cmd, host, say)
+
+
+def run_guest(args: argparse.Namespace, raw_dir: Path, guest_cmd: list[str],
+              facts: dict[str, Any], report: Callable[[str], None]) -> int:
+    """Boot the guest once with ``guest_cmd`` (vm-run, writing into ``raw_dir``).
+
+    ``args`` gives ``commit`` (serve that commit's sources, or the work tree),
+    ``timeout`` and ``max_wait`` (for an idle host first). Records in ``facts``
+    the wall time, the host's CPU used by anything else and concurrent guests;
+    ``report`` gets the progress lines. Returns vm-run's exit status.
+    """
     env_args = commit_sources(args.commit, raw_dir) if args.commit else []
     cmd = [str(REPO / "scripts" / "vm-run"), "--memory", VM_MEMORY, "--cpus", "2",
            "--timeout", args.timeout, *env_args, "--outdir", str(raw_dir), "--", *guest_cmd]
     wait_for_idle_host(args.max_wait)
-    say(f"booting the guest; progress: tail -f {raw_dir / 'console.log'}")
+    report(f"booting the guest; progress: tail -f {raw_dir / 'console.log'}")
     t = time.monotonic()
     with open(raw_dir.parent / f"{raw_dir.name}.vm-run.out", "wb") as out:
         launcher = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -209,16 +222,15 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
         finally:
             wall = time.monotonic() - t
             others = watch.finish(wall)
-    seen = watch.seen
-    host["wall_seconds"] = round(wall, 1)
-    host["host_cpus"] = os.cpu_count()
-    host["host_cpu_used_by_others"] = round(others, 2)
-    host["vm_run_exit"] = rc
-    host["concurrent_guests"] = sorted(seen)
-    host["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    if seen:
-        say(f"warning: other QEMU guests ran during the benchmark (pid {sorted(seen)})")
-    say(f"guest finished with exit {rc} after {host['wall_seconds'] / 60:.1f} min")
+    facts["wall_seconds"] = round(wall, 1)
+    facts["host_cpus"] = os.cpu_count()
+    facts["host_cpu_used_by_others"] = round(others, 2)
+    facts["vm_run_exit"] = rc
+    facts["concurrent_guests"] = sorted(watch.seen)
+    facts["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    if watch.seen:
+        report(f"warning: other QEMU guests ran during the benchmark (pid {sorted(watch.seen)})")
+    report(f"guest finished with exit {rc} after {wall / 60:.1f} min")
     return rc
 
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,35 +33,7 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, facts: dict[str, Any]) -
                  "--settle", f"{args.settle:g}", "--daemons", args.daemons]
     if args.fio_runtime:
         guest_cmd += ["--fio-runtime", args.fio_runtime]
-    # the daemon from that commit's sources, byte-compiled as vm-run does for src/
-    env_args = host.commit_sources(args.commit, raw_dir) if args.commit else []
-    cmd = [str(REPO / "scripts" / "vm-run"), "--memory", VM_MEMORY, "--cpus", "2",
-           "--timeout", args.timeout, *env_args, "--outdir", str(raw_dir), "--", *guest_cmd]
-    host.wait_for_idle_host(args.max_wait)
-    say(f"booting the guest; progress: tail -f {raw_dir / 'console.log'}")
-    t = time.monotonic()
-    with open(raw_dir.parent / f"{raw_dir.name}.vm-run.out", "wb") as out:
-        launcher = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        watch = host.HostWatch(launcher)
-        try:
-            rc = launcher.wait()
-        except KeyboardInterrupt:
-            launcher.terminate()  # vm-run kills its guest on SIGTERM
-            launcher.wait()
-            raise
-        finally:
-            wall = time.monotonic() - t
-            others = watch.finish(wall)
-    facts["wall_seconds"] = round(wall, 1)
-    facts["host_cpus"] = os.cpu_count()
-    facts["host_cpu_used_by_others"] = round(others, 2)
-    facts["vm_run_exit"] = rc
-    facts["concurrent_guests"] = sorted(watch.seen)
-    facts["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    if watch.seen:
-        say(f"warning: other QEMU guests ran during the benchmark (pid {sorted(watch.seen)})")
-    say(f"guest finished with exit {rc} after {wall / 60:.1f} min")
-    return rc
+    return host.run_guest(args, raw_dir, guest_cmd, facts, say)
 
 
 def main(argv: list[str]) -> int:
