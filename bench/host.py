@@ -196,16 +196,18 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
 
 
 def run_guest(args: argparse.Namespace, raw_dir: Path, guest_cmd: list[str],
-              facts: dict[str, Any], report: Callable[[str], None]) -> int:
+              facts: dict[str, Any], report: Callable[[str], None],
+              memory: str = VM_MEMORY) -> int:
     """Boot the guest once with ``guest_cmd`` (vm-run, writing into ``raw_dir``).
 
     ``args`` gives ``commit`` (serve that commit's sources, or the work tree),
     ``timeout`` and ``max_wait`` (for an idle host first). Records in ``facts``
     the wall time, the host's CPU used by anything else and concurrent guests;
-    ``report`` gets the progress lines. Returns vm-run's exit status.
+    ``report`` gets the progress lines; ``memory`` is the guest's (vm-run --memory).
+    Returns vm-run's exit status.
     """
     env_args = commit_sources(args.commit, raw_dir) if args.commit else []
-    cmd = [str(REPO / "scripts" / "vm-run"), "--memory", VM_MEMORY, "--cpus", "2",
+    cmd = [str(REPO / "scripts" / "vm-run"), "--memory", memory, "--cpus", "2",
            "--timeout", args.timeout, *env_args, "--outdir", str(raw_dir), "--", *guest_cmd]
     wait_for_idle_host(args.max_wait)
     report(f"booting the guest; progress: tail -f {raw_dir / 'console.log'}")

@@ -21,7 +21,7 @@ import host  # bench/ is not a package
 import recovery_report
 
 REPO = Path(__file__).resolve().parent.parent
-VM_MEMORY = "2G"
+VM_MEMORY = "2G"  # the 256 MiB file and fio's copy on the tmpfs (half of it)
 
 
 def say(msg: str) -> None:
@@ -33,7 +33,7 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, facts: dict[str, Any]) -
                  "--settle", f"{args.settle:g}", "--daemons", args.daemons]
     if args.fio_runtime:
         guest_cmd += ["--fio-runtime", args.fio_runtime]
-    return host.run_guest(args, raw_dir, guest_cmd, facts, say)
+    return host.run_guest(args, raw_dir, guest_cmd, facts, say, memory=VM_MEMORY)
 
 
 def main(argv: list[str]) -> int:
