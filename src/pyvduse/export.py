@@ -171,18 +171,13 @@ class BlkExport:
         self.device.inflight_log = log_
         try:
             self.resubmitted = self.device.reopen(trust_used_index=log_ is None)
-        except KernelError as exc:
+        except BaseException as exc:
             if log_ is not None:
                 log_.close()
             self.device.inflight_log = None
-            if exc.errno == errno.EBUSY:
+            if isinstance(exc, KernelError) and exc.errno == errno.EBUSY:
                 raise PyvduseError(f"{self.name}: a VDUSE device with this name exists and "
                                    "another process serves it") from None
-            raise
-        except BaseException:
-            if log_ is not None:
-                log_.close()
-            self.device.inflight_log = None
             raise
         self.recovered = True
         try:
