@@ -1,11 +1,16 @@
-"""A VDUSE device: its lifecycle and the control-message loop.
+"""The VDUSE transport: a device's kernel lifecycle and its control-message loop.
 
-:class:`VduseDevice` turns a :class:`DeviceModel` (e.g. virtio-blk) into a
-device the kernel can attach: it creates it, sets up its virtqueues, answers
-the driver's control messages on a dedicated thread (so data-path work can
-never block them), starts a :class:`QueueWorker` per queue on DRIVER_OK,
-served by ``queue_threads`` threads (queue ``i`` by thread ``i % queue_threads``),
-stops, drains and unmaps them on reset, and destroys the device in order.
+:class:`VduseDevice` offers a :class:`~pyvduse.virtio_device.DeviceModel`
+(e.g. virtio-blk) to the kernel through VDUSE: it creates the device, sets up
+its virtqueues, answers the driver's control messages on a dedicated thread
+(so data-path work can never block them), and on DRIVER_OK hands each ready
+queue (its ring addresses and position as a
+:class:`~pyvduse.virtio_device.QueueState`, the IOTLB-backed memory, a kick
+eventfd it registers with the kernel, an interrupt that injects one) to the
+transport-neutral :class:`~pyvduse.virtio_device.VirtioDevice` that serves
+the rings. What is VDUSE's alone stays here: the control messages, the IOTLB
+and its remapping, ``VIRTIO_F_ACCESS_PLATFORM`` (VDUSE requires it), the
+device's kernel lifecycle and its recovery after a crash.
 
 Lifecycle::
 
@@ -19,10 +24,10 @@ Lifecycle::
 Crash recovery: the kernel keeps a device whose daemon died, with its
 driver, its rings and the requests in them. :meth:`VduseDevice.reopen`
 serves such a device again from its inflight log (:mod:`pyvduse.inflight`,
-kept up to date by this module and the queue workers): it opens the device
-instead of creating it, takes the driver's status and features from the log,
-rebuilds each ready queue from ``VDUSE_VQ_GET_INFO`` and the log, and
-resubmits the requests that were taken and never completed.
+kept up to date by the queue workers): it opens the device instead of
+creating it, takes the driver's status and features from the log, rebuilds
+each ready queue from ``VDUSE_VQ_GET_INFO`` and the log, and resubmits the
+requests that were taken and never completed.
 
 No control message waits for a backend: a reset gives up the requests in
 flight (their completions are dropped), an IOTLB update remaps the rings
@@ -36,20 +41,22 @@ import os
 import select
 import threading
 from collections.abc import Callable
-from typing import Protocol
 
-from pyvduse.errors import KernelError, PyvduseError, RingError
-from pyvduse.inflight import InflightLog, InflightLogError, QueueLog
-from pyvduse.kernel import DeviceSpec, LinuxVduse, VduseChannel, VduseKernel
+from pyvduse.errors import KernelError, PyvduseError
+from pyvduse.inflight import InflightLog, InflightLogError
+from pyvduse.kernel import DeviceSpec, LinuxVduse, VduseChannel, VduseKernel, VqInfo
 from pyvduse.memory import IotlbEntry, IotlbMemory
-from pyvduse.queue_worker import Completer, QueueThread, QueueWorker
+from pyvduse.queue_worker import QueueWorker
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
-from pyvduse.virtqueue import Chain, SplitQueue
+from pyvduse.virtio_device import DeviceModel, QueueState, VirtioDevice
+
+__all__ = ["TRANSPORT_FEATURES", "DeviceModel", "VduseDevice"]
 
 log = logging.getLogger(__name__)
 
-_MANDATORY_FEATURES = (1 << v.VIRTIO_F_VERSION_1) | (1 << v.VIRTIO_F_ACCESS_PLATFORM)
+TRANSPORT_FEATURES = (1 << v.VIRTIO_F_VERSION_1) | (1 << v.VIRTIO_F_ACCESS_PLATFORM)
+"""Bits VDUSE offers with every device and the driver must accept."""
 _RUNNING = (v.VIRTIO_CONFIG_S_ACKNOWLEDGE | v.VIRTIO_CONFIG_S_DRIVER
             | v.VIRTIO_CONFIG_S_FEATURES_OK | v.VIRTIO_CONFIG_S_DRIVER_OK)
 
@@ -59,63 +66,23 @@ CONTROL_JOIN_TIMEOUT = 10.0
 """Seconds :meth:`VduseDevice.destroy` waits for the control thread."""
 
 
-class DeviceModel(Protocol):
-    """A virtio device type, independent of the transport."""
-
-    device_id: int
-    num_queues: int
-    queue_size: int
-    #: False if :meth:`plug` and :meth:`unplug` do nothing: the queues then skip the calls.
-    batches: bool
-
-    @property
-    def features(self) -> int:
-        """Feature bits offered to the driver."""
-        ...
-
-    def config_space(self) -> bytes:
-        """The device-specific configuration space."""
-        ...
-
-    def handle(self, chain: Chain, complete: Completer) -> int:
-        """Serve one request: a :data:`~pyvduse.queue_worker.RequestHandler`. Never raises."""
-        ...
-
-    def plug(self) -> None:
-        """A batch of :meth:`handle` calls begins on this thread. Never raises."""
-        ...
-
-    def unplug(self) -> None:
-        """The batch ends: requests it left pending must be started now. Never raises."""
-        ...
-
-
 class VduseDevice:
     """One VDUSE device serving ``model``. See the module docstring for the lifecycle."""
 
     def __init__(self, name: str, model: DeviceModel, kernel: VduseKernel | None = None,
                  queue_threads: int = 1, poll_max_ns: int = 0,
                  inflight_log: InflightLog | None = None) -> None:
-        if queue_threads < 1:
-            raise PyvduseError(f"{name}: at least one queue thread is needed, not {queue_threads}")
-        if poll_max_ns < 0:
-            raise PyvduseError(f"{name}: the polling window cannot be negative")
-        #: Queue threads poll their rings up to this long before sleeping (see QueueThread).
-        self.poll_max_ns = poll_max_ns
+        #: The transport-neutral half: the rings, their threads and the inflight record.
+        self.virtio = VirtioDevice(name, model, queue_threads=queue_threads,
+                                   poll_max_ns=poll_max_ns, inflight_log=inflight_log)
         self.name = name
         self.model = model
         self.kernel: VduseKernel = kernel if kernel is not None else LinuxVduse()
-        self.queue_threads = min(queue_threads, model.num_queues)
         self.status = 0
-        self.driver_features = 0
-        self.workers: dict[int, QueueWorker] = {}
-        self._serving: list[QueueThread] = []
         self.driver_ok = threading.Event()
         #: Set when the device can no longer be served (see :attr:`failure`).
         self.failed = threading.Event()
         self.failure = ""
-        #: Requests served per queue since creation (updated when a queue stops).
-        self.served: dict[int, int] = {}
         self._channel: VduseChannel | None = None
         self._memory: IotlbMemory | None = None
         self._kick_fds: dict[int, int] = {}
@@ -123,20 +90,53 @@ class VduseDevice:
         self._stop_fd = -1
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # serialises queue start/stop
-        #: Where the device's state and requests in flight are recorded (None: nowhere;
-        #: the device then cannot be recovered after a crash).
-        self.inflight_log = inflight_log
-        if inflight_log is not None and (inflight_log.num_queues != model.num_queues
-                                         or inflight_log.queue_size != model.queue_size):
-            raise PyvduseError(f"{name}: the inflight log is for {inflight_log.num_queues} "
-                               f"queue(s) of {inflight_log.queue_size}")
+
+    @property
+    def features(self) -> int:
+        """Feature bits offered to the driver: the model's and VDUSE's own."""
+        return self.model.features | TRANSPORT_FEATURES
+
+    @property
+    def inflight_log(self) -> InflightLog | None:
+        """Where the device's state and requests in flight are recorded (None: nowhere;
+        the device then cannot be recovered after a crash)."""
+        return self.virtio.inflight_log
+
+    @inflight_log.setter
+    def inflight_log(self, log_: InflightLog | None) -> None:
+        self.virtio.inflight_log = log_
+
+    @property
+    def workers(self) -> dict[int, QueueWorker]:
+        """The running queues."""
+        return self.virtio.workers
+
+    @property
+    def served(self) -> dict[int, int]:
+        """Requests served per queue since creation (updated when a queue stops)."""
+        return self.virtio.served
+
+    @property
+    def driver_features(self) -> int:
+        """The features the driver accepted."""
+        return self.virtio.driver_features
+
+    @property
+    def queue_threads(self) -> int:
+        """Threads serving the queues."""
+        return self.virtio.queue_threads
+
+    @property
+    def poll_max_ns(self) -> int:
+        """Queue threads poll their rings up to this long before sleeping."""
+        return self.virtio.poll_max_ns
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def create(self) -> None:
         """Create the device, set up its queues and start answering control messages."""
         model = self.model
-        spec = DeviceSpec(name=self.name, device_id=model.device_id, features=model.features,
+        spec = DeviceSpec(name=self.name, device_id=model.device_id, features=self.features,
                           vq_num=model.num_queues, config=model.config_space())
         self.kernel.create_device(spec)
         self._created = True
@@ -181,8 +181,8 @@ class VduseDevice:
                         f"{self.name}: the driver's features are {kernel_features:#x}, the "
                         f"inflight log says {features:#x}; the device was changed while no "
                         "daemon served it")
-            self.driver_features = features
-            self._memory = IotlbMemory(self._resolve)
+            self.virtio.driver_features = features
+            self._iotlb()
             resubmitted = 0
             if status & v.VIRTIO_CONFIG_S_DRIVER_OK:
                 resubmitted = self._start_queues(recover=True)
@@ -249,7 +249,7 @@ class VduseDevice:
                                    f"than the queue size {size}")
 
     def _start_control(self) -> None:
-        self._memory = self._memory or IotlbMemory(self._resolve)
+        self._iotlb()
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._control_loop,
                                         name=f"{self.name}-control", daemon=True)
@@ -352,23 +352,18 @@ class VduseDevice:
         if status == 0:
             log.info("%s: reset by the driver", self.name)
             self._stop_queues(inflight_timeout=0)  # never wait for a backend here
+            self.virtio.reset()
             self.status = 0
-            self.driver_features = 0
             self.driver_ok.clear()
-            if log_ is not None:
-                log_.reset()
             return u.VDUSE_REQ_RESULT_OK
         new = status & ~self.status
         if new & v.VIRTIO_CONFIG_S_FEATURES_OK:
             features = self.channel.get_features()
-            offered = self.model.features
-            if features & ~offered or features & _MANDATORY_FEATURES != _MANDATORY_FEATURES:
-                log.error("%s: driver features %#x refused (offered %#x)", self.name, features,
-                          offered)
+            refused = self.virtio.refused_features(features, self.features, TRANSPORT_FEATURES)
+            if refused is not None:
+                log.error("%s: %s", self.name, refused)
                 return u.VDUSE_REQ_RESULT_FAILED
-            self.driver_features = features
-            if log_ is not None:
-                log_.driver_features = features
+            self.virtio.accept_features(features)
         if status & v.VIRTIO_CONFIG_S_DRIVER_OK and not self.workers:
             try:
                 self._start_queues(recover=False)
@@ -387,9 +382,9 @@ class VduseDevice:
     def _vq_state(self, index: int) -> int | None:
         if not 0 <= index < self.model.num_queues:
             return None
-        worker = self.workers.get(index)
-        if worker is not None:
-            return worker.queue.last_avail_idx
+        position = self.virtio.last_avail(index)
+        if position is not None:
+            return position
         return self.channel.vq_get_info(index).avail_index
 
     def _update_iotlb(self, start: int, last: int) -> int:
@@ -400,23 +395,12 @@ class VduseDevice:
         """
         log.debug("%s: IOTLB update %#x-%#x", self.name, start, last)
         with self._lock:
-            serving, self._serving = self._serving, []
-            for thread in serving:
-                thread.stop(inflight_timeout=0)
-            assert self._memory is not None
-            self._memory.invalidate()
-            for index, worker in self.workers.items():
-                old = worker.queue
-                info = self.channel.vq_get_info(index)
-                try:
-                    queue = self._map_queue(index, info.num, info.desc_addr, info.driver_addr,
-                                            info.device_addr, old.last_avail_idx, old.used_idx)
-                except PyvduseError as exc:
-                    log.error("%s: %s; the queue stops until reset", self.name, exc)
-                    worker.broken = True
-                    continue
-                worker.remap(queue)
-            self._serve(self.workers)
+            self.virtio.pause()
+            memory = self._iotlb()
+            memory.invalidate()
+            for index in list(self.workers):
+                self.virtio.remap(index, _queue_state(self.channel.vq_get_info(index)), memory)
+            self.virtio.serve()
         return u.VDUSE_REQ_RESULT_OK
 
     # -- queues -------------------------------------------------------------------------
@@ -424,98 +408,37 @@ class VduseDevice:
     def _resolve(self, iova: int) -> IotlbEntry:
         return self.channel.iotlb_get_fd(iova, iova)
 
-    def _map_queue(self, index: int, num: int, desc: int, driver: int, device: int,
-                   last_avail: int, used: int | None) -> SplitQueue:
-        features = self.driver_features
-        assert self._memory is not None
-        try:
-            return SplitQueue(self._memory, num, desc, driver, device,
-                              event_idx=bool(features & (1 << v.VIRTIO_RING_F_EVENT_IDX)),
-                              indirect=bool(features & (1 << v.VIRTIO_RING_F_INDIRECT_DESC)),
-                              last_avail_idx=last_avail, used_idx=used)
-        except RingError as exc:
-            raise PyvduseError(f"queue {index}: {exc}") from exc
+    def _iotlb(self) -> IotlbMemory:
+        if self._memory is None:
+            self._memory = IotlbMemory(self._resolve)
+        return self._memory
 
     def _start_queues(self, recover: bool) -> int:
-        """Map and start every ready queue; return the requests resubmitted.
+        """Start every ready queue; return the requests resubmitted.
 
-        A fresh start (DRIVER_OK) begins where the driver says and clears the
-        queue's log; ``recover`` takes the positions and the requests to
-        resubmit from the inflight log (or, without one, trusts the used index).
+        A fresh start (DRIVER_OK) begins where the driver says; ``recover``
+        takes the positions and the requests to resubmit from the inflight
+        log (see :meth:`VirtioDevice.start_queue`).
         """
         resubmitted = 0
-        log_ = self.inflight_log
         with self._lock:
             try:
                 for index in range(self.model.num_queues):
                     info = self.channel.vq_get_info(index)
                     if not info.ready:
                         continue
-                    queue_log = log_.queues[index] if log_ is not None else None
-                    if not recover:
-                        queue = self._map_queue(index, info.num, info.desc_addr,
-                                                info.driver_addr, info.device_addr,
-                                                info.avail_index, None)
-                        if queue_log is not None:
-                            queue_log.clear()
-                        heads: list[int] = []
-                    else:
-                        queue = self._map_queue(index, info.num, info.desc_addr,
-                                                info.driver_addr, info.device_addr, 0, None)
-                        heads = self._recover_positions(index, queue, queue_log)
-                    worker = self._worker(index, queue, queue_log)
-                    if heads:
-                        resubmitted += len(heads)
-                        worker.resubmit(heads)
-                    elif recover:
-                        worker.publish()
-                        self._notifier(index)()  # a completion may have missed its interrupt
+                    state = _queue_state(info, 0 if recover else info.avail_index)
+                    kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    self._kick_fds[index] = kick_fd
+                    self.channel.vq_setup_kickfd(index, kick_fd)
+                    resubmitted += self.virtio.start_queue(
+                        index, state, self._iotlb(), kick_fd, self._notifier(index),
+                        recover=recover, serve=False)
             except BaseException:
-                self._release_queues(self.workers, inflight_timeout=0)
-                self.workers = {}
+                self._release_queues(inflight_timeout=0)
                 raise
-            self._serve(self.workers)
+            self.virtio.serve()
         return resubmitted
-
-    def _recover_positions(self, index: int, queue: SplitQueue,
-                           queue_log: QueueLog | None) -> list[int]:
-        """Set ``queue``'s next avail entry after a crash; return the heads to resubmit."""
-        used = queue.used_idx
-        if queue_log is None:
-            queue.last_avail_idx = used
-            return []
-        window = queue_log.unlogged_window(used)
-        start = queue_log.header[0]
-        found = queue_log.recover(used, queue.avail_idx(),
-                                  [queue.used_head(start + i) for i in range(window)])
-        queue.last_avail_idx = found.last_avail_idx
-        log.info("%s: queue %d: used index %d, next request at avail entry %d, %d request(s) "
-                 "to resubmit%s", self.name, index, used, found.last_avail_idx,
-                 len(found.heads), f", {found.cleared} completed" if found.cleared else "")
-        return found.heads
-
-    def _worker(self, index: int, queue: SplitQueue, queue_log: QueueLog | None) -> QueueWorker:
-        kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._kick_fds[index] = kick_fd
-        self.channel.vq_setup_kickfd(index, kick_fd)
-        model = self.model
-        worker = QueueWorker(
-            f"{self.name}-vq{index}", queue, model.handle, kick_fd,
-            self._notifier(index), plug=model.plug if model.batches else None,
-            unplug=model.unplug if model.batches else None, log=queue_log)
-        self.workers[index] = worker
-        return worker
-
-    def _serve(self, workers: dict[int, QueueWorker]) -> None:
-        """Start the queue threads: queue ``i`` on thread ``i % queue_threads``."""
-        for first in range(self.queue_threads):
-            served = [i for i in sorted(workers) if i % self.queue_threads == first
-                      and not workers[i].broken]
-            if served:
-                thread = QueueThread(f"{self.name}-vq{','.join(map(str, served))}",
-                                     [workers[i] for i in served], self.poll_max_ns)
-                self._serving.append(thread)
-                thread.start()
 
     def _notifier(self, index: int) -> Callable[[], None]:
         """The used-buffer interrupt of one queue; failures are logged, not raised."""
@@ -534,17 +457,10 @@ class VduseDevice:
         then give the queues up: kick fds and mappings are dropped, later
         completions too."""
         with self._lock:
-            workers, self.workers = self.workers, {}
-            self._release_queues(workers, inflight_timeout)
+            self._release_queues(inflight_timeout)
 
-    def _release_queues(self, workers: dict[int, QueueWorker],
-                        inflight_timeout: float | None) -> None:
-        serving, self._serving = self._serving, []
-        for thread in serving:
-            thread.stop(inflight_timeout)
-        for index, worker in workers.items():
-            worker.detach()
-            self.served[index] = self.served.get(index, 0) + worker.requests
+    def _release_queues(self, inflight_timeout: float | None) -> None:
+        self.virtio.stop_all(inflight_timeout)
         for index, fd in self._kick_fds.items():
             if self._channel is not None and self.status & v.VIRTIO_CONFIG_S_DRIVER_OK:
                 try:
@@ -555,3 +471,9 @@ class VduseDevice:
         self._kick_fds.clear()
         if self._memory is not None:
             self._memory.invalidate()
+
+
+def _queue_state(info: VqInfo, last_avail: int = 0) -> QueueState:
+    """A ring as ``VDUSE_VQ_GET_INFO`` describes it, taken from ``last_avail``."""
+    return QueueState(info.num, info.desc_addr, info.driver_addr, info.device_addr,
+                      last_avail)

@@ -25,7 +25,7 @@ from pyvduse.backends.threads import ThreadPoolBackend
 from pyvduse.binding import AttachedDevice, attach, detach, find_attached
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.device import BlkDevice
-from pyvduse.device import VduseDevice
+from pyvduse.device import TRANSPORT_FEATURES, VduseDevice
 from pyvduse.errors import ConfigError, KernelError, PyvduseError
 from pyvduse.inflight import InflightLog
 from pyvduse.kernel import VduseKernel
@@ -51,7 +51,7 @@ def device_identity(name: str, model: BlkDevice) -> dict[str, Any]:
     return {"name": name, "type": "virtio-blk", "num_queues": config.num_queues,
             "queue_size": config.queue_size, "logical_block_size": config.logical_block_size,
             "readonly": config.readonly, "serial": config.serial,
-            "features": f"{config.features:#x}"}
+            "features": f"{config.features | TRANSPORT_FEATURES:#x}"}
 
 
 class BlkExport:

@@ -709,7 +709,8 @@ def bit(n: int) -> int:
     return 1 << n
 
 
-BASE_FEATURES = (bit(v.VIRTIO_F_VERSION_1) | bit(v.VIRTIO_F_ACCESS_PLATFORM)
+# No transport bits: VDUSE adds ACCESS_PLATFORM itself (pyvduse.device).
+BASE_FEATURES = (bit(v.VIRTIO_F_VERSION_1)
                  | bit(v.VIRTIO_BLK_F_SEG_MAX) | bit(v.VIRTIO_BLK_F_BLK_SIZE)
                  | bit(v.VIRTIO_BLK_F_TOPOLOGY) | bit(v.VIRTIO_RING_F_EVENT_IDX)
                  | bit(v.VIRTIO_RING_F_INDIRECT_DESC))

@@ -116,7 +116,8 @@ class Rig:
 
     @property
     def offered(self) -> int:
-        return self.config.features
+        """The model's bits and VDUSE's own."""
+        return self.config.features | bit(v.VIRTIO_F_ACCESS_PLATFORM)
 
     def close(self) -> None:
         self.dev.destroy()

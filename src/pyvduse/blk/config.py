@@ -91,10 +91,10 @@ class BlkConfig:
 
     @property
     def features(self) -> int:
-        """Device feature bits to offer."""
+        """Device and ring feature bits to offer; a transport adds its own
+        (VDUSE: ``VIRTIO_F_ACCESS_PLATFORM``)."""
         bits = (
             _feature(v.VIRTIO_F_VERSION_1)
-            | _feature(v.VIRTIO_F_ACCESS_PLATFORM)
             | _feature(v.VIRTIO_BLK_F_SEG_MAX)
             | _feature(v.VIRTIO_BLK_F_BLK_SIZE)
             | _feature(v.VIRTIO_BLK_F_TOPOLOGY)
