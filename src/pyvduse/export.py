@@ -18,7 +18,8 @@ import errno
 import logging
 import os
 import struct
-from typing import Any, Literal
+import threading
+from typing import Any, Literal, Protocol
 
 from pyvduse.backends.base import Backend
 from pyvduse.backends.threads import ThreadPoolBackend
@@ -30,6 +31,7 @@ from pyvduse.errors import ConfigError, KernelError, PyvduseError
 from pyvduse.inflight import InflightLog
 from pyvduse.kernel import VduseKernel
 from pyvduse.netlink import VdpaClient
+from pyvduse.queue_worker import QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,127 @@ def device_identity(name: str, model: BlkDevice) -> dict[str, Any]:
             "features": f"{config.features | TRANSPORT_FEATURES:#x}"}
 
 
-class BlkExport:
+class ServedDevice(Protocol):
+    """What an export's transport device offers the registry, whatever the transport."""
+
+    driver_ok: threading.Event
+    failed: threading.Event
+    failure: str
+    inflight_log: InflightLog | None
+
+    @property
+    def workers(self) -> dict[int, QueueWorker]: ...
+
+    @property
+    def served(self) -> dict[int, int]: ...
+
+    def update_config(self, offset: int, data: bytes) -> None: ...
+
+
+class Export:
+    """One backend served as one virtio-blk device over some transport.
+
+    The transport-neutral half of an export: the backend, the device model
+    (which owns the config), resizing. Subclasses add the transport:
+    :class:`BlkExport` (VDUSE) and
+    :class:`pyvduse.vhost_user.export.VhostUserExport`.
+    """
+
+    device: ServedDevice
+
+    def __init__(self, name: str, backend: Backend, config: BlkConfig) -> None:
+        self.name = name
+        self.backend = backend
+        self.model = BlkDevice(backend, config)
+        self.attached: AttachedDevice | None = None
+        #: True when :meth:`start` re-attached to a device a previous daemon left.
+        self.recovered = False
+        #: Requests resubmitted by that recovery.
+        self.resubmitted = 0
+        #: The inflight log's path (None: none kept).
+        self.inflight_log_path: str | None = None
+
+    @property
+    def config(self) -> BlkConfig:
+        """The device's current config (the model owns it; it changes on resize)."""
+        return self.model.config
+
+    def start(self) -> AttachedDevice | None:
+        """Start serving; return where the device is attached (None: not attached)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop serving and close the backend."""
+        raise NotImplementedError
+
+    def refresh_size(self) -> int | None:
+        """Read the backend's size again; if it changed, serve and announce the new one.
+
+        The new capacity (rounded down to whole logical blocks) is written to
+        the config space and the driver gets a config interrupt, as a disk
+        resize does. Growing, requests may use the new blocks before the driver
+        hears of them; shrinking, the driver hears first. Returns the new
+        capacity in bytes, or None if it did not change (or the new size holds
+        no block: that is logged and ignored).
+        """
+        config = self.model.config
+        size = self.backend.size()
+        capacity = size - size % config.logical_block_size
+        log_ = self.device.inflight_log
+        if capacity == config.capacity and (log_ is None or log_.capacity == capacity):
+            return None
+        if capacity <= 0:
+            log.error("%s: the backend now reports %d bytes, no whole block; the device keeps "
+                      "its size of %d bytes", self.name, size, config.capacity)
+            return None
+        self._set_capacity(capacity)
+        return capacity
+
+    def _set_capacity(self, capacity: int) -> None:
+        """Serve and announce ``capacity``: growing, serve first; shrinking, announce first."""
+        old = self.model.config.capacity
+        sectors = struct.pack("<Q", capacity >> 9)
+        if capacity > old:
+            self.model.set_capacity(capacity)
+            self.device.update_config(0, sectors)
+        else:
+            self.device.update_config(0, sectors)
+            self.model.set_capacity(capacity)
+        if self.device.inflight_log is not None:
+            self.device.inflight_log.capacity = capacity
+        if capacity != old:
+            log.info("%s: resized from %d to %d bytes", self.name, old, capacity)
+
+    def resize(self, size: int, *, shrink: bool = False) -> int:
+        """Make the export ``size`` bytes: resize the backend and tell the driver.
+
+        ``size`` must be a whole number of logical blocks. Shrinking over data
+        is refused by the backend unless ``shrink``; the driver hears of a
+        smaller size before the backend shrinks (no request reaches past the
+        new end), and of a larger one after it grew. Returns the new capacity.
+        """
+        block = self.config.logical_block_size
+        if size <= 0 or size % block:
+            raise ConfigError(f"{self.name}: size {size} is not a positive multiple of the "
+                              f"logical block size {block}")
+        old = self.config.capacity
+        if size != self.backend.size():
+            if not self.backend.can_resize:
+                raise ConfigError(f"{self.name}: the {_label(self.backend)} backend "
+                                  "cannot be resized")
+            if size < old:
+                self._set_capacity(size)
+            try:
+                self.backend.resize(size, shrink=shrink)
+            except BaseException:
+                if size < old:
+                    self._set_capacity(old)
+                raise
+        self.refresh_size()
+        return self.config.capacity
+
+
+class BlkExport(Export):
     """Serves ``backend`` as VDUSE device ``name`` under ``config``.
 
     :meth:`start` creates (or recovers, see the module docstring) the
@@ -75,25 +197,14 @@ class BlkExport:
                  attach_timeout: float = 30.0, queue_threads: int = 1,
                  poll_max_ns: int = 0, inflight_log: str | None = None,
                  trust_used_index: bool = False) -> None:
-        self.name = name
-        self.backend = backend
+        super().__init__(name, backend, config)
         self.attach_mode: AttachMode = attach
         self.attach_timeout = attach_timeout
         self.inflight_log_path = inflight_log
         self.trust_used_index = trust_used_index
-        self.model = BlkDevice(backend, config)
-        self.device = VduseDevice(name, self.model, kernel, queue_threads=queue_threads,
-                                  poll_max_ns=poll_max_ns)
-        self.attached: AttachedDevice | None = None
-        #: True when :meth:`start` re-attached to a device a previous daemon left.
-        self.recovered = False
-        #: Requests resubmitted by that recovery.
-        self.resubmitted = 0
-
-    @property
-    def config(self) -> BlkConfig:
-        """The device's current config (the model owns it; it changes on resize)."""
-        return self.model.config
+        self.device: VduseDevice = VduseDevice(name, self.model, kernel,
+                                               queue_threads=queue_threads,
+                                               poll_max_ns=poll_max_ns)
 
     def start(self) -> AttachedDevice | None:
         """Create or recover, then attach; return where the device is (None if not attached)."""
@@ -195,72 +306,6 @@ class BlkExport:
         except BaseException:
             self.device.abandon()
             raise
-
-    def refresh_size(self) -> int | None:
-        """Read the backend's size again; if it changed, serve and announce the new one.
-
-        The new capacity (rounded down to whole logical blocks) is written to
-        the config space and the driver gets a config interrupt, as a disk
-        resize does. Growing, requests may use the new blocks before the driver
-        hears of them; shrinking, the driver hears first. Returns the new
-        capacity in bytes, or None if it did not change (or the new size holds
-        no block: that is logged and ignored).
-        """
-        config = self.model.config
-        size = self.backend.size()
-        capacity = size - size % config.logical_block_size
-        log_ = self.device.inflight_log
-        if capacity == config.capacity and (log_ is None or log_.capacity == capacity):
-            return None
-        if capacity <= 0:
-            log.error("%s: the backend now reports %d bytes, no whole block; the device keeps "
-                      "its size of %d bytes", self.name, size, config.capacity)
-            return None
-        self._set_capacity(capacity)
-        return capacity
-
-    def _set_capacity(self, capacity: int) -> None:
-        """Serve and announce ``capacity``: growing, serve first; shrinking, announce first."""
-        old = self.model.config.capacity
-        sectors = struct.pack("<Q", capacity >> 9)
-        if capacity > old:
-            self.model.set_capacity(capacity)
-            self.device.update_config(0, sectors)
-        else:
-            self.device.update_config(0, sectors)
-            self.model.set_capacity(capacity)
-        if self.device.inflight_log is not None:
-            self.device.inflight_log.capacity = capacity
-        if capacity != old:
-            log.info("%s: resized from %d to %d bytes", self.name, old, capacity)
-
-    def resize(self, size: int, *, shrink: bool = False) -> int:
-        """Make the export ``size`` bytes: resize the backend and tell the driver.
-
-        ``size`` must be a whole number of logical blocks. Shrinking over data
-        is refused by the backend unless ``shrink``; the driver hears of a
-        smaller size before the backend shrinks (no request reaches past the
-        new end), and of a larger one after it grew. Returns the new capacity.
-        """
-        block = self.config.logical_block_size
-        if size <= 0 or size % block:
-            raise ConfigError(f"{self.name}: size {size} is not a positive multiple of the "
-                              f"logical block size {block}")
-        old = self.config.capacity
-        if size != self.backend.size():
-            if not self.backend.can_resize:
-                raise ConfigError(f"{self.name}: the {_label(self.backend)} backend "
-                                  "cannot be resized")
-            if size < old:
-                self._set_capacity(size)
-            try:
-                self.backend.resize(size, shrink=shrink)
-            except BaseException:
-                if size < old:
-                    self._set_capacity(old)
-                raise
-        self.refresh_size()
-        return self.config.capacity
 
     def stop(self) -> None:
         """Detach (serving the driver's reset meanwhile), destroy, close the backend."""

@@ -25,7 +25,7 @@ from pyvduse.backends.threads import ThreadPoolBackend
 from pyvduse.binding import find_attached
 from pyvduse.blk.config import BlkConfig
 from pyvduse.errors import ConfigError, PyvduseError
-from pyvduse.export import BlkExport
+from pyvduse.export import BlkExport, Export
 from pyvduse.kernel import VduseKernel
 from pyvduse.spec import ExportSpec
 
@@ -41,7 +41,7 @@ def _no_events(event: str, data: dict[str, Any]) -> None:
     pass
 
 
-def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> BlkExport:
+def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> Export:
     """Open the backend of ``spec`` and wrap it in a (not yet started) export.
 
     Raises :class:`PyvduseError` with one clear line for a bad backend or
@@ -58,6 +58,12 @@ def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> BlkExpo
             logical_block_size=spec.logical_block_size or max(512, backend.preferred_block_size),
             num_queues=spec.num_queues, queue_size=spec.queue_size, serial=spec.serial,
             readonly=spec.readonly)
+        if spec.transport == "vhost-user":
+            from pyvduse.vhost_user.export import VhostUserExport  # only when asked for
+            assert spec.socket is not None
+            return VhostUserExport(spec.id, backend, config, spec.socket,
+                                   queue_threads=spec.queue_threads,
+                                   poll_max_ns=spec.poll_max_us * 1000)
         return BlkExport(spec.id, backend, config, attach=spec.attach,  # type: ignore[arg-type]
                          kernel=kernel, queue_threads=spec.queue_threads,
                          poll_max_ns=spec.poll_max_us * 1000,
@@ -71,7 +77,7 @@ def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> BlkExpo
 @dataclass
 class _Entry:
     spec: ExportSpec
-    export: BlkExport
+    export: Export
     started: float = field(default_factory=time.time)
     next_size_check: float = 0.0
     failure_reported: bool = False
@@ -97,14 +103,14 @@ class ExportRegistry:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, export_id: str) -> BlkExport:
+    def get(self, export_id: str) -> Export:
         """The export ``export_id``; :class:`ConfigError` if there is none."""
         entry = self._entries.get(export_id)
         if entry is None:
             raise ConfigError(f"no export with id {export_id!r}")
         return entry.export
 
-    def add(self, spec: ExportSpec) -> BlkExport:
+    def add(self, spec: ExportSpec) -> Export:
         """Build and start the export of ``spec``; raise (leaving nothing) if it cannot be."""
         with self._lock:
             if spec.id in self._entries or spec.id in self._changing:

@@ -77,6 +77,15 @@ def _text(text: str) -> str:
     return text
 
 
+TRANSPORTS = ("vduse", "vhost-user")
+
+
+def _transport(text: str) -> str:
+    if text not in TRANSPORTS:
+        raise ValueError(f"{text!r} is not one of {', '.join(TRANSPORTS)}")
+    return text
+
+
 @dataclass(frozen=True)
 class Option:
     """One export option: ``--NAME`` on the command line, ``NAME`` in ``export-add``."""
@@ -95,6 +104,13 @@ class Option:
 
 
 EXPORT_OPTIONS: tuple[Option, ...] = (
+    Option("transport", _transport, "vduse",
+           "how the driver reaches the device: vduse (a kernel device, see --attach) or "
+           "vhost-user (a vhost-user-blk socket for QEMU, Cloud Hypervisor, libblkio; "
+           "needs --socket) (default: %(default)s)", "NAME"),
+    Option("socket", _text, None,
+           "with --transport vhost-user: the UNIX socket to listen on (a stale one is "
+           "replaced; created with mode 0600)", "PATH"),
     Option("num-queues", positive_int, 1, "number of request queues (default: %(default)s)",
            "N"),
     Option("queue-size", positive_int, DEFAULT_QUEUE_SIZE,
@@ -136,6 +152,8 @@ class ExportSpec:
     id: str
     backend: str
     backend_options: tuple[str, ...] = ()
+    transport: str = "vduse"
+    socket: str | None = None
     num_queues: int = 1
     queue_size: int = DEFAULT_QUEUE_SIZE
     logical_block_size: int | None = None
@@ -150,10 +168,18 @@ class ExportSpec:
     #: Test-only: no inflight log; recovery trusts the used index (see UNSAFE_NO_LOG_ENV).
     unsafe_no_log: bool = field(default=False)
 
+    def __post_init__(self) -> None:
+        if self.transport == "vhost-user" and not self.socket:
+            raise ConfigError("the vhost-user transport needs a socket path (--socket PATH)")
+        if self.transport != "vhost-user" and self.socket:
+            raise ConfigError("--socket is for the vhost-user transport "
+                              "(--transport vhost-user)")
+
     @property
     def inflight_log_path(self) -> str | None:
-        """Where the inflight log lives (None: nowhere, test-only)."""
-        if self.unsafe_no_log:
+        """Where the inflight log lives (None: nowhere: test-only, or over vhost-user,
+        whose front-end keeps the requests in flight)."""
+        if self.unsafe_no_log or self.transport == "vhost-user":
             return None
         return self.inflight_log or default_path(self.id)
 
