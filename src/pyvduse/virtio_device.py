@@ -162,7 +162,8 @@ class VirtioDevice:
                               state.device_addr,
                               event_idx=bool(features & (1 << v.VIRTIO_RING_F_EVENT_IDX)),
                               indirect=bool(features & (1 << v.VIRTIO_RING_F_INDIRECT_DESC)),
-                              last_avail_idx=state.last_avail_idx, used_idx=state.used_idx)
+                              last_avail_idx=state.last_avail_idx, used_idx=state.used_idx,
+                              max_chain=self.model.queue_size)
         except RingError as exc:
             raise PyvduseError(f"queue {index}: {exc}") from exc
 

@@ -124,6 +124,7 @@ class SplitQueue:
         indirect: bool,
         last_avail_idx: int = 0,
         used_idx: int | None = None,
+        max_chain: int = 0,
     ) -> None:
         if not is_valid_queue_size(size):
             raise RingError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
@@ -137,6 +138,10 @@ class SplitQueue:
             raise RingError("ring addresses are misaligned")
         self.memory = memory
         self.size = size
+        #: Most descriptors an indirect table may hold: the queue size the device
+        #: offered (``max_chain``, what its seg_max was derived from), never less
+        #: than this ring's size (a front-end may pick a smaller ring than offered).
+        self.max_indirect = max(size, max_chain)
         self._mask = size - 1
         self.event_idx = event_idx
         self.indirect = indirect
@@ -238,7 +243,7 @@ class SplitQueue:
                     a0 -= hot_start
                     a1 -= hot_start
                     return Chain(head, [view[a0:a0 + l0]], [view[a1:a1 + l1]])
-            if not length or length % _DESC_SIZE or length > table_len * _DESC_SIZE:
+            if not length or length % _DESC_SIZE or length > self.max_indirect * _DESC_SIZE:
                 return self._walk(head)
             table = view
             table_len = length // _DESC_SIZE
@@ -295,10 +300,12 @@ class SplitQueue:
                     raise ChainError(head, "indirect descriptor with the NEXT flag")
                 if length == 0 or length % _DESC_SIZE:
                     raise ChainError(head, f"indirect table length {length} is not n * 16")
-                if length // _DESC_SIZE > self.size:
-                    # virtio 1.x 2.7.5.3.1: no chain may be longer than the queue size.
+                if length // _DESC_SIZE > self.max_indirect:
+                    # virtio 1.x 2.7.5.3.1: no chain may be longer than the queue size
+                    # (the one the device offered: a driver sizes requests by seg_max).
                     raise ChainError(head, f"indirect table of {length // _DESC_SIZE} "
-                                     f"descriptors exceeds the queue size {self.size}")
+                                     f"descriptors exceeds the queue size "
+                                     f"{self.max_indirect}")
                 try:
                     table = memory.contiguous(addr, length, write=False)
                 except MemoryAccessError as exc:

@@ -169,6 +169,22 @@ def test_indirect_table_longer_than_the_queue_is_refused(rig: Rig) -> None:
     assert refused.value.head == head
 
 
+def test_indirect_table_up_to_the_offered_queue_size_fits_a_smaller_ring(rig: Rig) -> None:
+    # A vhost-user front-end may pick a ring smaller than the queue size the device
+    # offered; the driver still sizes indirect tables by the offered seg_max.
+    queue = SplitQueue(rig.gmem, rig.queue.size, rig.ring.desc_addr, rig.ring.avail_addr,
+                       rig.ring.used_addr, event_idx=True, indirect=True,
+                       max_chain=2 * rig.queue.size)
+    for count in (rig.queue.size + 1, 2 * rig.queue.size):
+        bufs = [rig.rbuf(bytes([i])) for i in range(count)]
+        rig.ring.add_chain(bufs, indirect=True)
+        assert joined(queue.pop().readable) == bytes(range(count))
+    rig.ring.add_chain([rig.rbuf(b"x")] * (2 * rig.queue.size + 1), indirect=True)
+    with pytest.raises(ChainError, match=f"exceeds the queue size {2 * rig.queue.size}"):
+        queue.pop()
+    queue.release()
+
+
 @pytest.mark.parametrize("indirect", [False, True])
 def test_zero_length_buffers_are_skipped(rig: Rig, indirect: bool) -> None:
     rig.ring.add_chain([rig.rbuf(b""), rig.rbuf(b"abc"), rig.rbuf(b""), rig.wbuf(0),
