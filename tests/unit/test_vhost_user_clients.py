@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,8 @@ from pyvduse.testing.blkio import (
     BlkioError,
     wait_all,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 MiB = 1 << 20
 Serve = Callable[..., Server]
@@ -363,3 +366,21 @@ def test_image_holds_what_the_client_wrote(serve: Serve) -> None:
         problem = describe_mismatch(image[offset:offset + length], offset, bytes(want))
         assert not problem, f"image file: {problem}"
     assert image[20 * MiB:21 * MiB] == bytes(MiB)
+
+
+@pytest.mark.parametrize(("rw", "bs", "iodepth", "wait_mode"), [
+    ("randwrite", BLOCK, 8, "block"),
+    ("read", MiB, 2, "loop"),
+])
+def test_load_generator(serve: Serve, rw: str, bs: int, iodepth: int, wait_mode: str) -> None:
+    """bench/blkio_load.c builds and runs a short load without a failed request."""
+    from blkio_load import run_load
+
+    server = serve()
+    result = run_load(DRIVER_VHOST_USER, server.socket, rw, bs, iodepth, 0.3, wait_mode,
+                      timeout=30)
+    assert result["errors"] == 0, result
+    assert result["completions"] > iodepth, result
+    assert (result["rw"], result["bs"], result["iodepth"], result["mode"]) == (
+        rw, bs, iodepth, wait_mode)
+    assert_alive(server)
