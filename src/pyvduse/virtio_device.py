@@ -278,7 +278,7 @@ class VirtioDevice:
 
         Requests in flight get ``inflight_timeout`` seconds (None: as long
         as they take) to complete into the ring; the rest are given up. The
-        other queues of its thread go on.
+        other queues of its thread go on, while it waits too.
         """
         with self._lock:
             worker = self.workers.get(index)
@@ -290,8 +290,8 @@ class VirtioDevice:
                 thread.stop(inflight_timeout=0)
             del self.workers[index]
             position = worker.queue.last_avail_idx
+            self._restart_thread(number)  # before the wait: the others must not stall
             self._finish(index, worker, inflight_timeout)
-            self._restart_thread(number)
             return position
 
     def _finish(self, index: int, worker: QueueWorker, inflight_timeout: float | None) -> None:

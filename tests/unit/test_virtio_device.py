@@ -256,6 +256,28 @@ def test_stop_queue_gives_up_after_the_timeout(rig: Rig) -> None:
     rig.wait_used(0, 1)
 
 
+def test_stop_queue_does_not_stall_the_other_queues_of_its_thread(rig: Rig) -> None:
+    """While stop_queue waits for queue 0's request, queues 1 and 2 (same thread) serve."""
+    for q in range(3):
+        rig.start(q)
+    rig.backend.hold_at.add(0)
+    rig.write(0, 0, sector_data(0))
+    rig.backend.wait_held(1)
+    stopper = threading.Thread(target=rig.dev.stop_queue, args=(0, 5.0))
+    stopper.start()
+    try:
+        time.sleep(0.05)
+        rig.write(1, 1, sector_data(1))
+        rig.write(2, 2, sector_data(2))
+        assert rig.served_within(1, 1, 1.0), "queue 1 stalled while queue 0 was stopping"
+        assert rig.served_within(2, 1, 1.0), "queue 2 stalled while queue 0 was stopping"
+    finally:
+        rig.backend.release()
+        stopper.join(5)
+    assert not stopper.is_alive()
+    assert rig.used(0) == 1
+
+
 def test_threads_per_queue_stop_restarts_only_its_own() -> None:
     r = Rig(num_queues=3, queue_threads=3)
     try:
