@@ -169,7 +169,7 @@ class VirtioDevice:
 
     def start_queue(self, index: int, state: QueueState, memory: GuestMemory, kick_fd: int,
                     notify: Callable[[], None], *, recover: bool = False,
-                    serve: bool = True) -> int:
+                    serve: bool = True, queue_log: QueueLog | None = None) -> int:
         """Start serving queue ``index``; return the requests resubmitted.
 
         A fresh start takes requests from ``state.last_avail_idx`` on and
@@ -177,15 +177,20 @@ class VirtioDevice:
         next avail entry and the requests to resubmit from the record (or,
         without a log, trusts the used index) and resubmits them. ``serve``
         False leaves the thread to a later :meth:`serve` (to start many
-        queues with one thread start each). Raises :class:`PyvduseError`
-        (the queue is not started) if the ring is unusable.
+        queues with one thread start each). ``queue_log`` is where the queue
+        keeps its inflight record (default: its area of :attr:`inflight_log`,
+        if any; a transport may keep them elsewhere, e.g. vhost-user's
+        inflight buffer). Raises :class:`PyvduseError` (the queue is not
+        started) if the ring is unusable, :class:`InflightLogError` if
+        ``recover`` finds a record that cannot describe the ring.
         """
         with self._lock:
             if index in self.workers:
                 raise PyvduseError(f"{self.name}: queue {index} is already running")
             queue = self.build_queue(index, state, memory)
             log_ = self._inflight_log
-            queue_log = log_.queues[index] if log_ is not None else None
+            if queue_log is None and log_ is not None:
+                queue_log = log_.queues[index]
             heads: list[int] = []
             if recover:
                 heads = self._recover_positions(index, queue, queue_log)

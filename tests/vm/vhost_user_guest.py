@@ -58,7 +58,34 @@ def ext4_roundtrip() -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def under_kills() -> None:
+    """Random writes with verification while the host kills and restarts the daemon.
+
+    Tells the host when the load starts (a file in the shared output folder),
+    then runs fio for a fixed time with verification of what it wrote, both
+    during the run (a backlog) and after it. Any lost or misplaced write, or an
+    I/O error from a request the daemon dropped, fails fio.
+    """
+    outdir = os.environ["VM_RUN_OUTDIR"]
+    with open(os.path.join(outdir, "load-started"), "w") as f:
+        f.write("1\n")
+    fio = run("fio", "--name=kills", f"--filename={DEV}", "--rw=randwrite", "--bs=4k",
+              "--size=32M", "--ioengine=libaio", "--direct=1", "--iodepth=16",
+              "--time_based", f"--runtime={os.environ.get('LOAD_SECONDS', '40')}",
+              "--verify=crc32c", "--verify_backlog=256", "--do_verify=1", "--verify_fatal=1",
+              "--output-format=json")
+    job = json.loads(fio[fio.index("{"):])["jobs"][0]
+    if job["error"] or not job["write"]["total_ios"]:
+        sys.exit(f"fio under kills failed: {json.dumps(job)[:2000]}")
+    print(json.dumps({"kills_fio_write_ios": job["write"]["total_ios"],
+                      "kills_fio_read_ios": job["read"]["total_ios"],
+                      "kills_fio_errors": job["error"]}), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["under-kills"]:
+        under_kills()
+        return
     results: dict[str, object] = {}
     name = os.path.basename(DEV)
     with open(f"/sys/block/{name}/size") as f:

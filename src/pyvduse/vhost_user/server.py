@@ -39,8 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvduse.errors import MemoryAccessError, PyvduseError
-from pyvduse.inflight import InflightLog
+from pyvduse.inflight import InflightLog, InflightLogError, QueueLog
 from pyvduse.queue_worker import QueueWorker
+from pyvduse.vhost_user import inflight
 from pyvduse.vhost_user import protocol as p
 from pyvduse.vhost_user.connection import Connection, Message, validate
 from pyvduse.vhost_user.memory import VhostUserMemory
@@ -60,7 +61,8 @@ TRANSPORT_FEATURES = 1 << p.F_PROTOCOL_FEATURES
 """Virtio feature bits the transport offers besides the model's."""
 PROTOCOL_FEATURES = (p.ProtocolFeature.MQ.mask | p.ProtocolFeature.REPLY_ACK.mask
                      | p.ProtocolFeature.CONFIG.mask | p.ProtocolFeature.RESET_DEVICE.mask
-                     | p.ProtocolFeature.CONFIGURE_MEM_SLOTS.mask)
+                     | p.ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
+                     | p.ProtocolFeature.INFLIGHT_SHMFD.mask)
 """The protocol features offered."""
 
 
@@ -276,6 +278,9 @@ class _Session:
         self.protocol_features = 0
         self.memory: VhostUserMemory | None = None
         self.vrings = [_Vring() for _ in range(server.model.num_queues)]
+        #: The front-end's inflight buffer (INFLIGHT_SHMFD) and its per-ring records.
+        self.inflight: inflight.InflightRegion | None = None
+        self.queue_logs: list[QueueLog] = []
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             p.Request.GET_FEATURES: self._get_features,
             p.Request.SET_FEATURES: self._set_features,
@@ -297,6 +302,8 @@ class _Session:
             p.Request.SET_VRING_CALL: self._set_vring_call,
             p.Request.SET_VRING_ERR: self._set_vring_err,
             p.Request.SET_VRING_ENABLE: self._set_vring_enable,
+            p.Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            p.Request.SET_INFLIGHT_FD: self._set_inflight_fd,
             p.Request.GET_CONFIG: self._get_config,
             p.Request.SET_CONFIG: self._set_config,
         }
@@ -386,6 +393,7 @@ class _Session:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        self._drop_inflight()
         self.connection.close()
 
     # -- requests -----------------------------------------------------------------------
@@ -424,6 +432,8 @@ class _Session:
         log.info("%s: device reset by the front-end (%s)", self.name, message.name)
         self.virtio.reset()
         self.server.driver_ok.clear()
+        for queue_log in self.queue_logs:  # a reset device has nothing in flight
+            queue_log.clear()
         for index, vring in enumerate(self.vrings):
             vring.close()
             self.vrings[index] = _Vring()
@@ -550,6 +560,55 @@ class _Session:
             if position is not None:
                 vring.base = position
 
+    def _get_inflight_fd(self, message: Message) -> None:
+        asked = p.decode_inflight(message.payload)
+        if asked.num_queues != len(self.vrings):
+            raise _Refused(f"inflight buffer for {asked.num_queues} queue(s); the device has "
+                           f"{len(self.vrings)}")
+        if asked.queue_size > self.server.model.queue_size:
+            raise _Refused(f"inflight buffer for queues of {asked.queue_size}, more than the "
+                           f"queue size {self.server.model.queue_size}")
+        fd, size = inflight.allocate(asked.num_queues, asked.queue_size)
+        try:
+            region = inflight.InflightRegion.map(fd, size, 0, asked.num_queues,
+                                                 asked.queue_size)
+            self._use_inflight(region)
+            self.connection.reply(message.request, p.encode_inflight(
+                p.Inflight(size, 0, asked.num_queues, asked.queue_size)), fds=[fd])
+        finally:
+            os.close(fd)
+        log.debug("%s: new inflight buffer of %d bytes", self.name, size)
+
+    def _set_inflight_fd(self, message: Message) -> None:
+        given = p.decode_inflight(message.payload)
+        fd = message.take_fd()
+        try:
+            if given.num_queues != len(self.vrings):
+                raise _Refused(f"inflight buffer for {given.num_queues} queue(s); the device "
+                               f"has {len(self.vrings)}")
+            region = inflight.InflightRegion.map(fd, given.mmap_size, given.mmap_offset,
+                                                 given.num_queues, given.queue_size)
+        finally:
+            os.close(fd)
+        self._use_inflight(region)
+        log.info("%s: the front-end handed back its inflight buffer", self.name)
+
+    def _use_inflight(self, region: inflight.InflightRegion) -> None:
+        if self.virtio.workers:
+            region.close()
+            raise _Refused("the inflight buffer cannot change while rings run")
+        self._drop_inflight()
+        self.inflight = region
+        self.queue_logs = [region.queue_log(i) for i in range(len(self.vrings))]
+
+    def _drop_inflight(self) -> None:
+        for queue_log in self.queue_logs:
+            queue_log.release()
+        self.queue_logs = []
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+
     def _get_config(self, message: Message) -> bytes:
         asked = p.decode_config(message.payload)
         config = self.server.model.config_space()
@@ -582,9 +641,25 @@ class _Session:
         if (index in self.virtio.workers or not vring.enabled or vring.kick_fd < 0
                 or not vring.num or vring.addr is None or self.memory is None):
             return
+        queue_log = self.queue_logs[index] if self.queue_logs else None
+        if queue_log is not None and vring.num > queue_log.size:
+            raise _Refused(f"ring {index} has {vring.num} entries, the inflight buffer "
+                           f"{queue_log.size}")
         try:
-            self.virtio.start_queue(index, self._queue_state(index), self.memory,
-                                    vring.kick_fd, vring.notify)
+            try:
+                # With an inflight buffer the record, not the base, says where the ring
+                # stands: after a restart of ours the front-end's base is its used index.
+                self.virtio.start_queue(index, self._queue_state(index), self.memory,
+                                        vring.kick_fd, vring.notify,
+                                        recover=queue_log is not None, queue_log=queue_log)
+            except InflightLogError as exc:
+                assert queue_log is not None
+                log.warning("%s: ring %d: the inflight buffer does not fit the ring (%s); "
+                            "starting from the front-end's base %d", self.name, index, exc,
+                            vring.base)
+                queue_log.clear()
+                self.virtio.start_queue(index, self._queue_state(index), self.memory,
+                                        vring.kick_fd, vring.notify, queue_log=queue_log)
         except PyvduseError as exc:
             raise _Refused(str(exc)) from None
         log.info("%s: ring %d running (%d entries, from avail entry %d)", self.name, index,
