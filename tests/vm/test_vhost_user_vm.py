@@ -32,17 +32,22 @@ GUEST_MEMORY = "2G"
 VM_RUN = REPO / "scripts" / "vm-run"
 GUEST_PYTHON = REPO / ".venv" / "bin" / "python"
 GUEST_SCRIPT = REPO / "tests" / "vm" / "vhost_user_guest.py"
+JITTER = REPO / "tests" / "guest" / "jitter_backend.py"
 
 
 class Daemon:
     """``pyvduse serve --transport vhost-user`` on a file, restartable with the same options."""
 
-    def __init__(self, sock: Path, image: Path, log: Path) -> None:
+    def __init__(self, sock: Path, image: Path, log: Path, *, jitter: bool = False) -> None:
         self.sock = sock
         self.log = log
+        # jitter: every transfer held 0-3 ms on a pool of 8 threads, so that requests are
+        # in flight, and complete out of order, whenever the daemon is killed
+        backend = (["--io-threads", "8", "--io-threads-min", "4k", "python",
+                    f"script={JITTER}", "class=JitterFileBackend", f"path={image}"]
+                   if jitter else ["file", f"path={image}"])
         self.argv = [sys.executable, "-m", "pyvduse", "serve", "--transport", "vhost-user",
-                     "--socket", str(sock), "--num-queues", "2", "--name", "vu0",
-                     "file", f"path={image}"]
+                     "--socket", str(sock), "--num-queues", "2", "--name", "vu0", *backend]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -145,7 +150,7 @@ def test_a_vm_loses_nothing_when_the_daemon_is_killed_and_restarted(tmp_path: Pa
     (``reconnect=1``), hands back the inflight buffer (INFLIGHT_SHMFD), the new
     daemon resubmits what was in flight, and fio finds every write."""
     image = _image(tmp_path)
-    daemon = Daemon(tmp_path / "vu.sock", image, tmp_path / "daemon.log")
+    daemon = Daemon(tmp_path / "vu.sock", image, tmp_path / "daemon.log", jitter=True)
     outdir = REPO / "build" / "vm-vhost-user-kills"
     outdir.mkdir(parents=True, exist_ok=True)
     started = outdir / "load-started"
