@@ -785,6 +785,38 @@ def test_a_live_socket_is_refused(rig: Rig) -> None:
     check_serving(rig)  # the first server is untouched
 
 
+def test_a_live_socket_with_a_full_backlog_is_refused(rig: Rig) -> None:
+    """The server is busy with a front-end and more wait in its backlog: a probe that
+    cannot get in does not mean that nobody listens."""
+    busy = rig.frontend()
+    queued: list[socket.socket] = []
+    try:
+        busy.negotiate()
+        while True:  # fill the listen backlog
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                sock.connect(rig.path)
+            except BlockingIOError:
+                sock.close()
+                break
+            queued.append(sock)
+            assert len(queued) < 100
+        other = HoldingBackend(DISK)
+        second = make_server(rig.path, other)
+        try:
+            with pytest.raises(PyvduseError, match="another server listens"):
+                second.start()
+        finally:
+            second.destroy()  # if it did start
+            other.close()
+        assert os.path.exists(rig.path)
+    finally:
+        for sock in queued:
+            sock.close()
+        busy.close()
+    check_serving(rig)
+
+
 def test_a_file_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "vu.sock"
     path.write_text("data")

@@ -245,8 +245,13 @@ def _listen(path: str) -> socket.socket:
         try:
             probe.settimeout(1.0)
             probe.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(path)  # nobody listens: left by a daemon that died
+        except (BlockingIOError, TimeoutError):  # a live server with a full backlog
+            raise PyvduseError(f"{path}: another server listens on this socket (busy)") from None
+        except OSError as exc:  # EACCES...: nobody can tell, so the socket stays
+            raise PyvduseError(f"cannot tell whether a server listens on {path}: "
+                               f"{exc.strerror or exc}") from None
         else:
             raise PyvduseError(f"{path}: another server listens on this socket")
         finally:
