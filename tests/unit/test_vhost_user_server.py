@@ -25,7 +25,7 @@ from pyvduse.backends.base import Done, run_and_report
 from pyvduse.backends.memory import MemoryBackend
 from pyvduse.blk import BlkConfig, BlkDevice
 from pyvduse.errors import PyvduseError
-from pyvduse.testing import DriverMemory
+from pyvduse.testing import DriverMemory, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.testing.vhost_user_frontend import (
     RequestFailed,
@@ -469,24 +469,37 @@ def test_set_mem_table_while_running_remaps(rig: Rig) -> None:
         extra.close()
 
 
-def test_set_mem_table_dropping_a_running_ring_stops_it_not_the_session(rig: Rig) -> None:
-    """A table that no longer holds a running ring: that ring stops, the others and the
-    session go on, and the ring works again once the front-end sets it up anew."""
-    other = DriverMemory(size=MiB, base=0x4000_0000)
+def test_set_mem_table_without_a_running_ring_stops_that_ring_only(rig: Rig) -> None:
+    """A new table that no longer holds a running ring is applied: that ring stops (after
+    its request in flight), the other goes on, and the ring can be set up again later."""
+    extra = DriverMemory(size=MiB, base=0x4000_0000)
     try:
         with rig.frontend() as fe:
-            fe.start(1, QSIZE)
-            check_io(fe)
-            with contextlib.suppress(RequestFailed):
-                fe.set_mem_table([(p.MemoryRegion(other.base, other.size, 0x6000_0000_0000, 0),
-                                   other.fd)])
-            assert fe.get_features() == fe.offered_features  # the session goes on
-            fe.get_vring_base(0)
-            fe.set_mem_table()
+            fe.add_memory(extra, 0x6000_0000_0000)
+            fe.negotiate()
+            fe.set_mem_table()  # both memories
             fe.setup_ring(0, QSIZE)
-            check_io(fe, seed=4)
+            fe.setup_ring(1, QSIZE, ring=MockSplitRing(extra, QSIZE))  # ring 1 in the extra one
+            check_io(fe, queue=0, seed=1)
+            check_io(fe, queue=1, sector=80, seed=2)
+            rig.backend.hold_at.add(512 * 160)
+            held = fe.submit(1, T_OUT, 160, pattern(4096, 3))
+            rig.backend.wait_held(1)
+            timer = release_later(rig.backend, 0.1)
+            fe.set_mem_table([(fe.region(), fe.memory.fd)])  # the extra memory goes
+            timer.join()
+            assert sorted(rig.server.workers) == [0]
+            check_io(fe, queue=0, sector=200, seed=4)  # ring 0 goes on
+            assert fe.rings[1].ring.used_idx() == 3  # the request completed before the stop
+            assert fe.status(held) == OK
+            assert fe.get_vring_base(1) == 3
+            # the memory comes back: ring 1 is set up again where it stopped
+            fe.set_mem_table()
+            fe.setup_ring(1, QSIZE, base=3, ring=fe.rings[1].ring)
+            fe.wait_used(1, 1)  # the completion of the held request, seen by the driver now
+            check_io(fe, queue=1, sector=160, seed=3)
     finally:
-        other.close()
+        extra.close()
 
 
 def test_add_and_remove_memory_regions(rig: Rig) -> None:

@@ -138,6 +138,8 @@ class VhostUserFrontend:
         self.offered_protocol_features = 0
         self.protocol_features = 0
         self.rings: dict[int, FrontendRing] = {}
+        #: Further guest memory (see :meth:`add_memory`) and its user bases.
+        self.extra_memory: list[tuple[DriverMemory, int]] = []
         self._buffer = bytearray()
         self._fds: list[int] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -320,17 +322,38 @@ class VhostUserFrontend:
 
     # -- memory ---------------------------------------------------------------------------
 
-    def region(self) -> p.MemoryRegion:
-        """All of :attr:`memory` as one region: guest and user bases, file offset 0."""
-        return p.MemoryRegion(self.memory.base, self.memory.size, self.user_base, 0)
+    def add_memory(self, memory: DriverMemory, user_base: int) -> p.MemoryRegion:
+        """Use ``memory`` (the caller's: it stays open) as guest memory too, at its own
+        guest addresses and at ``user_base`` in the front-end's; return its region.
+        Rings may be laid out in it (``setup_ring(ring=MockSplitRing(memory, n))``);
+        the default memory table holds it from now on."""
+        self.extra_memory.append((memory, user_base))
+        return self.region(memory)
+
+    def _memories(self) -> list[tuple[DriverMemory, int]]:
+        return [(self.memory, self.user_base), *self.extra_memory]
+
+    def region(self, memory: DriverMemory | None = None) -> p.MemoryRegion:
+        """All of ``memory`` (default :attr:`memory`) as one region: its guest and
+        user bases, file offset 0."""
+        memory = memory or self.memory
+        for known, user_base in self._memories():
+            if known is memory:
+                return p.MemoryRegion(memory.base, memory.size, user_base, 0)
+        raise ValueError("not a memory of this front-end (see add_memory)")
 
     def user_addr(self, guest_addr: int) -> int:
-        """The front-end (user) address of a guest address of :attr:`memory`."""
-        return guest_addr - self.memory.base + self.user_base
+        """The front-end (user) address of a guest address of one of its memories."""
+        for memory, user_base in self._memories():
+            if memory.base <= guest_addr < memory.base + memory.size:
+                return guest_addr - memory.base + user_base
+        raise ValueError(f"guest address {guest_addr:#x} is in no memory of this front-end")
 
     def set_mem_table(self, regions: Sequence[tuple[p.MemoryRegion, int]] | None = None) -> None:
-        """``SET_MEM_TABLE`` of ``(region, fd)`` pairs (default: :meth:`region` and the memfd)."""
-        table = [(self.region(), self.memory.fd)] if regions is None else list(regions)
+        """``SET_MEM_TABLE`` of ``(region, fd)`` pairs (default: every memory's
+        :meth:`region` and memfd)."""
+        table = ([(self.region(m), m.fd) for m, _ in self._memories()] if regions is None
+                 else list(regions))
         self.request(p.Request.SET_MEM_TABLE, p.encode_memory_table([r for r, _ in table]),
                      [fd for _, fd in table])
 

@@ -467,9 +467,23 @@ class _Session:
         old, self.memory = self.memory, memory
         if self.virtio.workers:  # remap the running rings under their requests in flight
             self.virtio.pause()
-            for index in list(self.virtio.workers):
-                self.virtio.remap(index, self._queue_state(index), memory)
-            self.virtio.serve()
+            try:
+                gone = []
+                for index in list(self.virtio.workers):
+                    try:
+                        state = self._queue_state(index)
+                    except (_Refused, MemoryAccessError) as exc:
+                        gone.append(index)
+                        log.error("%s: ring %d is not in the new memory table (%s); it stops",
+                                  self.name, index, exc)
+                        continue
+                    self.virtio.remap(index, state, memory)
+                for index in gone:  # as GET_VRING_BASE: its requests complete, then it stops
+                    position = self.virtio.stop_queue(index, self.server.stop_timeout)
+                    if position is not None:
+                        self.vrings[index].base = position
+            finally:
+                self.virtio.serve()
         if old is not None:
             old.close()
         log.debug("%s: memory table of %d region(s)", self.name, len(regions))
