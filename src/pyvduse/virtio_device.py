@@ -319,6 +319,10 @@ class VirtioDevice:
             for thread in threads.values():
                 thread.stop(inflight_timeout)
             workers, self.workers = self.workers, {}
+            waited = {id(w) for thread in threads.values() for w in thread.workers}
+            unserved = [w for w in workers.values() if id(w) not in waited and w.inflight]
+            if unserved and inflight_timeout != 0:  # paused, or broken by a failed remap
+                QueueThread(f"{self.name}-stop", unserved).stop(inflight_timeout)  # waits only
             positions = {}
             for index, worker in workers.items():
                 positions[index] = worker.queue.last_avail_idx

@@ -353,6 +353,28 @@ def test_stop_all_returns_positions_after_requests_in_flight(rig: Rig) -> None:
     assert vd_threads() == []
 
 
+@pytest.mark.parametrize("how", ["paused", "broken"])
+def test_stop_all_waits_for_queues_no_thread_serves(rig: Rig, how: str) -> None:
+    """A queue without a thread (paused, or stopped by a remap that failed) still has its
+    requests in flight completed into its ring by stop_all."""
+    rig.start(0)
+    rig.start(1)
+    rig.backend.hold_at.add(0)
+    held = rig.write(0, 0, sector_data(0))
+    rig.backend.wait_held(1)
+    rig.dev.pause()
+    if how == "broken":
+        ring = rig.rings[0]
+        assert not rig.dev.remap(0, QueueState(QSIZE, 1 << 40, ring.avail_addr,
+                                               ring.used_addr), rig.memory)
+        rig.dev.serve()
+        assert vd_threads() == ["vd-vq1"]
+    release_later(rig.backend, 0.2)
+    assert rig.dev.stop_all(inflight_timeout=5.0) == {0: 1, 1: 0}
+    assert rig.used(0) == 1
+    assert rig.status(held) == OK
+
+
 def test_reset_gives_up_requests_and_forgets_features(rig: Rig) -> None:
     rig.start(0)
     rig.start(1)
