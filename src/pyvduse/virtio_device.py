@@ -313,16 +313,20 @@ class VirtioDevice:
         return worker.queue.last_avail_idx if worker is not None else None
 
     def stop_all(self, inflight_timeout: float | None) -> dict[int, int]:
-        """Stop every queue (see :meth:`stop_queue`); return each one's next avail entry."""
+        """Stop every queue (see :meth:`stop_queue`); return each one's next avail entry.
+
+        ``inflight_timeout`` bounds the wait for all queues' requests together.
+        """
         with self._lock:
             threads, self._threads = self._threads, {}
             for thread in threads.values():
-                thread.stop(inflight_timeout)
+                thread.stop(inflight_timeout=0)
             workers, self.workers = self.workers, {}
-            waited = {id(w) for thread in threads.values() for w in thread.workers}
-            unserved = [w for w in workers.values() if id(w) not in waited and w.inflight]
-            if unserved and inflight_timeout != 0:  # paused, or broken by a failed remap
-                QueueThread(f"{self.name}-stop", unserved).stop(inflight_timeout)  # waits only
+            # One wait for them all, not one per thread; queues no thread serves (paused,
+            # broken by a failed remap) included.
+            pending = [w for w in workers.values() if w.inflight]
+            if pending and inflight_timeout != 0:
+                QueueThread(f"{self.name}-stop", pending).stop(inflight_timeout)  # waits only
             positions = {}
             for index, worker in workers.items():
                 positions[index] = worker.queue.last_avail_idx

@@ -375,6 +375,26 @@ def test_stop_all_waits_for_queues_no_thread_serves(rig: Rig, how: str) -> None:
     assert rig.status(held) == OK
 
 
+def test_stop_all_waits_once_whatever_the_number_of_threads() -> None:
+    """Requests held on three queue threads: stop_all gives them one timeout in all,
+    not one per thread."""
+    r = Rig(num_queues=3, queue_threads=3)
+    try:
+        for q in range(3):
+            r.start(q)
+            r.backend.hold_at.add(512 * q)
+            r.write(q, q, sector_data(q))
+        r.backend.wait_held(3)
+        started = time.monotonic()
+        assert r.dev.stop_all(inflight_timeout=0.4) == {0: 1, 1: 1, 2: 1}
+        assert 0.35 <= time.monotonic() - started < 0.7
+        r.backend.release()
+        assert [r.used(q) for q in range(3)] == [0, 0, 0]  # given up: dropped
+    finally:
+        r.close()
+    assert vd_threads() == []
+
+
 def test_reset_gives_up_requests_and_forgets_features(rig: Rig) -> None:
     rig.start(0)
     rig.start(1)
