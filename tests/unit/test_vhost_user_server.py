@@ -34,6 +34,7 @@ from pyvduse.testing.vhost_user_frontend import (
 )
 from pyvduse.uapi import virtio as v
 from pyvduse.vhost_user import protocol as p
+from pyvduse.vhost_user import server as server_module
 from pyvduse.vhost_user.server import PROTOCOL_FEATURES, VhostUserServer
 
 MiB = 1 << 20
@@ -886,6 +887,36 @@ def test_destroy_with_a_request_in_flight_returns_within_bounds(
         backend.release()
         backend.close()
     assert server_threads() == []
+    no_fds_leaked(before, caplog)
+
+
+def test_destroy_while_get_vring_base_waits(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET_VRING_BASE waits for ring 0's request, then the session's end for ring 1's:
+    destroy() waits for both (two stop timeouts), and the server thread is gone after it."""
+    monkeypatch.setattr(server_module, "JOIN_TIMEOUT", 0.3)
+    before = open_fds()
+    backend = HoldingBackend(DISK)
+    server = make_server(str(tmp_path / "vu.sock"), backend, stop_timeout=0.5)
+    server.start()
+    fe = VhostUserFrontend(server.path)
+    try:
+        fe.start(NUM_QUEUES, QSIZE)
+        backend.hold_at.update({0, 512})
+        fe.submit(0, T_IN, 0, in_len=512)
+        fe.submit(1, T_IN, 1, in_len=512)
+        backend.wait_held(2)
+        fe.send(p.Request.GET_VRING_BASE, state(0, 0))
+        time.sleep(0.05)  # the server waits for ring 0's request now
+        started = time.monotonic()
+        server.destroy()
+        assert time.monotonic() - started < 2.0
+        assert server_threads() == []
+        assert not os.path.exists(server.path)
+    finally:
+        fe.close()
+        backend.release()
+        backend.close()
     no_fds_leaked(before, caplog)
 
 

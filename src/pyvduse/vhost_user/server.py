@@ -55,7 +55,8 @@ MAX_MEM_SLOTS = 32
 STOP_TIMEOUT = 30.0
 """Seconds a ring being stopped waits for the requests it has in a backend."""
 JOIN_TIMEOUT = 10.0
-"""Seconds :meth:`VhostUserServer.destroy` waits for the server thread."""
+"""Seconds :meth:`VhostUserServer.destroy` waits for the server thread beyond the two stop
+timeouts it may spend (a ``GET_VRING_BASE`` under way, then the session's end)."""
 
 TRANSPORT_FEATURES = 1 << p.F_PROTOCOL_FEATURES
 """Virtio feature bits the transport offers besides the model's."""
@@ -181,7 +182,7 @@ class VhostUserServer:
         if session is not None:
             session.interrupt()
         if self._thread is not None:
-            self._thread.join(JOIN_TIMEOUT + self.stop_timeout)
+            self._thread.join(JOIN_TIMEOUT + 2 * self.stop_timeout)
             if self._thread.is_alive():
                 log.error("%s: the vhost-user thread did not stop", self.name)
             self._thread = None
