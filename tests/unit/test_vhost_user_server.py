@@ -503,6 +503,32 @@ def test_set_mem_table_without_a_running_ring_stops_that_ring_only(rig: Rig) -> 
         extra.close()
 
 
+def test_set_mem_table_stopping_several_rings_waits_one_stop_timeout(tmp_path: Path) -> None:
+    backend = HoldingBackend(DISK)
+    server = make_server(str(tmp_path / "vu.sock"), backend, stop_timeout=0.4)
+    server.start()
+    extra = DriverMemory(size=MiB, base=0x4000_0000)
+    try:
+        with VhostUserFrontend(server.path) as fe:
+            fe.add_memory(extra, 0x6000_0000_0000)
+            fe.negotiate()
+            fe.set_mem_table()
+            for q in range(NUM_QUEUES):  # both rings in the extra memory, a request held on each
+                fe.setup_ring(q, QSIZE, ring=MockSplitRing(extra, QSIZE))
+                backend.hold_at.add(512 * q)
+                fe.submit(q, T_IN, q, in_len=512)
+            backend.wait_held(NUM_QUEUES)
+            started = time.monotonic()
+            fe.set_mem_table([(fe.region(), fe.memory.fd)])
+            assert 0.35 <= time.monotonic() - started < 0.7
+            assert server.workers == {}
+    finally:
+        server.destroy()
+        backend.release()
+        backend.close()
+        extra.close()
+
+
 def test_add_and_remove_memory_regions(rig: Rig) -> None:
     with rig.frontend() as fe:
         fe.negotiate()

@@ -35,6 +35,7 @@ import select
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -479,8 +480,10 @@ class _Session:
                                   self.name, index, exc)
                         continue
                     self.virtio.remap(index, state, memory)
+                deadline = time.monotonic() + self.server.stop_timeout  # for them all
                 for index in gone:  # as GET_VRING_BASE: its requests complete, then it stops
-                    position = self.virtio.stop_queue(index, self.server.stop_timeout)
+                    position = self.virtio.stop_queue(index,
+                                                      max(deadline - time.monotonic(), 0.0))
                     if position is not None:
                         self.vrings[index].base = position
             finally:
