@@ -243,14 +243,13 @@ def test_stop_queue_waits_for_requests_in_flight(rig: Rig) -> None:
 def test_stop_queue_gives_up_after_the_timeout(rig: Rig) -> None:
     rig.start(0)
     rig.backend.hold_at.add(0)
-    req = rig.write(0, 0, sector_data(0))
+    rig.write(0, 0, sector_data(0))
     rig.backend.wait_held(1)
     started = time.monotonic()
     assert rig.dev.stop_queue(0, inflight_timeout=0.2) == 1
     assert 0.15 <= time.monotonic() - started < 2
     assert rig.backend.release() == 1  # completes after the queue was given up: dropped
     assert rig.used(0) == 0
-    assert rig.status(req) == OK  # the backend still wrote the status byte
     # the ring restarted from where the driver's used index stands serves the request again
     rig.start(0, last_avail_idx=0)
     rig.wait_used(0, 1)
