@@ -381,6 +381,26 @@ def test_set_vring_enable(rig: Rig) -> None:
             fe.request(p.Request.SET_VRING_ENABLE, p.encode_vring_state(p.VringState(0, 2)))
 
 
+def test_driver_ok_follows_the_running_rings(rig: Rig) -> None:
+    """driver_ok (the export's "driver-ok") is set while a ring runs, however they stop."""
+    with rig.frontend() as fe:
+        fe.start(NUM_QUEUES, QSIZE)
+        assert rig.server.driver_ok.is_set()
+        fe.set_vring_enable(0, False)
+        assert rig.server.driver_ok.is_set()  # ring 1 runs
+        fe.set_vring_enable(1, False)
+        assert not rig.server.driver_ok.is_set()
+        fe.set_vring_enable(1, True)
+        assert rig.server.driver_ok.is_set()
+        fe.get_vring_base(1)
+        assert not rig.server.driver_ok.is_set()
+        fe.set_vring_enable(0, True)
+        assert rig.server.driver_ok.is_set()
+        fe.set_mem_table([])  # no memory: ring 0 stops
+        assert rig.server.workers == {}
+        assert not rig.server.driver_ok.is_set()
+
+
 def test_without_protocol_features_rings_start_enabled(rig: Rig) -> None:
     with rig.frontend() as fe:
         fe.negotiate(features=~PROTOCOL_BIT)

@@ -482,10 +482,7 @@ class _Session:
                     self.virtio.remap(index, state, memory)
                 deadline = time.monotonic() + self.server.stop_timeout  # for them all
                 for index in gone:  # as GET_VRING_BASE: its requests complete, then it stops
-                    position = self.virtio.stop_queue(index,
-                                                      max(deadline - time.monotonic(), 0.0))
-                    if position is not None:
-                        self.vrings[index].base = position
+                    self._stop_ring(index, max(deadline - time.monotonic(), 0.0))
             finally:
                 self.virtio.serve()
         if old is not None:
@@ -534,13 +531,9 @@ class _Session:
     def _get_vring_base(self, message: Message) -> bytes:
         state = p.decode_vring_state(message.payload)
         vring = self._vring(state.index)
-        position = self.virtio.stop_queue(state.index, self.server.stop_timeout)
-        if position is not None:
-            vring.base = position
+        self._stop_ring(state.index, self.server.stop_timeout)
         _close(vring.kick_fd)
         vring.kick_fd = -1
-        if not self.virtio.workers:
-            self.server.driver_ok.clear()
         return p.encode_vring_state(p.VringState(state.index, vring.base))
 
     def _vring_fd(self, message: Message) -> tuple[_Vring, int, int]:
@@ -554,9 +547,7 @@ class _Session:
             raise _Refused(f"ring {index}: a ring without a kick eventfd (polling by the "
                            "back-end) is not supported")
         if index in self.virtio.workers:  # a new kick fd for a running ring: restart it
-            position = self.virtio.stop_queue(index, self.server.stop_timeout)
-            if position is not None:
-                vring.base = position
+            self._stop_ring(index, self.server.stop_timeout)
         _close(vring.kick_fd)
         vring.kick_fd = fd
         self._start_if_ready(index)
@@ -579,9 +570,7 @@ class _Session:
         if vring.enabled:
             self._start_if_ready(state.index)
         else:
-            position = self.virtio.stop_queue(state.index, self.server.stop_timeout)
-            if position is not None:
-                vring.base = position
+            self._stop_ring(state.index, self.server.stop_timeout)
 
     def _get_inflight_fd(self, message: Message) -> None:
         asked = p.decode_inflight(message.payload)
@@ -657,6 +646,15 @@ class _Session:
         return QueueState(num, memory.user_to_guest(addr.desc, 16 * num),
                           memory.user_to_guest(addr.avail, 6 + 2 * num),
                           memory.user_to_guest(addr.used, 6 + 8 * num), vring.base)
+
+    def _stop_ring(self, index: int, timeout: float) -> None:
+        """Stop ring ``index`` if it runs (its requests in flight get ``timeout``
+        seconds to complete) and keep where it stopped as its base."""
+        position = self.virtio.stop_queue(index, timeout)
+        if position is not None:
+            self.vrings[index].base = position
+        if not self.virtio.workers:
+            self.server.driver_ok.clear()
 
     def _start_if_ready(self, index: int) -> None:
         """Start ring ``index`` once it is complete and enabled."""
