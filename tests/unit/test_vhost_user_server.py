@@ -411,6 +411,22 @@ def test_without_protocol_features_rings_start_enabled(rig: Rig) -> None:
         check_io(fe)
 
 
+def test_without_protocol_features_a_ring_set_up_before_set_features_starts(rig: Rig) -> None:
+    """The ring is complete before SET_FEATURES (no protocol features) enables it: it
+    starts then, and serves what its driver had made available."""
+    with rig.frontend() as fe:
+        offered = fe.get_features()
+        fe.request(p.Request.SET_OWNER)
+        fe.set_mem_table()
+        fe.setup_ring(0, QSIZE)
+        req = fe.submit(0, T_IN, 0, in_len=512)
+        assert rig.server.workers == {}
+        fe.set_features(offered & ~PROTOCOL_BIT)
+        fe.wait_used(0, 1)
+        assert fe.status(req) == OK
+        check_io(fe)
+
+
 def test_reply_ack_answers_each_request(rig: Rig) -> None:
     with rig.frontend() as fe:
         fe.negotiate()

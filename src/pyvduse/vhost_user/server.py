@@ -419,8 +419,13 @@ class _Session:
         self.features = features
         self.virtio.accept_features(features)
         if not features & TRANSPORT_FEATURES:
-            for vring in self.vrings:  # without protocol features rings start enabled
+            # Without protocol features rings start enabled: those complete run now.
+            for index, vring in enumerate(self.vrings):
                 vring.enabled = True
+                try:
+                    self._start_if_ready(index)
+                except (_Refused, MemoryAccessError) as exc:
+                    log.error("%s: ring %d cannot start: %s", self.name, index, exc)
 
     def _get_protocol_features(self, message: Message) -> bytes:
         return p.encode_u64(PROTOCOL_FEATURES)
