@@ -228,6 +228,7 @@ class VhostUserFrontend:
 
         Raises :class:`TimeoutError` if none comes within ``timeout`` (default
         :attr:`timeout`) and :class:`ConnectionClosed` when the back-end closed.
+        The reply's :attr:`~Reply.fds` are the caller's to close.
         """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         self._fill(_HEADER.size, deadline)
