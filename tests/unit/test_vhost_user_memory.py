@@ -169,8 +169,8 @@ def test_unaligned_mmap_offset(memfd: int) -> None:
     ([MemoryRegion(0, PAGE, 0, (1 << 64) - 1)], "mmap offset range overflows"),
     ([MemoryRegion(0, 2 * PAGE, 0, 0), MemoryRegion(PAGE, 2 * PAGE, 0x10_0000, 0)], "overlaps"),
     ([MemoryRegion(PAGE, PAGE, 0, 0), MemoryRegion(0, 2 * PAGE, 0x10_0000, 0)], "overlaps"),
-    ([MemoryRegion(0, 2 * MIB, 0, 0)], "cannot map memory region guest 0x0-0x1fffff"),
-    ([MemoryRegion(0, PAGE, 0, MIB)], "cannot map"),  # beyond the file's end
+    ([MemoryRegion(0, 2 * MIB, 0, 0)], "memory region guest 0x0-0x1fffff .* ends beyond its file"),
+    ([MemoryRegion(0, PAGE, 0, MIB)], "ends beyond its file"),  # beyond the file's end
 ])
 def test_bad_tables_are_refused_and_leak_nothing(memfd: int, regions: list[MemoryRegion],
                                                  why: str) -> None:
@@ -393,3 +393,29 @@ def test_inflight_allocate_refuses_bad_geometry() -> None:
         inflight.allocate(0, 128)
     with pytest.raises(ProtocolError):
         inflight.allocate(1, 3)
+
+
+def test_a_region_beyond_the_end_of_its_file_is_refused(memfd: int) -> None:
+    # Touching it would raise SIGBUS and kill the daemon.
+    with pytest.raises(MemoryAccessError, match="beyond its file"):
+        VhostUserMemory([MemoryRegion(GUEST, 2 * MIB, USER, 0)], [os.dup(memfd)])
+    with pytest.raises(MemoryAccessError, match="beyond its file"):
+        VhostUserMemory([MemoryRegion(GUEST, MIB, USER, 4096)], [os.dup(memfd)])
+
+
+def test_a_shared_memfd_can_no_longer_shrink() -> None:
+    # A front-end truncating its memory under a running ring would kill the daemon with
+    # SIGBUS; where the memfd allows sealing, sharing it seals it against shrinking.
+    fd = os.memfd_create("test-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, MIB)
+        memory = VhostUserMemory([MemoryRegion(GUEST, MIB, USER, 0)], [os.dup(fd)])
+        try:
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+            os.ftruncate(fd, 2 * MIB)  # growing is still allowed
+            assert memory.contiguous(GUEST + MIB - 1, 1, write=True)[0] == 0
+        finally:
+            memory.close()
+    finally:
+        os.close(fd)

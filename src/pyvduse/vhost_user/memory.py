@@ -16,8 +16,11 @@ Nothing is touched beyond what is asked for: a mapping is never prefaulted.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import fcntl
 import mmap
 import os
+import stat
 import sys
 import threading
 from collections.abc import Sequence
@@ -53,12 +56,35 @@ def _alignment(fd: int) -> int:
     return align
 
 
+def _protect(fd: int, region: MemoryRegion) -> None:
+    """Refuse a region beyond the end of its file, and keep the file from shrinking.
+
+    Touching a mapping past the end of its file raises SIGBUS, which kills the
+    daemon: a region must lie inside its file when it is shared, and the
+    front-end must not truncate it afterwards. The second is enforced where
+    the file allows it (a memfd created with sealing allowed and not sealed
+    yet: ``F_SEAL_SHRINK``); QEMU seals its memfds itself.
+    """
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        raise MemoryAccessError(f"memory region {describe(region)}: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        return  # e.g. a device: no size to check
+    if info.st_size < region.mmap_offset + region.size:
+        raise MemoryAccessError(
+            f"memory region {describe(region)} ends beyond its file of {info.st_size} bytes")
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+
+
 class _Mapping:
     """One mapped region."""
 
     __slots__ = ("_map", "end", "hot", "region", "start", "user_end", "user_start", "view")
 
     def __init__(self, region: MemoryRegion, fd: int) -> None:
+        _protect(fd, region)
         align = _alignment(fd)
         aligned = region.mmap_offset - region.mmap_offset % align
         skew = region.mmap_offset - aligned
