@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     ["serve", "--io-threads", "-1", "memory"],
     ["serve", "--io-threads", "many", "memory"],
     ["serve", "--io-threads-min", "64KB", "memory"],
+    ["serve", "--transport", "vhost", "memory"],
     ["serve"],
     [],
 ])
@@ -55,6 +57,11 @@ def test_bad_syntax_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str],
     (["serve", "--num-queues", "65", "memory", "size=1M"], "number of queues 65"),
     (["serve", "--logical-block-size", "1000", "memory", "size=1M"], "logical block size 1000"),
     (["serve", "--serial", "x" * 21, "memory", "size=1M"], "longer than 20 bytes"),
+    (["serve", "--transport", "vhost-user", "memory", "size=1M"], "needs a socket path"),
+    (["serve", "--socket", "/tmp/x.sock", "memory", "size=1M"],
+     "--socket is for the vhost-user transport"),
+    (["serve", "--transport", "vhost-user", "--socket", "/nonexistent/dir/s.sock", "memory",
+      "size=1M"], "cannot listen on /nonexistent/dir/s.sock"),
 ])
 def test_bad_input_is_one_line_and_status_1(capsys: pytest.CaptureFixture[str],
                                             argv: list[str], message: str) -> None:
@@ -64,6 +71,27 @@ def test_bad_input_is_one_line_and_status_1(capsys: pytest.CaptureFixture[str],
     assert len(lines) == 1, err
     assert lines[0].startswith("pyvduse: error: ")
     assert message in lines[0]
+
+
+def test_serve_vhost_user_listens_until_a_signal_then_removes_its_socket(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = tmp_path / "vu.sock"
+    pidfile = tmp_path / "pid"
+    seen: list[bool] = []
+
+    def signal_when_ready() -> None:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(sock.is_socket())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    status, err = run_cli(capsys, "serve", "--transport", "vhost-user", "--socket", str(sock),
+                          "--name", "vu0", "--pidfile", str(pidfile), "memory", "size=1M")
+    assert status == 0, err
+    assert seen == [True]  # the socket listened by the time the pidfile appeared
+    assert not sock.exists() and not pidfile.exists()
 
 
 def test_missing_control_device_says_how_to_fix(tmp_path: Path) -> None:
