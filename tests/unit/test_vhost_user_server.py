@@ -13,16 +13,15 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from holding_backend import HoldingBackend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvduse.backends.base import Done, run_and_report
-from pyvduse.backends.memory import MemoryBackend
 from pyvduse.blk import BlkConfig, BlkDevice
 from pyvduse.errors import PyvduseError
 from pyvduse.testing import DriverMemory, MockSplitRing
@@ -45,49 +44,6 @@ OK = v.VIRTIO_BLK_S_OK
 T_IN, T_OUT = v.VIRTIO_BLK_T_IN, v.VIRTIO_BLK_T_OUT
 PROTOCOL_BIT = 1 << p.F_PROTOCOL_FEATURES
 REPLY_ACK = p.ProtocolFeature.REPLY_ACK.mask
-
-
-class HoldingBackend(MemoryBackend):
-    """A RAM disk whose reads and writes at the offsets in :attr:`hold_at` wait for
-    :meth:`release` (from any thread); the others complete at once."""
-
-    submit_min_bytes = 0
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.hold_at: set[int] = set()
-        self.cond = threading.Condition()
-        self.held: list[Callable[[], None]] = []
-
-    def _submit(self, run: Callable[[], None], offset: int) -> None:
-        with self.cond:
-            if offset in self.hold_at:
-                self.held.append(run)
-                self.cond.notify_all()
-                return
-        run()
-
-    def submit_readv(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
-        self._submit(lambda: run_and_report(done, self.readv, offset, bufs), offset)
-
-    def submit_writev(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
-        self._submit(lambda: run_and_report(done, self.writev, offset, bufs), offset)
-
-    def wait_held(self, count: int, timeout: float = 5.0) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.held) >= count, timeout), (
-                f"{len(self.held)} request(s) held, expected {count}")
-
-    def release(self) -> int:
-        with self.cond:
-            held, self.held = self.held, []
-            self.hold_at.clear()
-        for run in held:
-            run()
-        return len(held)
-
-    def bytes_at(self, offset: int, length: int) -> bytes:
-        return bytes(self._view[offset:offset + length])
 
 
 def release_later(backend: HoldingBackend, delay: float) -> threading.Timer:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from holding_backend import HoldingBackend
 
-from pyvduse.backends.base import Done, run_and_report
 from pyvduse.backends.memory import MemoryBackend
 from pyvduse.blk import BlkConfig, BlkDevice
 from pyvduse.errors import PyvduseError
@@ -27,47 +27,6 @@ MiB = 1 << 20
 QSIZE = 16
 OK = v.VIRTIO_BLK_S_OK
 FEATURES = (1 << v.VIRTIO_F_VERSION_1) | (1 << v.VIRTIO_RING_F_EVENT_IDX)
-
-
-class HoldingBackend(MemoryBackend):
-    """A RAM disk whose reads and writes at the offsets in :attr:`hold_at` wait for
-    :meth:`release` (from any thread); the others complete at once."""
-
-    submit_min_bytes = 0
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.hold_at: set[int] = set()
-        self.cond = threading.Condition()
-        self.held: list[Callable[[], None]] = []
-
-    def _submit(self, run: Callable[[], None], offset: int) -> None:
-        with self.cond:
-            if offset in self.hold_at:
-                self.held.append(run)
-                self.cond.notify_all()
-                return
-        run()
-
-    def submit_readv(self, offset: int, bufs: list[memoryview], done: Done) -> None:  # type: ignore[override]
-        self._submit(lambda: run_and_report(done, self.readv, offset, bufs), offset)
-
-    def submit_writev(self, offset: int, bufs: list[memoryview], done: Done) -> None:  # type: ignore[override]
-        self._submit(lambda: run_and_report(done, self.writev, offset, bufs), offset)
-
-    def wait_held(self, count: int, timeout: float = 5.0) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.held) >= count, timeout), (
-                f"{len(self.held)} request(s) held, expected {count}")
-
-    def release(self) -> int:
-        """Complete every held request (and hold no more); return how many."""
-        with self.cond:
-            held, self.held = self.held, []
-            self.hold_at.clear()
-        for run in held:
-            run()
-        return len(held)
 
 
 def release_later(backend: HoldingBackend, delay: float) -> threading.Thread:
@@ -120,9 +79,11 @@ class Rig:
             self.irqs[q] += 1
         return notify
 
-    def start(self, q: int, last_avail_idx: int = 0, **kwargs: bool) -> int:
+    def start(self, q: int, last_avail_idx: int = 0, *, recover: bool = False,
+              serve: bool = True) -> int:
         return self.dev.start_queue(q, self.state(q, last_avail_idx), self.memory,
-                                    self.kicks[q], self.notify(q), **kwargs)
+                                    self.kicks[q], self.notify(q), recover=recover,
+                                    serve=serve)
 
     def submit(self, q: int, req_type: int, sector: int = 0, data: bytes = b"",
                in_len: int = 0, kick: bool = True) -> Req:
