@@ -46,10 +46,9 @@ from pyvduse.errors import KernelError, PyvduseError
 from pyvduse.inflight import InflightLog, InflightLogError
 from pyvduse.kernel import DeviceSpec, LinuxVduse, VduseChannel, VduseKernel, VqInfo
 from pyvduse.memory import IotlbEntry, IotlbMemory
-from pyvduse.queue_worker import QueueWorker
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
-from pyvduse.virtio_device import DeviceModel, QueueState, VirtioDevice
+from pyvduse.virtio_device import DeviceModel, QueueState, Transport, VirtioDevice
 
 __all__ = ["TRANSPORT_FEATURES", "DeviceModel", "VduseDevice"]
 
@@ -66,7 +65,7 @@ CONTROL_JOIN_TIMEOUT = 10.0
 """Seconds :meth:`VduseDevice.destroy` waits for the control thread."""
 
 
-class VduseDevice:
+class VduseDevice(Transport):
     """One VDUSE device serving ``model``. See the module docstring for the lifecycle."""
 
     def __init__(self, name: str, model: DeviceModel, kernel: VduseKernel | None = None,
@@ -105,16 +104,6 @@ class VduseDevice:
     @inflight_log.setter
     def inflight_log(self, log_: InflightLog | None) -> None:
         self.virtio.inflight_log = log_
-
-    @property
-    def workers(self) -> dict[int, QueueWorker]:
-        """The running queues."""
-        return self.virtio.workers
-
-    @property
-    def served(self) -> dict[int, int]:
-        """Requests served per queue since creation (updated when a queue stops)."""
-        return self.virtio.served
 
     @property
     def driver_features(self) -> int:

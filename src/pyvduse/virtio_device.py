@@ -347,3 +347,21 @@ class VirtioDevice:
     def running(self) -> bool:
         """Whether any queue is started."""
         return bool(self.workers)
+
+
+class Transport:
+    """The base of a transport (VDUSE, vhost-user): the :class:`VirtioDevice` it
+    drives, and the device's queues as an export's owner sees them."""
+
+    virtio: VirtioDevice
+
+    @property
+    def workers(self) -> dict[int, QueueWorker]:
+        """The running queues."""
+        return self.virtio.workers
+
+    @property
+    def served(self) -> dict[int, int]:
+        """Requests served per queue by queues stopped since creation (the running
+        ones count theirs in :attr:`workers`)."""
+        return self.virtio.served

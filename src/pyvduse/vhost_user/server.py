@@ -41,12 +41,11 @@ from dataclasses import dataclass, field
 
 from pyvduse.errors import MemoryAccessError, PyvduseError
 from pyvduse.inflight import InflightLog, InflightLogError, QueueLog
-from pyvduse.queue_worker import QueueWorker
 from pyvduse.vhost_user import inflight
 from pyvduse.vhost_user import protocol as p
 from pyvduse.vhost_user.connection import Connection, Message, validate
 from pyvduse.vhost_user.memory import VhostUserMemory
-from pyvduse.virtio_device import DeviceModel, QueueState, VirtioDevice
+from pyvduse.virtio_device import DeviceModel, QueueState, Transport, VirtioDevice
 from pyvduse.virtqueue import is_valid_queue_size
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def _close(fd: int) -> None:
             os.close(fd)
 
 
-class VhostUserServer:
+class VhostUserServer(Transport):
     """Serves ``model`` over vhost-user on the UNIX socket ``path``.
 
     :meth:`start` binds the socket (a stale one is replaced, one a live
@@ -151,16 +150,6 @@ class VhostUserServer:
     def features(self) -> int:
         """The virtio feature bits offered: the model's and the transport's."""
         return self.model.features | TRANSPORT_FEATURES
-
-    @property
-    def workers(self) -> dict[int, QueueWorker]:
-        """The running rings."""
-        return self.virtio.workers
-
-    @property
-    def served(self) -> dict[int, int]:
-        """Requests served per ring in stopped sessions (see :attr:`workers` for the rest)."""
-        return self.virtio.served
 
     # -- lifecycle ----------------------------------------------------------------------
 
