@@ -9,22 +9,44 @@ into memoryviews, refusing anything outside a mapping or against its rights.
 Contract for callers: only touch the bytes a descriptor describes. Parts of a
 VDUSE mapping that the kernel has not backed raise SIGBUS when touched, so this
 module never prefaults and never reads beyond a requested range.
+
+Windows: a user-space driver on ``vhost_vdpa`` (libblkio, a VMM) hands the
+device several memory regions, each its own file, at adjacent IOVAs, and a
+request uses more than one of them: libblkio keeps request headers and status
+bytes in a region of its own next to the caller's data buffers. Each region is
+an IOTLB entry of its own, so no single mapping holds a whole request and the
+split ring's fast path (one hot region, see :data:`HotRegion`) never applied:
+every request went through the general chain walk and a lookup per buffer.
+:class:`IotlbMemory` therefore also maps each run of such adjacent entries
+side by side into one reserved address range (:class:`Window`) and offers that
+as the hot region of each of them. It is only a second view of the same
+shared pages: :meth:`IotlbMemory.segments` and :meth:`IotlbMemory.contiguous`
+still split at entry borders, and entries of one file (the kernel's own
+bounce domain on ``virtio_vdpa``, whose requests lie in one entry) are left
+as they were.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from pyvduse.errors import MemoryAccessError
 from pyvduse.uapi.vduse import VDUSE_ACCESS_RO, VDUSE_ACCESS_WO
 
+log = logging.getLogger(__name__)
+
 _IOVA_END = 1 << 64
+_PAGE = mmap.PAGESIZE
+_MAP_FIXED = 0x10  # <sys/mman.h> on Linux (every architecture CPython runs on)
+_MAP_NORESERVE = 0x4000  # x86, arm, riscv, s390; only a reservation of address space
 
 
 @dataclass(frozen=True)
@@ -86,7 +108,8 @@ class GuestMemory(Protocol):
 class Region:
     """One mmap'ed IOTLB entry."""
 
-    __slots__ = ("_map", "hot", "last", "perm", "start", "view")
+    __slots__ = ("_map", "file", "hot", "last", "offset", "own_hot", "perm", "start", "view",
+                 "window")
 
     def __init__(self, entry: IotlbEntry) -> None:
         page = mmap.ALLOCATIONGRANULARITY
@@ -108,11 +131,19 @@ class Region:
                 f"cannot map IOVA {entry.start:#x}-{entry.last:#x}: {exc}") from exc
         self.start = entry.start
         self.last = entry.last
+        self.offset = entry.offset
         self.perm = entry.perm
+        stat = os.fstat(entry.fd)
+        #: The file the entry maps: entries of different files may share a :class:`Window`.
+        self.file = (stat.st_dev, stat.st_ino)
         self.view = memoryview(self._map)[skew:]
         end = entry.last + 1
-        self.hot: HotRegion = (entry.start, end if entry.perm & VDUSE_ACCESS_RO else 0,
-                               end if entry.perm & VDUSE_ACCESS_WO else 0, self.view)
+        #: This entry alone, as a hot region.
+        self.own_hot: HotRegion = (entry.start, end if entry.perm & VDUSE_ACCESS_RO else 0,
+                                   end if entry.perm & VDUSE_ACCESS_WO else 0, self.view)
+        #: What a lookup through this entry makes hot: :attr:`own_hot`, or its window's.
+        self.hot = self.own_hot
+        self.window: Window | None = None
 
     def release(self) -> None:
         """Drop the mapping; views handed out earlier keep it alive until released."""
@@ -121,6 +152,94 @@ class Region:
             self._map.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes with it
+
+
+def joins(left: Region, right: Region) -> bool:
+    """Whether ``right`` can follow ``left`` in a :class:`Window`.
+
+    It must start right after ``left`` ends, on a page border, at a page-aligned
+    file offset (so each entry maps at its place), with the same access
+    rights, and from another file (adjacent entries of one file are the
+    kernel's own split of one area, whose requests do not straddle entries).
+    ``left`` must sit in its page as in its file, should it open the window.
+    """
+    return (right.start == left.last + 1 and not right.start % _PAGE
+            and not right.offset % _PAGE and left.start % _PAGE == left.offset % _PAGE
+            and right.perm == left.perm and right.file != left.file)
+
+
+_libc_mmap: Callable[..., int | None] | None = None
+
+
+def _mmap_fixed() -> Callable[..., int | None]:
+    """libc's ``mmap``, for placing a mapping at a chosen address."""
+    global _libc_mmap
+    if _libc_mmap is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.mmap
+        function.restype = ctypes.c_void_p
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_long]
+        _libc_mmap = function
+    return _libc_mmap
+
+
+class Window:
+    """Adjacent IOTLB entries of different files, mapped side by side in one address range.
+
+    ``entries`` (with their fds, which stay the caller's) must be sorted and
+    pairwise satisfy :func:`joins`. The range is reserved as an anonymous
+    Python ``mmap`` (so that views keep it alive as they keep a
+    :class:`Region`'s) and each entry's file is mapped over its part with
+    ``MAP_FIXED``: no gap, no page of two entries. :attr:`hot` covers them all.
+    Raises ``OSError`` if a mapping fails (nothing is left mapped).
+    """
+
+    __slots__ = ("_map", "hot", "last", "start", "view")
+
+    def __init__(self, entries: Sequence[IotlbEntry]) -> None:
+        first, final = entries[0], entries[-1]
+        skew = first.offset % _PAGE
+        length = skew + final.last + 1 - first.start
+        size = -(-length // _PAGE) * _PAGE
+        perm = first.perm
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if perm & VDUSE_ACCESS_WO else 0)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            anchor = ctypes.c_char.from_buffer(self._map)
+            base = ctypes.addressof(anchor)
+            del anchor
+            place = _mmap_fixed()
+            for entry in entries:
+                at = skew + entry.start - first.start
+                offset = entry.offset
+                if entry is first:
+                    at, offset = 0, offset - skew
+                span = min(size, skew + entry.last + 1 - first.start) - at
+                span = -(-span // _PAGE) * _PAGE
+                if place(base + at, span, prot, mmap.MAP_SHARED | _MAP_FIXED, entry.fd,
+                         offset) != base + at:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"mapping IOVA {entry.start:#x} into a window: "
+                                  f"{os.strerror(err)}")
+        except BaseException:
+            self._map.close()
+            raise
+        self.start = first.start
+        self.last = final.last
+        self.view = memoryview(self._map)[skew:length]
+        end = final.last + 1
+        self.hot: HotRegion = (first.start, end if perm & VDUSE_ACCESS_RO else 0,
+                               end if perm & VDUSE_ACCESS_WO else 0, self.view)
+
+    def release(self) -> None:
+        """Drop the range; views handed out earlier keep it alive until released."""
+        self.view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            pass
 
 
 class IotlbMemory:
@@ -133,7 +252,11 @@ class IotlbMemory:
     :attr:`hot` is the region of the last successful lookup, as a
     :data:`HotRegion` tuple: the split ring's fast path slices buffers that fit
     it without a call, a bisect or a lock. It is replaced (one atomic attribute
-    store) on every lookup and reset before any region is released.
+    store) on every lookup and reset before any region is released. When the
+    region belongs to a run of adjacent entries of different files, it is the
+    run's :class:`Window` (built when an entry of the run is first mapped,
+    re-resolving the run's entries for their fds; if that fails the entries
+    are served one by one, as before).
     """
 
     def __init__(self, resolve: IotlbResolver) -> None:
@@ -142,6 +265,9 @@ class IotlbMemory:
         # (sorted starts, regions): swapped as one object so lock-free readers see a pair.
         self._table: tuple[list[int], list[Region]] = ([], [])
         self.hot: HotRegion = NO_HOT_REGION
+        #: Every window made since the last :meth:`invalidate` (superseded ones too:
+        #: another thread may still slice the hot region it read).
+        self._windows: list[Window] = []
 
     def _find(self, addr: int, table: tuple[list[int], list[Region]]) -> Region | None:
         starts, regions = table
@@ -183,6 +309,12 @@ class IotlbMemory:
                 (keep if old.last < region.start or old.start > region.last else stale).append(old)
             keep.append(region)
             keep.sort(key=lambda r: r.start)
+            for old in stale:  # its window is no view of the driver's memory any more
+                if old.window is not None:
+                    for member in keep:
+                        if member.window is old.window:
+                            member.window, member.hot = None, member.own_hot
+            self._join(keep, keep.index(region))
             self._table = ([r.start for r in keep], keep)
             # Set under the lock, after the swap: a later fault that drops this
             # region resets it; a stale region is never left behind as ``hot``.
@@ -190,6 +322,38 @@ class IotlbMemory:
         for old in stale:
             old.release()
         return region
+
+    def _join(self, regions: list[Region], index: int) -> None:
+        """Map the run of joining entries around ``regions[index]`` as one window (lock held)."""
+        first = last = index
+        while first and joins(regions[first - 1], regions[first]):
+            first -= 1
+        while last + 1 < len(regions) and joins(regions[last], regions[last + 1]):
+            last += 1
+        if first == last:
+            return
+        run = regions[first:last + 1]
+        entries: list[IotlbEntry] = []
+        try:
+            for member in run:
+                entry = self._resolve(member.start)
+                entries.append(entry)
+                stat = os.fstat(entry.fd)
+                if ((entry.start, entry.last, entry.offset, entry.perm)
+                        != (member.start, member.last, member.offset, member.perm)
+                        or (stat.st_dev, stat.st_ino) != member.file):
+                    return  # the IOTLB changed under us: an update will follow
+            window = Window(entries)
+        except (OSError, ValueError, MemoryAccessError) as exc:
+            log.debug("IOVA %#x-%#x: no window over %d entries: %s", run[0].start,
+                      run[-1].last, len(run), exc)
+            return
+        finally:
+            for entry in entries:
+                os.close(entry.fd)
+        self._windows.append(window)
+        for member in run:
+            member.window, member.hot = window, window.hot
 
     @staticmethod
     def _check(addr: int, length: int) -> None:
@@ -228,7 +392,10 @@ class IotlbMemory:
         """Forget every mapping (on ``UPDATE_IOTLB`` and on reset)."""
         with self._lock:
             regions = self._table[1]
+            windows, self._windows = self._windows, []
             self._table = ([], [])
             self.hot = NO_HOT_REGION
         for region in regions:
             region.release()
+        for window in windows:
+            window.release()
