@@ -395,7 +395,10 @@ class VduseDevice(Transport):
     # -- queues -------------------------------------------------------------------------
 
     def _resolve(self, iova: int) -> IotlbEntry:
-        return self.channel.iotlb_get_fd(iova, iova)
+        entry = self.channel.iotlb_get_fd(iova, iova)
+        log.debug("%s: IOTLB entry %#x-%#x at offset %#x, access %d", self.name, entry.start,
+                  entry.last, entry.offset, entry.perm)
+        return entry
 
     def _iotlb(self) -> IotlbMemory:
         if self._memory is None:
