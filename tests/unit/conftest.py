@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,16 @@ from pyvduse.testing import FakeVduse
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 LOOP_SIZE = 4 << 20
+
+
+@pytest.fixture(autouse=True)
+def _restore_pyvduse_logging() -> Iterator[None]:
+    """Undo what ``cli.main`` does to the ``pyvduse`` logger (a handler on the stderr of
+    the moment, no propagation): later tests' records must not go to a closed capture."""
+    logger = logging.getLogger("pyvduse")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 # -- the command line on the fake kernel -------------------------------------------------
