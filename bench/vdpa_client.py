@@ -1,0 +1,709 @@
+"""pyvduse vs qemu-storage-daemon as vhost-vdpa devices, driven by libblkio clients in the guest.
+
+Each daemon exports the same file (on the guest's tmpfs, filled with data)
+as a VDUSE device bound to ``vhost_vdpa``; a user-space client in the guest
+opens ``/dev/vhost-vdpa-N`` with libblkio's ``virtio-blk-vhost-vdpa`` driver,
+as a VMM would, and reads 4 KiB at random offsets at queue depth 1 and 32
+for a fixed time. Two clients (``--clients``):
+
+* ``c``: bench/blkio_load.c (compiled by bench/blkio_load.py);
+* ``python``: :class:`pyvduse.testing.blkio.BlkioClient` through ctypes in a
+  child process (this file's ``pyload`` command);
+
+each in every wait mode of ``--waits``: ``block`` (the default: the client
+sleeps in ``blkioq_do_io`` until the device's interrupt wakes it; the
+Python client calls ``wait(1)``) or ``loop`` (it polls for completions in a
+busy loop, ``min_completions`` 0, and needs no interrupt).
+
+Daemons (``--daemons``): ``pyvduse`` (this tree), ``pyvduse-base`` (the
+sources of ``--baseline COMMIT``, only when given), ``qsd-threads`` and
+``qsd-io_uring`` (QEMU's vduse-blk export, ``aio=threads`` / ``aio=io_uring``,
+attached to ``vhost_vdpa`` by pyvduse.binding as ``pyvduse serve --attach
+vhost`` attaches itself). Every round runs every daemon in turn (the order
+reverses each round) and every client and depth against it; the summary
+takes the best round of each figure and compares pyvduse with the better QSD.
+Per job it records the client's figures (IOPS, latency, its CPU), the
+daemon's CPU per request and per thread, its context switches, the guest's
+CPU use, and for pyvduse the IOTLB updates it served (its debug log).
+
+On the host (no ``/dev/vduse/control``) it boots ONE guest with
+scripts/vm-run (waiting until no other guest runs) and writes DIR/results.json
+and DIR/results.md from the guest's raw.json::
+
+    .venv/bin/python bench/vdpa_client.py --out DIR [--rounds 2] [--seconds 8]
+        [--waits block,loop] [--baseline COMMIT] [--profile]
+        [--daemons pyvduse,qsd-threads,qsd-io_uring] [--pyvduse-args '--poll-max-us 0']
+
+Run it on an otherwise idle machine: the results give the CPU that other
+work used on the host during the run.
+
+``--profile`` adds, after the rounds, a run of each pyvduse daemon under
+``py-spy record`` (``.venv/bin/py-spy`` or on PATH: ``pip install py-spy``)
+at QD32 with the C client, and puts the hottest functions in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import errno
+import json
+import os
+import random
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+DRIVER = "virtio-blk-vhost-vdpa"
+IMAGE_SIZE = 256 << 20
+QUEUE_SIZE = 256
+BLOCK = 4096
+START_TIMEOUT = 300.0
+TARGETS = {1: 1.0, 32: 0.8}
+"""pyvduse / QSD for 4 KiB random reads, file backend: at QD1 and at QD32."""
+DAEMONS = ("pyvduse", "pyvduse-base", "qsd-threads", "qsd-io_uring")
+
+
+def say(msg: str) -> None:
+    print(f"vdpa_client: {msg}", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------- the Python client
+
+
+def python_load(path: str, iodepth: int, seconds: float, bs: int, size: int,
+                wait: str = "block") -> dict[str, Any]:
+    """4 KiB (``bs``) random reads at ``iodepth`` for ``seconds`` through BlkioClient.
+
+    ``wait``: ``block`` reaps with ``wait(1)``, ``loop`` with ``wait(0)`` in a busy loop.
+    """
+    from pyvduse.testing.blkio import BlkioClient
+
+    rng = random.Random(1)
+    with BlkioClient(DRIVER, path, timeout=None) as client:
+        blocks = min(size or client.capacity, client.capacity) // bs
+        space = client.buffer(iodepth * bs)
+        views = [space[i * bs:(i + 1) * bs] for i in range(iodepth)]
+        slot_of: dict[int, int] = {}
+        errors = completions = 0
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.monotonic()
+        deadline = t0 + seconds
+        for i in range(iodepth):
+            slot_of[client.submit_read(rng.randrange(blocks) * bs, views[i])] = i
+        in_flight = iodepth
+        stopping = False
+        minimum = 1 if wait == "block" else 0
+        while in_flight:
+            done = client.wait(minimum, None)
+            if time.monotonic() >= deadline:
+                stopping = True
+            for completion in done:
+                slot = slot_of.pop(completion.tag)
+                completions += 1
+                errors += completion.ret != 0
+                if stopping:
+                    in_flight -= 1
+                else:
+                    slot_of[client.submit_read(rng.randrange(blocks) * bs, views[slot])] = slot
+        elapsed = time.monotonic() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"driver": DRIVER, "path": path, "rw": "randread", "bs": bs, "iodepth": iodepth,
+            "mode": wait, "seconds": elapsed, "completions": completions, "errors": errors,
+            "iops": completions / elapsed, "lat_us_mean": iodepth / (completions / elapsed) * 1e6,
+            "cpu_usr": 100 * (r1.ru_utime - r0.ru_utime) / elapsed,
+            "cpu_sys": 100 * (r1.ru_stime - r0.ru_stime) / elapsed}
+
+
+# -------------------------------------------------------------------- guest: measuring
+
+
+def _task_stats(pid: int) -> dict[int, tuple[float, int]]:
+    """Per thread of ``pid``: (CPU seconds, context switches)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        switches = sum(int(line.split()[1]) for line in status.splitlines()
+                       if "ctxt_switches:" in line)
+        out[int(task.name)] = ((int(fields[11]) + int(fields[12])) / tick, switches)
+    return out
+
+
+def _cpu_times() -> list[int]:
+    """Per guest CPU: busy ticks (everything but idle and iowait)."""
+    busy = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3].isdigit():
+            v = [int(x) for x in line.split()[1:9]]
+            busy.append(sum(v) - v[3] - v[4])
+    return busy
+
+
+def _processes() -> dict[tuple[int, str], int]:
+    """CPU ticks of every process in the guest (kernel threads too), by (pid, name)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[(int(d.name), name)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid``, its exited threads included."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Sample:
+    """The daemon's, the guest's and every process's CPU use from here to :meth:`finish`.
+
+    The daemon's threads are sampled every 0.2 s by a thread of our own:
+    pyvduse's queue thread lives only while a client has the device (it
+    exits at the reset of the client's close), so a thread's use is the
+    difference between the first and the last time it was seen.
+    """
+
+    def __init__(self, pid: int, log: Path | None) -> None:
+        self.pid = pid
+        self.log = log
+        self.t = time.monotonic()
+        self.cpu = _process_cpu(pid)
+        self.cpus = _cpu_times()
+        self.processes = _processes()
+        self.iotlb = self._iotlb()
+        self.first: dict[int, tuple[float, int]] = dict(_task_stats(pid))
+        self.last: dict[int, tuple[float, int]] = dict(self.first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _iotlb(self) -> int:
+        return self.log.read_text(errors="replace").count("IOTLB update") if self.log else 0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            with contextlib.suppress(OSError):
+                for tid, value in _task_stats(self.pid).items():
+                    self.first.setdefault(tid, (0.0, 0))  # born during the job
+                    self.last[tid] = value
+
+    def finish(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        for tid, value in _task_stats(self.pid).items():
+            self.first.setdefault(tid, (0.0, 0))
+            self.last[tid] = value
+        wall = time.monotonic() - self.t
+        tick = os.sysconf("SC_CLK_TCK")
+        cpu = _process_cpu(self.pid) - self.cpu
+        threads = []
+        switches = 0
+        for tid, (c, n) in self.last.items():
+            c0, n0 = self.first[tid]
+            switches += n - n0
+            if c - c0 > 0.005:
+                threads.append(round(100 * (c - c0) / wall, 1))
+        guest = [round(100 * (a - b) / tick / wall, 1)
+                 for a, b in zip(_cpu_times(), self.cpus, strict=True)]
+        used = collections.Counter({f"{name}[{pid}]": ticks - self.processes.get((pid, name), 0)
+                                    for (pid, name), ticks in _processes().items()})
+        top = [(who, round(100 * ticks / tick / wall, 1)) for who, ticks in used.most_common(5)
+               if ticks > 0]
+        return {
+            "wall": round(wall, 2),
+            "daemon_cpu_s": cpu,
+            "daemon_cpu_pct": round(100 * cpu / wall, 1),
+            "daemon_threads_cpu_pct": sorted(threads, reverse=True),
+            "daemon_ctx_switches": switches,
+            "guest_cpu_pct": guest,
+            "guest_top_processes_cpu_pct": top,
+            "iotlb_updates": self._iotlb() - self.iotlb,
+        }
+
+
+# -------------------------------------------------------------------- guest: daemons
+
+
+def vhost_node(name: str) -> str:
+    for found in sorted(Path("/sys/bus/vdpa/devices", name).glob("vhost-vdpa-*")):
+        node = Path("/dev", found.name)
+        if node.exists():
+            return str(node)
+    return ""
+
+
+def wait_for(what: str, check: Any, proc: subprocess.Popen[bytes], log: Path,
+             timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: the daemon exited {proc.returncode}:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen[bytes], what: str) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{what} did not stop on SIGTERM") from None
+
+
+class Daemon:
+    def __init__(self, kind: str, work: Path, image: Path, args: argparse.Namespace) -> None:
+        self.kind = kind
+        self.name = "vdpa" + kind.replace("-", "").replace("_", "")
+        self.work = work
+        self.image = image
+        self.args = args
+        self.log = work / f"{kind}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.attached = False
+        self.node = ""
+
+    @property
+    def pyvduse(self) -> bool:
+        return self.kind.startswith("pyvduse")
+
+    def command(self) -> list[str]:
+        if self.pyvduse:
+            return [sys.executable, "-m", "pyvduse", "serve", "--name", self.name,
+                    "--attach", "vhost", "--queue-size", str(QUEUE_SIZE),
+                    "--pidfile", str(self.work / f"{self.name}.pid"), "--log-level", "debug",
+                    *shlex.split(self.args.pyvduse_args), "file", f"path={self.image}"]
+        aio = self.kind.split("-", 1)[1]
+        return ["qemu-storage-daemon", "--blockdev",
+                f"driver=file,filename={self.image},node-name=disk0,aio={aio},cache.direct=off",
+                "--export", f"type=vduse-blk,id=e0,node-name=disk0,writable=on,name={self.name},"
+                f"num-queues=1,queue-size={QUEUE_SIZE}"]
+
+    def describe(self) -> str:
+        cmd = shlex.join(self.command()).replace(sys.executable, ".venv/bin/python")
+        cmd = cmd.replace(str(self.work), "$WORK")
+        if self.kind == "pyvduse-base":
+            cmd = f"PYTHONPATH=<src of {self.args.baseline}> {cmd}"
+        if not self.pyvduse:
+            cmd = (f"TMPDIR=$WORK {cmd} & (vdpa dev add name {self.name} mgmtdev vduse, "
+                   "bound to vhost_vdpa through driver_override)")
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, TMPDIR=str(self.work))
+        if self.kind == "pyvduse-base":
+            env["PYTHONPATH"] = self.args.baseline_src
+        return env
+
+    def source(self) -> str:
+        """Where this daemon's pyvduse package comes from (checks ``--baseline``)."""
+        proc = subprocess.run([sys.executable, "-c", "import pyvduse; print(pyvduse.__file__)"],
+                              capture_output=True, text=True, env=self.env(), cwd=self.work,
+                              check=True)
+        where = proc.stdout.strip()
+        if self.kind == "pyvduse-base" and not where.startswith(self.args.baseline_src):
+            raise RuntimeError(f"pyvduse-base would import pyvduse from {where}, not from "
+                               f"{self.args.baseline_src}")
+        return where.replace(str(REPO), "$REPO")
+
+    def start(self) -> None:
+        env = self.env()
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         env=env, cwd=self.work)
+        if self.pyvduse:
+            pidfile = self.work / f"{self.name}.pid"
+            wait_for("the pidfile", pidfile.exists, self.proc, self.log)
+        else:
+            wait_for(f"/dev/vduse/{self.name}", Path("/dev/vduse", self.name).exists,
+                     self.proc, self.log)
+            self._attach()
+        wait_for("the vhost-vdpa node", lambda: bool(vhost_node(self.name)), self.proc,
+                 self.log, 60)
+        self.node = vhost_node(self.name)
+
+    def _attach(self) -> None:
+        from pyvduse.binding import attach
+        from pyvduse.netlink import NetlinkError, VdpaClient
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with VdpaClient() as client:
+                    attach(self.name, "vhost_vdpa", client, timeout=30)
+                self.attached = True
+                return
+            except NetlinkError as exc:  # EINVAL until QSD has set up its queues
+                if exc.errno != errno.EINVAL or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.attached:
+            from pyvduse.binding import detach
+            from pyvduse.netlink import VdpaClient
+
+            with VdpaClient() as client:
+                detach(self.name, client)
+            self.attached = False
+        if self.proc is not None:
+            proc, self.proc = self.proc, None
+            status = stop_process(proc, self.kind)
+            if status != 0:
+                raise RuntimeError(f"{self.kind} exited {status}:\n"
+                                   f"{self.log.read_text(errors='replace')[-3000:]}")
+
+
+# -------------------------------------------------------------------- guest: jobs
+
+
+def run_client(client: str, wait: str, node: str, depth: int,
+               args: argparse.Namespace) -> dict[str, Any]:
+    if client == "c":
+        from blkio_load import run_load
+
+        return run_load(DRIVER, node, "randread", BLOCK, depth, args.seconds, wait,
+                        size=IMAGE_SIZE, timeout=args.seconds + 120)
+    proc = subprocess.run([sys.executable, __file__, "pyload", "--path", node, "--iodepth",
+                           str(depth), "--seconds", str(args.seconds), "--size",
+                           str(IMAGE_SIZE), "--wait", wait], capture_output=True, text=True,
+                          timeout=args.seconds + 180, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"python client exited {proc.returncode}: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def run_job(daemon: Daemon, client: str, wait: str, depth: int,
+            args: argparse.Namespace) -> dict[str, Any]:
+    assert daemon.proc is not None
+    log = daemon.log if daemon.pyvduse else None
+    sample = Sample(daemon.proc.pid, log)
+    try:
+        result = run_client(client, wait, daemon.node, depth, args)
+    finally:
+        figures = sample.finish()
+    completions = int(result["completions"])
+    cpu, switches = figures.pop("daemon_cpu_s"), figures.pop("daemon_ctx_switches")
+    figures["daemon_cpu_us_per_io"] = round(1e6 * cpu / completions, 1) if completions else None
+    figures["daemon_ctx_switches_per_io"] = (round(switches / completions, 2) if completions
+                                             else None)
+    result.update(figures)
+    result.update(daemon=daemon.kind, client=client, wait=wait)
+    say(f"{daemon.kind:13} {client:6} {wait:5} QD{depth:<2}: {result['iops']:8,.0f} IOPS, daemon "
+        f"{result['daemon_cpu_pct']:5.1f}% ({result['daemon_cpu_us_per_io']} us/IO, threads "
+        f"{result['daemon_threads_cpu_pct']}), client {result['cpu_usr'] + result['cpu_sys']:.0f}%"
+        f", guest CPUs {result['guest_cpu_pct']}, IOTLB updates {result['iotlb_updates']}, "
+        f"top {result['guest_top_processes_cpu_pct']}")
+    return result
+
+
+def make_image(path: Path) -> None:
+    block = os.urandom(1 << 20)
+    with path.open("wb") as f:
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(block)
+
+
+def profile(daemon: Daemon, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The daemon under py-spy while the C client reads at QD32: its hottest functions."""
+    assert daemon.proc is not None
+    spy = args.py_spy
+    raw = out / f"profile-{daemon.kind}.txt"
+    duration = max(2, int(args.seconds) - 1)
+    sampler = subprocess.Popen([spy, "record", "--pid", str(daemon.proc.pid), "--duration",
+                                str(duration), "--rate", "250", "--nonblocking", "--threads",
+                                "--format", "raw", "--output", str(raw)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+    result = run_client("c", "block", daemon.node, 32, args)
+    text = sampler.communicate(timeout=120)[0].decode(errors="replace")
+    summary: dict[str, Any] = {"iops_while_sampled": round(result["iops"]),
+                               "py_spy": text.strip().splitlines()[-3:]}
+    if not raw.exists():
+        return summary
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    summary["samples"] = total
+    summary["self"] = [(f, round(100 * n / total, 1)) for f, n in own.most_common(25)]
+    summary["inclusive"] = [(f, round(100 * n / total, 1)) for f, n in inclusive.most_common(40)]
+    return summary
+
+
+def guest_main(args: argparse.Namespace) -> int:
+    out = Path(args.raw)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "vdpa-bench"
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / "disk.img"
+    make_image(image)
+    from blkio_load import build
+
+    build()
+    kinds = [k for k in args.daemons.split(",") if k]
+    if args.baseline_src:
+        kinds = kinds if "pyvduse-base" in kinds else [*kinds, "pyvduse-base"]
+    else:
+        kinds = [k for k in kinds if k != "pyvduse-base"]
+    daemons = [Daemon(k, work, image, args) for k in kinds]
+    clients = [c for c in args.clients.split(",") if c]
+    waits = [w for w in args.waits.split(",") if w]
+    if set(clients) - {"c", "python"} or set(waits) - {"block", "loop"}:
+        raise SystemExit(f"vdpa_client: clients are c and python, waits block and loop: "
+                         f"{args.clients!r}, {args.waits!r}")
+    depths = [int(d) for d in args.depths.split(",") if d]
+    raw: dict[str, Any] = {
+        "argv": sys.argv[1:],
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+        "qsd": subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
+                              text=True, check=False).stdout.splitlines()[0],
+        "image_bytes": IMAGE_SIZE,
+        "queue_size": QUEUE_SIZE,
+        "seconds": args.seconds,
+        "waits": waits,
+        "commands": {d.kind: d.describe() for d in daemons},
+        "pyvduse_sources": {d.kind: d.source() for d in daemons if d.pyvduse},
+        "jobs": [],
+        "profiles": {},
+    }
+
+    def save() -> None:
+        (out / "raw.json").write_text(json.dumps(raw, indent=1) + "\n")
+
+    for round_ in range(args.rounds):
+        order = daemons if round_ % 2 == 0 else daemons[::-1]
+        for daemon in order:
+            daemon.start()
+            try:
+                for client in clients:
+                    for wait in waits:
+                        for depth in depths:
+                            job = run_job(daemon, client, wait, depth, args)
+                            job["round"] = round_
+                            raw["jobs"].append(job)
+                            save()
+            finally:
+                daemon.stop()
+    if args.profile:
+        for daemon in daemons:
+            if not daemon.pyvduse:
+                continue
+            daemon.start()
+            try:
+                raw["profiles"][daemon.kind] = profile(daemon, args, out)
+            finally:
+                daemon.stop()
+            save()
+    save()
+    say("done")
+    return 0
+
+
+# -------------------------------------------------------------------- report
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Best round per (daemon, client, wait, depth); pyvduse / the better QSD."""
+    best: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    rounds: dict[tuple[str, str, str, int], list[float]] = collections.defaultdict(list)
+    for job in raw["jobs"]:
+        key = (job["daemon"], job["client"], job["wait"], int(job["iodepth"]))
+        rounds[key].append(round(job["iops"]))
+        if key not in best or job["iops"] > best[key]["iops"]:
+            best[key] = job
+    rows = []
+    for (daemon, client, wait, depth), job in sorted(best.items()):
+        rows.append({"daemon": daemon, "client": client, "wait": wait, "iodepth": depth,
+                     "iops": round(job["iops"]),
+                     "rounds": rounds[(daemon, client, wait, depth)],
+                     "lat_us_mean": round(job["lat_us_mean"], 1),
+                     "client_cpu_pct": round(job["cpu_usr"] + job["cpu_sys"], 1),
+                     "daemon_cpu_pct": job["daemon_cpu_pct"],
+                     "daemon_cpu_us_per_io": job["daemon_cpu_us_per_io"],
+                     "daemon_threads_cpu_pct": job["daemon_threads_cpu_pct"],
+                     "daemon_ctx_switches_per_io": job["daemon_ctx_switches_per_io"],
+                     "guest_cpu_pct": job["guest_cpu_pct"],
+                     "iotlb_updates": job["iotlb_updates"]})
+    ratios = []
+    for (daemon, client, wait, depth), job in sorted(best.items()):
+        if not daemon.startswith("pyvduse"):
+            continue
+        qsds = [(k[0], j["iops"]) for k, j in best.items()
+                if k[0].startswith("qsd") and k[1:] == (client, wait, depth)]
+        if not qsds:
+            continue
+        qsd, qsd_iops = max(qsds, key=lambda item: item[1])
+        ratio = job["iops"] / qsd_iops
+        target = TARGETS.get(depth)
+        ratios.append({"daemon": daemon, "client": client, "wait": wait, "iodepth": depth,
+                       "vs": qsd,
+                       "ratio": round(ratio, 2), "target": target,
+                       "met": None if target is None else ratio >= target})
+    return {"rows": rows, "ratios": ratios}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    raw, summary, host = results["raw"], results["summary"], results["host"]
+    lines = [f"# vhost-vdpa clients: pyvduse vs qemu-storage-daemon, {host['date']}", "",
+             f"Command: `{host['command']}`", "",
+             f"pyvduse: {host['pyvduse_commit']}; guest kernel {raw['kernel']}, "
+             f"{raw['qsd']}, Python {raw['python']}; host: {host['machine']}; "
+             f"other work on the host used {host.get('host_cpu_used_by_others', '?')} "
+             f"of its {host.get('host_cpus', '?')} cores on average during the run "
+             f"(load average before: {' '.join(host['loadavg_before'])}).", "",
+             f"4 KiB random reads over a {raw['image_bytes'] >> 20} MiB file on the guest's "
+             f"tmpfs, {raw['seconds']:g} s per job, queue size {raw['queue_size']}, best of "
+             f"{1 + max(j['round'] for j in raw['jobs'])} rounds (every round's IOPS in "
+             "brackets). Client wait: `block` sleeps until the device's interrupt (C "
+             "`--wait block`, Python `wait(1)`), `loop` polls (C `--wait loop`, Python "
+             "`wait(0)` in a loop).", "",
+             "| pyvduse | client | wait | QD | vs | ratio | target |",
+             "|---|---|---|---:|---|---:|---|"]
+    for r in summary["ratios"]:
+        target = "" if r["target"] is None else (
+            f">= {r['target']}x {'met' if r['met'] else 'MISSED'}")
+        lines.append(f"| {r['daemon']} | {r['client']} | {r['wait']} | {r['iodepth']} | "
+                     f"{r['vs']} | **{r['ratio']:.2f}x** | {target} |")
+    lines += ["", "| daemon | client | wait | QD | IOPS (rounds) | lat us | client CPU % | "
+              "daemon CPU % | daemon us/IO | daemon threads CPU % | ctx sw/IO | guest CPUs % "
+              "| IOTLB updates |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
+    for r in summary["rows"]:
+        lines.append(
+            f"| {r['daemon']} | {r['client']} | {r['wait']} | {r['iodepth']} | {r['iops']:,} "
+            f"({', '.join(f'{x:,.0f}' for x in r['rounds'])}) | {r['lat_us_mean']} | "
+            f"{r['client_cpu_pct']} | {r['daemon_cpu_pct']} | {r['daemon_cpu_us_per_io']} | "
+            f"{r['daemon_threads_cpu_pct']} | {r['daemon_ctx_switches_per_io']} | "
+            f"{r['guest_cpu_pct']} | {r['iotlb_updates'] if r['daemon'].startswith('py') else ''}"
+            " |")
+    lines += ["", "Commands (in the guest; `$WORK` is a directory on its tmpfs):", ""]
+    lines += [f"* {k}: `{v}`" for k, v in raw["commands"].items()]
+    for kind, prof in raw.get("profiles", {}).items():
+        lines += ["", f"Profile of {kind} at QD32 (C client; py-spy, {prof.get('samples')} "
+                  f"samples, {prof['iops_while_sampled']:,} IOPS while sampled), self time:", ""]
+        lines += [f"* {pct}% {frame}" for frame, pct in prof.get("self", [])[:15]]
+    return "\n".join(lines) + "\n"
+
+
+def host_main(args: argparse.Namespace, argv: list[str]) -> int:
+    import host
+
+    out = Path(args.out or REPO / "build" / "bench" /
+               f"{datetime.date.today().isoformat()}-vhost-vdpa")
+    raw_dir = (out / "raw" if args.out else out).resolve()  # the guest's daemons run elsewhere
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    guest_cmd = [".venv/bin/python", "bench/vdpa_client.py", "--in-guest", "--raw",
+                 str(raw_dir), "--rounds", str(args.rounds), "--seconds", f"{args.seconds:g}",
+                 "--daemons", args.daemons, "--clients", args.clients, "--depths", args.depths,
+                 "--waits", args.waits, "--pyvduse-args", args.pyvduse_args]
+    if args.baseline:
+        src = host.commit_sources(args.baseline, raw_dir)  # ["--env", "PYTHONPATH=..."]
+        guest_cmd += ["--baseline", args.baseline, "--baseline-src", src[1].split("=", 1)[1]]
+    if args.profile:
+        spy = args.py_spy or shutil.which("py-spy", path=f"{REPO / '.venv' / 'bin'}:"
+                                          f"{os.environ.get('PATH', '')}")
+        if not spy:
+            raise SystemExit("vdpa_client: --profile needs py-spy (.venv/bin/pip install py-spy)")
+        guest_cmd += ["--profile", "--py-spy", str(Path(spy).resolve())]
+    facts = host.host_facts([], None)
+    facts["command"] = shlex.join(["bench/vdpa_client.py", *(
+        a.replace(f"{REPO}/", "") for a in argv)])
+    run_args = argparse.Namespace(commit=None, timeout=args.timeout, max_wait=args.max_wait)
+    say(f"host load average {os.getloadavg()}")
+    rc = host.run_guest(run_args, raw_dir, guest_cmd, facts, say, memory="2G")
+    raw_file = raw_dir / "raw.json"
+    if not raw_file.exists():
+        say(f"no raw.json from the guest (vm-run exit {rc}); see {raw_dir / 'guest.log'}")
+        return 1
+    raw = json.loads(raw_file.read_text())
+    results = {"host": facts, "raw": raw, "summary": summarize(raw)}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    return rc
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["pyload"]:
+        parser = argparse.ArgumentParser(prog="vdpa_client.py pyload")
+        parser.add_argument("--path", required=True)
+        parser.add_argument("--iodepth", type=int, default=1)
+        parser.add_argument("--seconds", type=float, default=5.0)
+        parser.add_argument("--bs", type=int, default=BLOCK)
+        parser.add_argument("--size", type=int, default=0)
+        parser.add_argument("--wait", choices=("block", "loop"), default="block")
+        a = parser.parse_args(argv[1:])
+        print(json.dumps(python_load(a.path, a.iodepth, a.seconds, a.bs, a.size, a.wait)))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="results folder (host; default build/bench/DATE-vhost-vdpa)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--daemons", default="pyvduse,qsd-threads,qsd-io_uring",
+                        help=f"comma-separated, of {', '.join(DAEMONS)}")
+    parser.add_argument("--clients", default="c,python")
+    parser.add_argument("--depths", default="1,32")
+    parser.add_argument("--waits", default="block",
+                        help="the clients' wait modes, comma-separated: block, loop")
+    parser.add_argument("--pyvduse-args", default="", help="extra 'pyvduse serve' options")
+    parser.add_argument("--baseline", help="also run pyvduse-base: src/pyvduse of this commit")
+    parser.add_argument("--profile", action="store_true", help="py-spy each pyvduse at QD32")
+    parser.add_argument("--py-spy", help="the py-spy binary (default: .venv/bin or PATH)")
+    parser.add_argument("--timeout", default="40m", help="the guest's (vm-run --timeout)")
+    parser.add_argument("--max-wait", type=float, default=3600.0,
+                        help="seconds to wait for another guest to finish")
+    parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-src", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.in_guest:
+        return guest_main(args)
+    if Path("/dev/vduse/control").exists():
+        say("this machine has VDUSE: run with --in-guest --raw DIR to measure here")
+    return host_main(args, argv)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main(sys.argv[1:]))
