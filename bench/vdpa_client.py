@@ -449,7 +449,7 @@ def profile(daemon: Daemon, args: argparse.Namespace, out: Path) -> dict[str, An
     result = run_client("c", "block", daemon.node, 32, args)
     text = sampler.communicate(timeout=120)[0].decode(errors="replace")
     summary: dict[str, Any] = {"iops_while_sampled": round(result["iops"]),
-                               "py_spy": text.strip().splitlines()[-3:]}
+                               "py_spy": text.replace(str(REPO), "$REPO").strip().splitlines()[-3:]}
     if not raw.exists():
         return summary
     own: collections.Counter[str] = collections.Counter()
@@ -494,7 +494,7 @@ def guest_main(args: argparse.Namespace) -> int:
                          f"{args.clients!r}, {args.waits!r}")
     depths = [int(d) for d in args.depths.split(",") if d]
     raw: dict[str, Any] = {
-        "argv": sys.argv[1:],
+        "argv": [a.replace(str(REPO), "$REPO") for a in sys.argv[1:]],
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
         "qsd": subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
