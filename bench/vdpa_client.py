@@ -157,8 +157,11 @@ def _cpu_times() -> list[int]:
     return busy
 
 
-def _processes() -> dict[tuple[int, str], int]:
-    """CPU ticks of every process in the guest (kernel threads too), by (pid, name)."""
+def _processes() -> dict[int, tuple[str, int]]:
+    """Name and CPU ticks of every process in the guest (kernel threads too), by pid.
+
+    A kworker's name changes with the work it runs: the pid identifies it.
+    """
     out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -169,7 +172,7 @@ def _processes() -> dict[tuple[int, str], int]:
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        out[(int(d.name), name)] = int(fields[11]) + int(fields[12])
+        out[int(d.name)] = (name, int(fields[11]) + int(fields[12]))
     return out
 
 
@@ -231,15 +234,15 @@ class Sample:
                 threads.append(round(100 * (c - c0) / wall, 1))
         guest = [round(100 * (a - b) / tick / wall, 1)
                  for a, b in zip(_cpu_times(), self.cpus, strict=True)]
-        used = collections.Counter({f"{name}[{pid}]": ticks - self.processes.get((pid, name), 0)
-                                    for (pid, name), ticks in _processes().items()})
+        used = collections.Counter({f"{name}[{pid}]": ticks - self.processes.get(pid, ("", 0))[1]
+                                    for pid, (name, ticks) in _processes().items()})
         top = [(who, round(100 * ticks / tick / wall, 1)) for who, ticks in used.most_common(5)
                if ticks > 0]
         return {
             "wall": round(wall, 2),
             "daemon_cpu_s": cpu,
             "daemon_cpu_pct": round(100 * cpu / wall, 1),
-            "daemon_threads_cpu_pct": sorted(threads, reverse=True),
+            "daemon_threads_cpu_pct": sorted(threads, reverse=True)[:8],
             "daemon_ctx_switches": switches,
             "guest_cpu_pct": guest,
             "guest_top_processes_cpu_pct": top,
