@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                  "pyvduse_commit": subprocess.run(
                      ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                      capture_output=True, text=True).stdout.strip()},
-        "peers": {peer.name: peer.argv(Path("SOCK"), Path("IMAGE")) for peer in PEERS},
+        # the interpreter as the README's command names it, not this machine's path
+        "peers": {peer.name: [".venv/bin/python" if arg == sys.executable else arg
+                              for arg in peer.argv(Path("SOCK"), Path("IMAGE"))]
+                  for peer in PEERS},
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     markdown = report(results)
