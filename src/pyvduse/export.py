@@ -93,6 +93,9 @@ class Export:
         self.recovered = False
         #: Requests resubmitted by that recovery.
         self.resubmitted = 0
+        #: Which data path serves the queues: "native", or "python" with the reason when
+        #: the native one was not to be had (see :func:`pyvduse.native.choose`).
+        self.datapath = "python"
         #: The inflight log's path (None: none kept).
         self.inflight_log_path: str | None = None
 

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 
 from pyvduse.errors import RingError
 from pyvduse.inflight import QueueLog
+from pyvduse.native import NativePlan, NativeRing
 from pyvduse.ratelimit import RateLimitedLog
 from pyvduse.virtqueue import Chain, ChainError, SplitQueue
 
@@ -152,7 +153,7 @@ class QueueWorker:
     def __init__(self, name: str, queue: SplitQueue, handle: RequestHandler, kick_fd: int,
                  notify: Callable[[], None], plug: Callable[[], None] | None = None,
                  unplug: Callable[[], None] | None = None,
-                 log: QueueLog | None = None) -> None:
+                 log: QueueLog | None = None, native: NativePlan | None = None) -> None:
         self.name = name
         # Called around each batch of requests handled (Backend.plug/unplug), if given.
         self._plugs = plug is not None or unplug is not None
@@ -192,6 +193,21 @@ class QueueWorker:
         self._log_used = self._log_header[0]
         #: Pop sequence number of the next head taken (orders a resubmission).
         self._sequence = self._log.next_sequence()
+        #: The compiled fast path serves this queue's requests it can (see pyvduse.native).
+        self._plan = native
+        self._native = NativeRing(queue, native, self._slots) if native is not None else None
+
+    @property
+    def native_served(self) -> int:
+        """Requests the compiled fast path served (0 without one)."""
+        native = self._native
+        return native.served_total if native is not None else 0
+
+    def _close_native(self) -> None:
+        """Stop the fast path using the current ring and log (ring lock held, or abandoned)."""
+        native = self._native
+        if native is not None:
+            native.close()
 
     def close(self) -> None:
         """Release the completion eventfd (after the last completion); idempotent."""
@@ -221,6 +237,8 @@ class QueueWorker:
         # it until its backend call returns, and then finds the queue released.
         locked = self.ring_lock.acquire(timeout=0.5)
         try:
+            self._close_native()
+            self._native = None
             spare = QueueLog.in_memory(self.queue.size)
             self._log, self._slots, self._log_header = spare, spare.slots, spare.header
             self.queue.release()
@@ -238,7 +256,10 @@ class QueueWorker:
         positions of the current one.
         """
         with self.ring_lock:
+            self._close_native()
             old, self.queue = self.queue, queue
+            if self._plan is not None:
+                self._native = NativeRing(queue, self._plan, self._slots, self._native)
             old.release()
         self.stopping = False
 
@@ -282,6 +303,12 @@ class QueueWorker:
         used = self.queue.used_idx
         position = self._log_used
         if position == used:
+            return
+        native = self._native
+        if native is not None:
+            native.fast.retire(position, used)
+            self._log_used = used
+            self._log_header[0] = used
             return
         slots = self._slots
         used_head = self.queue.used_head
@@ -423,8 +450,22 @@ class QueueWorker:
                     if plugged:
                         plug()
                     sequence = first = self._sequence
+                    native = self._native
+                    if native is not None:
+                        native.refresh()
                     try:
-                        for _ in range(count):
+                        remaining = count
+                        while remaining:
+                            if native is not None and not self.stopping:
+                                # The compiled path serves what it can, up to the first
+                                # request it leaves to the code below (see pyvduse.native).
+                                served, queue.last_avail_idx, queue.used_idx, sequence = (
+                                    native.fast.run(remaining, queue.last_avail_idx,
+                                                    queue.used_idx, sequence))
+                                remaining -= served
+                                if not remaining:
+                                    break
+                            remaining -= 1
                             # Each head is marked in the inflight log before the next
                             # pop and before its request starts (see pyvduse.inflight).
                             try:
@@ -452,6 +493,8 @@ class QueueWorker:
                                 pending += 1
                             if self.stopping:  # a reset came while the backend had it
                                 break
+                            if native is not None:
+                                native.teach()  # the mapping this request used, if new
                     finally:
                         self._sequence = sequence
                         if plugged:

@@ -27,6 +27,7 @@ from pyvduse.blk.config import BlkConfig
 from pyvduse.errors import ConfigError, PyvduseError
 from pyvduse.export import BlkExport, Export
 from pyvduse.kernel import VduseKernel
+from pyvduse.native import choose as choose_datapath
 from pyvduse.spec import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,24 @@ def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> Export:
             logical_block_size=spec.logical_block_size or max(512, backend.preferred_block_size),
             num_queues=spec.num_queues, queue_size=spec.queue_size, serial=spec.serial,
             readonly=spec.readonly)
+        datapath = choose_datapath(spec.datapath, backend.native_target(), spec.id)
         if spec.transport == "vhost-user":
             from pyvduse.vhost_user.export import VhostUserExport  # only when asked for
             assert spec.socket is not None
-            return VhostUserExport(spec.id, backend, config, spec.socket,
-                                   queue_threads=spec.queue_threads,
-                                   poll_max_ns=spec.poll_max_us * 1000)
-        return BlkExport(spec.id, backend, config, attach=spec.attach,  # type: ignore[arg-type]
-                         kernel=kernel, queue_threads=spec.queue_threads,
-                         poll_max_ns=spec.poll_max_us * 1000,
-                         inflight_log=spec.inflight_log_path,
-                         trust_used_index=spec.unsafe_no_log)
+            export: Export = VhostUserExport(spec.id, backend, config, spec.socket,
+                                             queue_threads=spec.queue_threads,
+                                             poll_max_ns=spec.poll_max_us * 1000)
+        else:
+            export = BlkExport(spec.id, backend, config,
+                               attach=spec.attach,  # type: ignore[arg-type]
+                               kernel=kernel, queue_threads=spec.queue_threads,
+                               poll_max_ns=spec.poll_max_us * 1000,
+                               inflight_log=spec.inflight_log_path,
+                               trust_used_index=spec.unsafe_no_log)
+        export.datapath = datapath
+        if datapath == "native":
+            export.model.serve_natively()
+        return export
     except BaseException:
         backend.close()
         raise
@@ -132,10 +140,10 @@ class ExportRegistry:
                 self._changing.discard(spec.id)
         where = f" as {export.attached.dev_path}" if export.attached else " (not attached)"
         config = export.config
-        log.info("%s %s backend on %s%s: %d bytes, %d queue(s) of %d%s",
+        log.info("%s %s backend on %s%s: %d bytes, %d queue(s) of %d%s, %s data path",
                  "recovered" if export.recovered else "serving", spec.backend, spec.id, where,
                  config.capacity, config.num_queues, config.queue_size,
-                 ", read-only" if config.readonly else "")
+                 ", read-only" if config.readonly else "", export.datapath)
         return export
 
     def _backend_events(self, export_id: str) -> Emit:

@@ -21,6 +21,7 @@ from pyvduse.backends.threads import DEFAULT_MIN_BYTES
 from pyvduse.blk.config import DEFAULT_QUEUE_SIZE
 from pyvduse.errors import ConfigError
 from pyvduse.inflight import default_path
+from pyvduse.native import DATAPATHS
 
 DEFAULT_IO_THREADS = 2
 DEFAULT_POLL_MAX_US = 256
@@ -70,6 +71,12 @@ def boolean(text: str) -> bool:
 def _attach_mode(text: str) -> str:
     if text not in ("virtio", "vhost", "none"):
         raise ValueError(f"{text!r} is not one of virtio, vhost, none")
+    return text
+
+
+def _datapath(text: str) -> str:
+    if text not in DATAPATHS:
+        raise ValueError(f"{text!r} is not one of {', '.join(DATAPATHS)}")
     return text
 
 
@@ -138,6 +145,10 @@ EXPORT_OPTIONS: tuple[Option, ...] = (
     Option("io-threads-min", size, DEFAULT_MIN_BYTES,
            "smallest read or write sent to the --io-threads pool; smaller ones stay on the "
            "queue's thread (default: 64k)", "SIZE"),
+    Option("datapath", _datapath, "auto",
+           "who serves the requests: native (the compiled data path: file and null "
+           "backends), python (the reference path, any backend) or auto: native where it "
+           "can, else python; the choice is logged at start (default: %(default)s)", "MODE"),
     Option("inflight-log", _text, None,
            "the file recording what the device has in flight, so that a daemon killed "
            "with SIGKILL can be restarted with the same options and lose nothing "
@@ -164,6 +175,7 @@ class ExportSpec:
     poll_max_us: int = DEFAULT_POLL_MAX_US
     io_threads: int = DEFAULT_IO_THREADS
     io_threads_min: int = DEFAULT_MIN_BYTES
+    datapath: str = "auto"
     inflight_log: str | None = None
     #: Test-only: no inflight log; recovery trusts the used index (see UNSAFE_NO_LOG_ENV).
     unsafe_no_log: bool = field(default=False)

@@ -200,7 +200,8 @@ class VirtioDevice:
             worker = QueueWorker(
                 f"{self.name}-vq{index}", queue, model.handle, kick_fd, notify,
                 plug=model.plug if model.batches else None,
-                unplug=model.unplug if model.batches else None, log=queue_log)
+                unplug=model.unplug if model.batches else None, log=queue_log,
+                native=getattr(model, "native", None))
             self.workers[index] = worker
             if heads:
                 worker.resubmit(heads)

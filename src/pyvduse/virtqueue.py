@@ -396,6 +396,15 @@ class SplitQueue:
             raise RingError(f"descriptor {head} is beyond the queue size {self.size}")
         return self._walk(head)
 
+    def ring_buffers(self) -> tuple[memoryview, memoryview, memoryview]:
+        """The descriptor table, avail ring and used ring as mapped (for the native path).
+
+        Views of the driver's memory: valid until :meth:`release`, which swaps
+        these attributes for private buffers (a holder of the old views must
+        stop using them first, see :class:`pyvduse.native.NativeRing`).
+        """
+        return self._desc, self._avail16, self._used16
+
     def used_head(self, index: int) -> int:
         """The head of the used element at ring index ``index`` (16-bit, wrapping)."""
         return int(self._used64[index & self._mask]) & 0xFFFFFFFF

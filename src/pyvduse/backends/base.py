@@ -101,6 +101,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pyvduse.errors import BackendError
+from pyvduse.native import NativeTarget
 from pyvduse.queue_worker import deferred_interrupts
 from pyvduse.ratelimit import RateLimitedLog
 
@@ -314,6 +315,20 @@ class Backend:
 
     def close(self) -> None:
         """Release resources; called once, after the last request. The default does nothing."""
+
+    def native_target(self) -> NativeTarget | None:
+        """Where the compiled data path may do this backend's reads, writes and flushes
+        itself (see :mod:`pyvduse.native`), or None (the default): every request goes
+        through this object's methods. A backend that returns a target promises that
+        those methods do exactly what the target describes."""
+        return None
+
+    def _own_data_methods(self, cls: type[Backend]) -> bool:
+        """Whether ``read``, ``readv``, ``write``, ``writev`` and ``flush`` are ``cls``'s
+        (a subclass that overrides one of them loses the native target)."""
+        mine = type(self)
+        return all(getattr(mine, name) is getattr(cls, name)
+                   for name in ("read", "readv", "write", "writev", "flush"))
 
     # -- asynchronous requests (see the module docstring) -------------------------------
 

@@ -47,6 +47,7 @@ from pyvduse.backends.base import Backend, check_new_size, shrink_refused
 from pyvduse.backends.options import BackendOptions
 from pyvduse.backends.socket_io import advance
 from pyvduse.errors import BackendError, ConfigError
+from pyvduse.native import NativeTarget
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,11 @@ class FileBackend(Backend):
     def flush(self) -> None:
         """``fdatasync`` the file or device."""
         os.fdatasync(self._fd)
+
+    def native_target(self) -> NativeTarget | None:
+        """The file's descriptor: the native path does what :meth:`readv`, :meth:`writev`
+        and :meth:`flush` do (an ``O_DIRECT`` transfer it cannot make, it leaves to them)."""
+        return NativeTarget.file(self._fd) if self._own_data_methods(FileBackend) else None
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole (file) or ``BLKDISCARD`` (device); a no-op where unsupported."""

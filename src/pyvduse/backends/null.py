@@ -10,6 +10,7 @@ from typing import Self
 
 from pyvduse.backends.base import ZERO_CHUNK, Backend, check_new_size
 from pyvduse.backends.options import BackendOptions, check_disk_size
+from pyvduse.native import NativeTarget
 
 _ZEROES = memoryview(ZERO_CHUNK)
 _CHUNK = len(ZERO_CHUNK)
@@ -57,6 +58,10 @@ class NullBackend(Backend):
 
     def write(self, offset: int, buf: memoryview) -> None:
         """Discard ``buf``."""
+
+    def native_target(self) -> NativeTarget | None:
+        """Reads zero-fill and writes vanish in the native path too."""
+        return NativeTarget.null() if self._own_data_methods(NullBackend) else None
 
     def discard(self, offset: int, length: int) -> None:
         """Do nothing: the content already reads as zeroes."""

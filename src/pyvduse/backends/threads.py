@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from pyvduse.backends.base import Backend, Done, EventSink, run_and_report
+from pyvduse.native import NativeTarget
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ class ThreadPoolBackend(Backend):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         self.backend.write_zeroes(offset, length, may_unmap)
+
+    def native_target(self) -> NativeTarget | None:
+        """The wrapped backend's: requests below ``min_bytes`` go straight to it anyway."""
+        return self.backend.native_target()
 
     def close(self) -> None:
         for _ in self._threads:

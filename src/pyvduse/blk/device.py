@@ -7,6 +7,7 @@ import logging
 from pyvduse.backends.base import Backend
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.handler import BlkHandler
+from pyvduse.native import NativePlan
 from pyvduse.uapi.virtio import VIRTIO_ID_BLOCK
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,13 @@ class BlkDevice:
         cls = type(backend)
         #: Whether the backend batches (overrides plug or unplug): else no calls are made.
         self.batches = cls.plug is not Backend.plug or cls.unplug is not Backend.unplug
+        #: How the compiled data path serves the queues (None: the Python path does).
+        self.native: NativePlan | None = None
+
+    def serve_natively(self) -> None:
+        """Let the compiled data path serve the queues started from now on, if the
+        backend offers it a target (see :mod:`pyvduse.native`)."""
+        self.native = self.handler.native_plan()
 
     def plug(self) -> None:
         """A batch of requests begins on this thread (:meth:`Backend.plug`)."""

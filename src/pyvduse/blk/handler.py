@@ -30,6 +30,7 @@ from pyvduse.backends.base import Backend
 from pyvduse.blk.config import MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, BlkConfig
 from pyvduse.blk.segments import fill, split_back, split_front, total_length
 from pyvduse.errors import BackendError
+from pyvduse.native import NativePlan
 from pyvduse.queue_worker import PENDING, Completer
 from pyvduse.ratelimit import RateLimitedLog
 from pyvduse.uapi import virtio as v
@@ -123,8 +124,9 @@ class BlkHandler:
     def __init__(self, backend: Backend, config: BlkConfig) -> None:
         self.backend = backend
         self.config = config
-        self._capacity_sectors = config.capacity >> _SECTOR_SHIFT
-        self._capacity_bytes = self._capacity_sectors << _SECTOR_SHIFT
+        #: The capacity in bytes as one u64 cell, shared with the native path's queues.
+        self._capacity_cell = memoryview(bytearray(8)).cast("Q")
+        self._set_capacity_fields(config.capacity)
         self._accepts_writes = not config.readonly
         self._flush_offered = config.flush
         # Requests of at least _submit_min data bytes go to the backend's submit_* methods.
@@ -154,8 +156,24 @@ class BlkHandler:
     def set_capacity(self, capacity: int) -> None:
         """Serve ``capacity`` bytes from now on (a multiple of the logical block size)."""
         self.config = replace(self.config, capacity=capacity)
+        self._set_capacity_fields(capacity)
+
+    def _set_capacity_fields(self, capacity: int) -> None:
         self._capacity_sectors = capacity >> _SECTOR_SHIFT
         self._capacity_bytes = self._capacity_sectors << _SECTOR_SHIFT
+        self._capacity_cell[0] = self._capacity_bytes
+
+    def native_plan(self) -> NativePlan | None:
+        """How the native data path may serve this device, or None if its backend
+        offers no :class:`~pyvduse.native.NativeTarget` (see :mod:`pyvduse.native`)."""
+        target = self.backend.native_target()
+        if target is None:
+            return None
+        return NativePlan(target=target, capacity=self._capacity_cell,
+                          block_size=self.config.logical_block_size,
+                          accepts_writes=self._accepts_writes,
+                          flush_ok=self._flush_offered and not self._async,
+                          submit_min=min(self._submit_min, (1 << 64) - 1))
 
     def handle(self, chain: Chain, complete: Completer) -> int:
         """Serve one request; return the number of bytes written into the chain.

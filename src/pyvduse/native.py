@@ -1,0 +1,200 @@
+"""The compiled data path: whether it exists, which queues it serves, and its glue.
+
+pyvduse has two data paths that give the same answers:
+
+* ``python``: :class:`~pyvduse.virtqueue.SplitQueue` and
+  :class:`~pyvduse.blk.handler.BlkHandler`, the reference, always there;
+* ``native``: the extension module ``pyvduse._fastpath`` (C, built by
+  ``pip install`` when a C compiler and Python's headers are present). Inside
+  each batch of :meth:`pyvduse.queue_worker.QueueWorker.drain` it serves, with
+  the interpreter lock released, every request shaped as the Python fast paths
+  expect whose backend it can reach directly (a file descriptor, or the null
+  disk): ring walk and checks, virtio-blk header, range checks, inflight-log
+  mark, the I/O, the status byte and the used element. At the first request it
+  does not take (any other request type or layout, any malformed chain, any
+  buffer in memory it was not shown, an I/O error, a request for the backend's
+  asynchronous path) it stops without consuming it; the Python path serves that
+  one with all its checks and logs, then the native path goes on. So a user's
+  backend, a malformed ring and every error reply behave exactly as in Python.
+
+``--datapath auto`` (the default) takes the native path when the module is built
+and the backend offers a :class:`NativeTarget`; ``native`` insists on it (a clear
+error otherwise); ``python`` never uses it. The export's start line says which.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pyvduse.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyvduse.memory import GuestMemory, HotRegion
+    from pyvduse.virtqueue import SplitQueue
+
+log = logging.getLogger(__name__)
+
+try:
+    from pyvduse import _fastpath  # type: ignore[attr-defined]
+except ImportError as exc:  # no compiler when it was installed, or a foreign build
+    _fastpath = None
+    _MISSING = str(exc)
+else:
+    _MISSING = ""
+
+DATAPATHS = ("auto", "native", "python")
+"""The values of ``--datapath``."""
+
+TARGET_NULL = 0
+TARGET_FD = 1
+
+
+def available() -> bool:
+    """Whether the compiled module ``pyvduse._fastpath`` could be imported."""
+    return _fastpath is not None
+
+
+def why_unavailable() -> str:
+    """Why the compiled module is missing ('' when it is there)."""
+    if _fastpath is not None:
+        return ""
+    return (f"the compiled data path is not built ({_MISSING}); reinstall pyvduse with a C "
+            f"compiler and Python's headers (Debian: gcc python3-dev)")
+
+
+@dataclass(frozen=True)
+class NativeTarget:
+    """Where the native path does a backend's I/O: a file descriptor, or nowhere (null).
+
+    ``fd`` stays the backend's: the native path never closes it, and the
+    backend keeps it open while any queue serves (until :meth:`Backend.close`).
+    """
+
+    kind: int
+    fd: int = -1
+
+    @classmethod
+    def null(cls) -> NativeTarget:
+        """Reads give zeroes, writes and flushes do nothing."""
+        return cls(TARGET_NULL)
+
+    @classmethod
+    def file(cls, fd: int) -> NativeTarget:
+        """``preadv``/``pwritev`` at the device offset, ``fdatasync`` for a flush."""
+        return cls(TARGET_FD, fd)
+
+
+@dataclass(frozen=True)
+class NativePlan:
+    """What the native path needs to know of a virtio-blk device to serve it.
+
+    ``capacity`` is a one-cell ``"Q"`` memoryview holding the bytes the device
+    serves; a live resize stores the new value there and every queue sees it.
+    Requests of ``submit_min`` data bytes or more are left to Python (the
+    backend's asynchronous path).
+    """
+
+    target: NativeTarget
+    capacity: memoryview
+    block_size: int
+    accepts_writes: bool
+    flush_ok: bool
+    submit_min: int
+
+
+class FastPath(Protocol):
+    """The compiled object's interface (``pyvduse._fastpath.FastPath``)."""
+
+    served: int
+    fallbacks: int
+    mappings: int
+    closed: bool
+
+    def learn(self, start: int, read_end: int, write_end: int, view: memoryview) -> bool: ...
+
+    def run(self, count: int, last_avail: int, used_idx: int,
+            sequence: int) -> tuple[int, int, int, int]: ...
+
+    def retire(self, position: int, used_idx: int) -> None: ...
+
+    def forget(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def choose(datapath: str, target: NativeTarget | None, name: str) -> str:
+    """Resolve ``--datapath`` for export ``name`` whose backend offers ``target``.
+
+    Returns ``"native"``, or ``"python"`` with the reason in parentheses when
+    ``auto`` could not have the native path (for the export's start line).
+    Raises :class:`ConfigError` if ``native`` was asked for and cannot be had.
+    """
+    if datapath not in DATAPATHS:
+        raise ConfigError(f"unknown data path {datapath!r} (choose from {', '.join(DATAPATHS)})")
+    if datapath == "python":
+        return "python"
+    why = why_unavailable()
+    if not why and target is None:
+        why = "its backend has no native target (file and null have)"
+    if not why:
+        return "native"
+    if datapath == "native":
+        raise ConfigError(f"{name}: --datapath native: {why}")
+    return f"python ({why})"
+
+
+class NativeRing:
+    """A queue's compiled fast path, with the memory it knows kept current.
+
+    Built per :class:`SplitQueue` (rebuilt when the ring is remapped). Call
+    :meth:`refresh` before each run (cheap), and :meth:`teach` after the
+    Python path served a request, so that the mapping it just used is known
+    to the native path too.
+    """
+
+    __slots__ = ("_generation", "_memory", "_served_before", "fast")
+
+    def __init__(self, queue: SplitQueue, plan: NativePlan, slots: memoryview,
+                 previous: NativeRing | None = None) -> None:
+        assert _fastpath is not None, "NativeRing without the compiled module"
+        #: Requests served by the rings this one replaces (a remapped queue).
+        self._served_before = previous.served_total if previous is not None else 0
+        ring = queue.ring_buffers()
+        self.fast: FastPath = _fastpath.FastPath(
+            ring[0], ring[1], ring[2], queue.size, queue.indirect, queue.max_indirect,
+            slots, plan.capacity, plan.target.kind, plan.target.fd, plan.block_size,
+            plan.accepts_writes, plan.flush_ok, plan.submit_min)
+        self._memory: GuestMemory = queue.memory
+        self._generation = generation(self._memory)
+        self.teach()
+
+    @property
+    def served_total(self) -> int:
+        """Requests the native path served for this queue, across remaps."""
+        return self._served_before + self.fast.served
+
+    def refresh(self) -> None:
+        """Forget what was learned if the driver's memory changed since."""
+        now = generation(self._memory)
+        if now != self._generation:
+            self._generation = now
+            self.fast.forget()
+            self.teach()
+
+    def teach(self) -> None:
+        """Make the memory's current hot region known to the native path."""
+        hot: HotRegion = self._memory.hot
+        start, read_end, write_end, view = hot
+        if max(read_end, write_end) > start:
+            self.fast.learn(start, read_end, write_end, view)
+
+    def close(self) -> None:
+        """Let go of the rings and mappings (deferred if a run is in progress)."""
+        self.fast.close()
+
+
+def generation(memory: Any) -> int:
+    """``memory.generation`` (bumped whenever mappings go away), or 0 for a fixed memory."""
+    return int(getattr(memory, "generation", 0))
