@@ -1,10 +1,21 @@
 """pyvduse vs qemu-storage-daemon as vhost-vdpa devices, driven by libblkio clients in the guest.
 
-Each daemon exports the same file (on the guest's tmpfs, filled with data)
-as a VDUSE device bound to ``vhost_vdpa``; a user-space client in the guest
-opens ``/dev/vhost-vdpa-N`` with libblkio's ``virtio-blk-vhost-vdpa`` driver,
-as a VMM would, and reads 4 KiB at random offsets at queue depth 1 and 32
-for a fixed time. Two clients (``--clients``):
+Each daemon exports a disk as a VDUSE device bound to ``vhost_vdpa``; a
+user-space client in the guest opens ``/dev/vhost-vdpa-N`` with libblkio's
+``virtio-blk-vhost-vdpa`` driver, as a VMM would, and keeps a fixed number of
+requests in flight for a fixed time. The disk (``--backends``):
+
+* ``file``: a 256 MiB file on the guest's tmpfs, filled with data (the write
+  rows overwrite it: it is a scratch file);
+* ``null``: a disk of the same size that reads as zeroes and drops writes
+  (pyvduse ``null size=...``, QSD ``null-co,read-zeroes=on``): the daemons'
+  own overhead. QSD's ``aio=`` applies to files only, so on this backend
+  ``qsd-threads`` and ``qsd-io_uring`` are one daemon, ``qsd``.
+
+The load (``--rows``): ``randread-4k`` and ``randwrite-4k`` (4 KiB at random
+offsets, at every depth of ``--depths``), ``read-1m`` and ``write-1m`` (1 MiB
+one after the other, wrapping at the end, at ``--seq-depth``). Two clients
+(``--clients``):
 
 * ``c``: bench/blkio_load.c (compiled by bench/blkio_load.py);
 * ``python``: :class:`pyvduse.testing.blkio.BlkioClient` through ctypes in a
@@ -13,16 +24,21 @@ for a fixed time. Two clients (``--clients``):
 each in every wait mode of ``--waits``: ``block`` (the default: the client
 sleeps in ``blkioq_do_io`` until the device's interrupt wakes it; the
 Python client calls ``wait(1)``) or ``loop`` (it polls for completions in a
-busy loop, ``min_completions`` 0, and needs no interrupt).
+busy loop, ``min_completions`` 0, and needs no interrupt). Both clients write
+non-zero data; before every write job on the file backend the first 16 MiB
+of the image are zeroed, and afterwards the job records how many of their
+4 KiB blocks it wrote (``probe_blocks_written``), so that a write that never
+reached the file shows.
 
 Daemons (``--daemons``): ``pyvduse`` (this tree), ``pyvduse-base`` (the
 sources of ``--baseline COMMIT``, only when given), ``qsd-threads`` and
 ``qsd-io_uring`` (QEMU's vduse-blk export, ``aio=threads`` / ``aio=io_uring``,
 attached to ``vhost_vdpa`` by pyvduse.binding as ``pyvduse serve --attach
-vhost`` attaches itself). Every round runs every daemon in turn (the order
-reverses each round) and every client and depth against it; the summary
-takes the best round of each figure and compares pyvduse with the better QSD.
-Per job it records the client's figures (IOPS, latency, its CPU), the
+vhost`` attaches itself). Every round runs, per backend, every daemon in turn
+(the order reverses each round) and every row, client, wait and depth against
+it; the summary takes the best round of each figure and compares pyvduse with
+the better QSD per (backend, row, client, wait, depth).
+Per job it records the client's figures (IOPS, MiB/s, latency, its CPU), the
 daemon's CPU per request and per thread, its context switches, the guest's
 CPU use, and for pyvduse the IOTLB updates it served (its debug log).
 
@@ -31,15 +47,22 @@ scripts/vm-run (waiting until no other guest runs) and writes DIR/results.json
 and DIR/results.md from the guest's raw.json::
 
     .venv/bin/python bench/vdpa_client.py --out DIR [--rounds 2] [--seconds 8]
-        [--waits block,loop] [--baseline COMMIT] [--profile]
-        [--daemons pyvduse,qsd-threads,qsd-io_uring] [--pyvduse-args '--poll-max-us 0']
+        [--rows randread-4k,randwrite-4k,read-1m,write-1m] [--backends file,null]
+        [--depths 1,32] [--seq-depth 8] [--clients c,python] [--waits block,loop]
+        [--baseline COMMIT] [--profile] [--daemons pyvduse,qsd-threads,qsd-io_uring]
+        [--pyvduse-args '--poll-max-us 0']
+
+The guest's timeout (``--timeout``) defaults to twice the expected duration
+(from the number of jobs and ``--seconds``) plus 10 minutes; the host prints
+the expected duration before it boots the guest.
 
 Run it on an otherwise idle machine: the results give the CPU that other
 work used on the host during the run.
 
 ``--profile`` adds, after the rounds, a run of each pyvduse daemon under
 ``py-spy record`` (``.venv/bin/py-spy`` or on PATH: ``pip install py-spy``)
-at QD32 with the C client, and puts the hottest functions in the results.
+at QD32 with the C client (4 KiB random reads, the first backend), and puts
+the hottest functions in the results.
 """
 
 from __future__ import annotations
@@ -73,36 +96,135 @@ BLOCK = 4096
 START_TIMEOUT = 300.0
 TARGETS = {1: 1.0, 32: 0.8}
 """pyvduse / QSD for 4 KiB random reads, file backend: at QD1 and at QD32."""
+TARGET_ROW = ("file", "randread-4k")
 DAEMONS = ("pyvduse", "pyvduse-base", "qsd-threads", "qsd-io_uring")
+ROWS: dict[str, tuple[str, int]] = {
+    "randread-4k": ("randread", 4096),
+    "randwrite-4k": ("randwrite", 4096),
+    "read-1m": ("read", 1 << 20),
+    "write-1m": ("write", 1 << 20),
+}
+"""Row name: (the clients' rw mode, block size); rand* rows run at --depths, the rest at
+--seq-depth."""
+BACKENDS = ("file", "null")
+RW_MODES = ("randread", "randwrite", "read", "write")
+PROBE_BYTES = 16 << 20
+"""Zeroed before each write job on the file backend; the job's writes show there."""
+JOB_OVERHEAD = 2.5
+"""Seconds per job beyond --seconds in the TCG guest (client start, sampling; measured ~2)."""
+START_COST = 5.0
+"""Seconds per daemon start and stop in the guest."""
+FIXED_COST = 120.0
+"""Seconds for the boot, the image, building the C client and the reports."""
 
 
 def say(msg: str) -> None:
     print(f"vdpa_client: {msg}", file=sys.stderr, flush=True)
 
 
+# -------------------------------------------------------------------- the plan
+
+
+def _choose(text: str, known: Any, what: str) -> list[str]:
+    chosen = list(dict.fromkeys(x for x in text.split(",") if x))
+    if not chosen or set(chosen) - set(known):
+        raise SystemExit(f"vdpa_client: {what} are {', '.join(known)} (comma-separated), "
+                         f"not {text!r}")
+    return chosen
+
+
+class Plan:
+    """What a run measures: the same on the host (the timeout) as in the guest."""
+
+    def __init__(self, args: argparse.Namespace, baseline: bool) -> None:
+        self.rows = _choose(args.rows, ROWS, "rows")
+        self.backends = _choose(args.backends, BACKENDS, "backends")
+        self.clients = _choose(args.clients, ("c", "python"), "clients")
+        self.waits = _choose(args.waits, ("block", "loop"), "waits")
+        kinds = _choose(args.daemons, DAEMONS, "daemons")
+        if baseline:
+            kinds = kinds if "pyvduse-base" in kinds else [*kinds, "pyvduse-base"]
+        else:
+            kinds = [k for k in kinds if k != "pyvduse-base"]
+        self.kinds = kinds
+        try:
+            self.depths = list(dict.fromkeys(int(d) for d in args.depths.split(",") if d))
+        except ValueError:
+            raise SystemExit(f"vdpa_client: --depths takes numbers: {args.depths!r}") from None
+        self.seq_depth = args.seq_depth
+        if not self.depths or min(self.depths) < 1 or self.seq_depth < 1:
+            raise SystemExit("vdpa_client: depths must be positive")
+
+    def depths_of(self, row: str) -> list[int]:
+        """Random rows run at every --depths, sequential ones at --seq-depth."""
+        return self.depths if ROWS[row][0].startswith("rand") else [self.seq_depth]
+
+    def kinds_of(self, backend: str) -> list[str]:
+        """The daemons for ``backend``: on null, QSD's aio= does not apply: one ``qsd``."""
+        if backend == "file":
+            return self.kinds
+        kinds = [k for k in self.kinds if k.startswith("pyvduse")]
+        return [*kinds, "qsd"] if any(k.startswith("qsd") for k in self.kinds) else kinds
+
+    def starts_per_round(self) -> int:
+        return sum(len(self.kinds_of(b)) for b in self.backends)
+
+    def jobs_per_round(self) -> int:
+        return (self.starts_per_round() * sum(len(self.depths_of(r)) for r in self.rows)
+                * len(self.clients) * len(self.waits))
+
+    def estimate(self, rounds: int, seconds: float, profile: bool) -> float:
+        """Expected seconds of the guest's run."""
+        total = (FIXED_COST + rounds * self.jobs_per_round() * (seconds + JOB_OVERHEAD)
+                 + rounds * self.starts_per_round() * START_COST)
+        if profile:
+            pyvduses = sum(k.startswith("pyvduse") for k in self.kinds_of(self.backends[0]))
+            total += pyvduses * (seconds + JOB_OVERHEAD + START_COST + 10)
+        return total
+
+
 # -------------------------------------------------------------------- the Python client
 
 
 def python_load(path: str, iodepth: int, seconds: float, bs: int, size: int,
-                wait: str = "block") -> dict[str, Any]:
-    """4 KiB (``bs``) random reads at ``iodepth`` for ``seconds`` through BlkioClient.
+                wait: str = "block", rw: str = "randread") -> dict[str, Any]:
+    """``bs`` byte requests at ``iodepth`` for ``seconds`` through BlkioClient.
 
+    ``rw``: ``randread``/``randwrite`` at random ``bs``-aligned offsets, ``read``/``write``
+    one after the other from offset 0, wrapping at the end (as bench/blkio_load.c does),
+    within the first ``size`` bytes (0: all). Writes send non-zero (random) data.
     ``wait``: ``block`` reaps with ``wait(1)``, ``loop`` with ``wait(0)`` in a busy loop.
     """
     from pyvduse.testing.blkio import BlkioClient
 
+    if rw not in RW_MODES:
+        raise ValueError(f"rw must be one of {', '.join(RW_MODES)}, not {rw!r}")
     rng = random.Random(1)
+    write = rw.endswith("write")
+    sequential = not rw.startswith("rand")
     with BlkioClient(DRIVER, path, timeout=None) as client:
         blocks = min(size or client.capacity, client.capacity) // bs
         space = client.buffer(iodepth * bs)
+        if write:
+            space[:] = os.urandom(iodepth * bs)
         views = [space[i * bs:(i + 1) * bs] for i in range(iodepth)]
+        submit = client.submit_write if write else client.submit_read
+        next_block = 0
+
+        def offset() -> int:
+            nonlocal next_block
+            if not sequential:
+                return rng.randrange(blocks) * bs
+            block, next_block = next_block, (next_block + 1) % blocks
+            return block * bs
+
         slot_of: dict[int, int] = {}
         errors = completions = 0
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.monotonic()
         deadline = t0 + seconds
         for i in range(iodepth):
-            slot_of[client.submit_read(rng.randrange(blocks) * bs, views[i])] = i
+            slot_of[submit(offset(), views[i])] = i
         in_flight = iodepth
         stopping = False
         minimum = 1 if wait == "block" else 0
@@ -117,12 +239,13 @@ def python_load(path: str, iodepth: int, seconds: float, bs: int, size: int,
                 if stopping:
                     in_flight -= 1
                 else:
-                    slot_of[client.submit_read(rng.randrange(blocks) * bs, views[slot])] = slot
+                    slot_of[submit(offset(), views[slot])] = slot
         elapsed = time.monotonic() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"driver": DRIVER, "path": path, "rw": "randread", "bs": bs, "iodepth": iodepth,
+    return {"driver": DRIVER, "path": path, "rw": rw, "bs": bs, "iodepth": iodepth,
             "mode": wait, "seconds": elapsed, "completions": completions, "errors": errors,
-            "iops": completions / elapsed, "lat_us_mean": iodepth / (completions / elapsed) * 1e6,
+            "iops": completions / elapsed, "mib_s": completions * bs / elapsed / (1 << 20),
+            "lat_us_mean": iodepth / (completions / elapsed) * 1e6,
             "cpu_usr": 100 * (r1.ru_utime - r0.ru_utime) / elapsed,
             "cpu_sys": 100 * (r1.ru_stime - r0.ru_stime) / elapsed}
 
@@ -284,13 +407,19 @@ def stop_process(proc: subprocess.Popen[bytes], what: str) -> int:
 
 
 class Daemon:
-    def __init__(self, kind: str, work: Path, image: Path, args: argparse.Namespace) -> None:
+    """``kind`` (pyvduse, pyvduse-base, qsd-threads, qsd-io_uring; ``qsd`` on the null
+    backend) serving ``backend`` (``file``: ``image``; ``null``: as large, no data)."""
+
+    def __init__(self, kind: str, backend: str, work: Path, image: Path,
+                 args: argparse.Namespace) -> None:
         self.kind = kind
-        self.name = "vdpa" + kind.replace("-", "").replace("_", "")
+        self.backend = backend
+        suffix = "" if backend == "file" else backend
+        self.name = "vdpa" + kind.replace("-", "").replace("_", "") + suffix
         self.work = work
         self.image = image
         self.args = args
-        self.log = work / f"{kind}.log"
+        self.log = work / f"{kind}-{backend}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.attached = False
         self.node = ""
@@ -301,13 +430,19 @@ class Daemon:
 
     def command(self) -> list[str]:
         if self.pyvduse:
+            backend = (["file", f"path={self.image}"] if self.backend == "file"
+                       else ["null", f"size={IMAGE_SIZE}"])
             return [sys.executable, "-m", "pyvduse", "serve", "--name", self.name,
                     "--attach", "vhost", "--queue-size", str(QUEUE_SIZE),
                     "--pidfile", str(self.work / f"{self.name}.pid"), "--log-level", "debug",
-                    *shlex.split(self.args.pyvduse_args), "file", f"path={self.image}"]
-        aio = self.kind.split("-", 1)[1]
-        return ["qemu-storage-daemon", "--blockdev",
-                f"driver=file,filename={self.image},node-name=disk0,aio={aio},cache.direct=off",
+                    *shlex.split(self.args.pyvduse_args), *backend]
+        if self.backend == "file":
+            aio = self.kind.split("-", 1)[1]
+            blockdev = (f"driver=file,filename={self.image},node-name=disk0,aio={aio},"
+                        "cache.direct=off")
+        else:
+            blockdev = f"driver=null-co,node-name=disk0,size={IMAGE_SIZE},read-zeroes=on"
+        return ["qemu-storage-daemon", "--blockdev", blockdev,
                 "--export", f"type=vduse-blk,id=e0,node-name=disk0,writable=on,name={self.name},"
                 f"num-queues=1,queue-size={QUEUE_SIZE}"]
 
@@ -389,17 +524,19 @@ class Daemon:
 # -------------------------------------------------------------------- guest: jobs
 
 
-def run_client(client: str, wait: str, node: str, depth: int,
+def run_client(client: str, wait: str, node: str, depth: int, row: str,
                args: argparse.Namespace) -> dict[str, Any]:
+    rw, bs = ROWS[row]
     if client == "c":
         from blkio_load import run_load
 
-        return run_load(DRIVER, node, "randread", BLOCK, depth, args.seconds, wait,
+        return run_load(DRIVER, node, rw, bs, depth, args.seconds, wait,
                         size=IMAGE_SIZE, timeout=args.seconds + 120)
     proc = subprocess.run([sys.executable, __file__, "pyload", "--path", node, "--iodepth",
                            str(depth), "--seconds", str(args.seconds), "--size",
-                           str(IMAGE_SIZE), "--wait", wait], capture_output=True, text=True,
-                          timeout=args.seconds + 180, check=False)
+                           str(IMAGE_SIZE), "--wait", wait, "--rw", rw, "--bs", str(bs)],
+                          capture_output=True, text=True, timeout=args.seconds + 180,
+                          check=False)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"python client exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -407,13 +544,30 @@ def run_client(client: str, wait: str, node: str, depth: int,
     return result
 
 
-def run_job(daemon: Daemon, client: str, wait: str, depth: int,
+def zero_probe(image: Path) -> None:
+    """Zero the image's first PROBE_BYTES (a write job's data shows there afterwards)."""
+    with image.open("r+b") as f:
+        f.write(bytes(PROBE_BYTES))
+
+
+def probe_written(image: Path) -> int:
+    """How many 4 KiB blocks of the image's first PROBE_BYTES are not zero."""
+    with image.open("rb") as f:
+        data = f.read(PROBE_BYTES)
+    zero = bytes(BLOCK)
+    return sum(data[i:i + BLOCK] != zero for i in range(0, len(data), BLOCK))
+
+
+def run_job(daemon: Daemon, row: str, client: str, wait: str, depth: int,
             args: argparse.Namespace) -> dict[str, Any]:
     assert daemon.proc is not None
+    probe = daemon.backend == "file" and ROWS[row][0].endswith("write")
+    if probe:
+        zero_probe(daemon.image)
     log = daemon.log if daemon.pyvduse else None
     sample = Sample(daemon.proc.pid, log)
     try:
-        result = run_client(client, wait, daemon.node, depth, args)
+        result = run_client(client, wait, daemon.node, depth, row, args)
     finally:
         figures = sample.finish()
     completions = int(result["completions"])
@@ -422,9 +576,13 @@ def run_job(daemon: Daemon, client: str, wait: str, depth: int,
     figures["daemon_ctx_switches_per_io"] = (round(switches / completions, 2) if completions
                                              else None)
     result.update(figures)
-    result.update(daemon=daemon.kind, client=client, wait=wait)
-    say(f"{daemon.kind:13} {client:6} {wait:5} QD{depth:<2}: {result['iops']:8,.0f} IOPS, daemon "
-        f"{result['daemon_cpu_pct']:5.1f}% ({result['daemon_cpu_us_per_io']} us/IO, threads "
+    result.update(daemon=daemon.kind, backend=daemon.backend, row=row, client=client,
+                  wait=wait, probe_blocks_written=probe_written(daemon.image) if probe else None)
+    written = "" if not probe else f", wrote {result['probe_blocks_written']} probe blocks"
+    say(f"{daemon.backend:4} {row:12} {daemon.kind:13} {client:6} {wait:5} QD{depth:<2}: "
+        f"{result['iops']:8,.0f} IOPS {result['mib_s']:7,.1f} MiB/s, errors {result['errors']}"
+        f"{written}, daemon {result['daemon_cpu_pct']:5.1f}% "
+        f"({result['daemon_cpu_us_per_io']} us/IO, threads "
         f"{result['daemon_threads_cpu_pct']}), client {result['cpu_usr'] + result['cpu_sys']:.0f}%"
         f", guest CPUs {result['guest_cpu_pct']}, IOTLB updates {result['iotlb_updates']}, "
         f"top {result['guest_top_processes_cpu_pct']}")
@@ -449,9 +607,10 @@ def profile(daemon: Daemon, args: argparse.Namespace, out: Path) -> dict[str, An
                                 "--format", "raw", "--output", str(raw)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     time.sleep(0.5)
-    result = run_client("c", "block", daemon.node, 32, args)
+    result = run_client("c", "block", daemon.node, 32, "randread-4k", args)
     text = sampler.communicate(timeout=120)[0].decode(errors="replace")
-    summary: dict[str, Any] = {"iops_while_sampled": round(result["iops"]),
+    summary: dict[str, Any] = {"backend": daemon.backend,
+                               "iops_while_sampled": round(result["iops"]),
                                "py_spy": text.replace(str(REPO), "$REPO").strip().splitlines()[-3:]}
     if not raw.exists():
         return summary
@@ -475,6 +634,7 @@ def profile(daemon: Daemon, args: argparse.Namespace, out: Path) -> dict[str, An
 
 
 def guest_main(args: argparse.Namespace) -> int:
+    plan = Plan(args, bool(args.baseline_src))
     out = Path(args.raw)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "vdpa-bench"
@@ -484,18 +644,9 @@ def guest_main(args: argparse.Namespace) -> int:
     from blkio_load import build
 
     build()
-    kinds = [k for k in args.daemons.split(",") if k]
-    if args.baseline_src:
-        kinds = kinds if "pyvduse-base" in kinds else [*kinds, "pyvduse-base"]
-    else:
-        kinds = [k for k in kinds if k != "pyvduse-base"]
-    daemons = [Daemon(k, work, image, args) for k in kinds]
-    clients = [c for c in args.clients.split(",") if c]
-    waits = [w for w in args.waits.split(",") if w]
-    if set(clients) - {"c", "python"} or set(waits) - {"block", "loop"}:
-        raise SystemExit(f"vdpa_client: clients are c and python, waits block and loop: "
-                         f"{args.clients!r}, {args.waits!r}")
-    depths = [int(d) for d in args.depths.split(",") if d]
+    daemons = {b: [Daemon(k, b, work, image, args) for k in plan.kinds_of(b)]
+               for b in plan.backends}
+    every = [d for ds in daemons.values() for d in ds]
     raw: dict[str, Any] = {
         "argv": [a.replace(str(REPO), "$REPO") for a in sys.argv[1:]],
         "kernel": os.uname().release,
@@ -505,32 +656,40 @@ def guest_main(args: argparse.Namespace) -> int:
         "image_bytes": IMAGE_SIZE,
         "queue_size": QUEUE_SIZE,
         "seconds": args.seconds,
-        "waits": waits,
-        "commands": {d.kind: d.describe() for d in daemons},
-        "pyvduse_sources": {d.kind: d.source() for d in daemons if d.pyvduse},
+        "rows": {r: {"rw": ROWS[r][0], "bs": ROWS[r][1], "depths": plan.depths_of(r)}
+                 for r in plan.rows},
+        "backends": plan.backends,
+        "clients": plan.clients,
+        "waits": plan.waits,
+        "probe_bytes": PROBE_BYTES,
+        "commands": {f"{d.kind} ({d.backend})": d.describe() for d in every},
+        "pyvduse_sources": {d.kind: d.source() for d in every if d.pyvduse},
         "jobs": [],
         "profiles": {},
     }
+    say(f"{args.rounds} rounds of {plan.jobs_per_round()} jobs of {args.seconds:g} s")
 
     def save() -> None:
         (out / "raw.json").write_text(json.dumps(raw, indent=1) + "\n")
 
     for round_ in range(args.rounds):
-        order = daemons if round_ % 2 == 0 else daemons[::-1]
-        for daemon in order:
-            daemon.start()
-            try:
-                for client in clients:
-                    for wait in waits:
-                        for depth in depths:
-                            job = run_job(daemon, client, wait, depth, args)
-                            job["round"] = round_
-                            raw["jobs"].append(job)
-                            save()
-            finally:
-                daemon.stop()
+        for backend in plan.backends:
+            order = daemons[backend] if round_ % 2 == 0 else daemons[backend][::-1]
+            for daemon in order:
+                daemon.start()
+                try:
+                    for row in plan.rows:
+                        for client in plan.clients:
+                            for wait in plan.waits:
+                                for depth in plan.depths_of(row):
+                                    job = run_job(daemon, row, client, wait, depth, args)
+                                    job["round"] = round_
+                                    raw["jobs"].append(job)
+                                    save()
+                finally:
+                    daemon.stop()
     if args.profile:
-        for daemon in daemons:
+        for daemon in daemons[plan.backends[0]]:
             if not daemon.pyvduse:
                 continue
             daemon.start()
@@ -547,20 +706,49 @@ def guest_main(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- report
 
 
+def _job_key(job: dict[str, Any]) -> tuple[str, str, str, str, str, int]:
+    """(backend, row, daemon, client, wait, depth); jobs from before --rows and --backends
+    were 4 KiB random reads on the file."""
+    return (job.get("backend", "file"), job.get("row", "randread-4k"), job["daemon"],
+            job["client"], job["wait"], int(job["iodepth"]))
+
+
+def _order(raw: dict[str, Any]) -> Any:
+    """A sort key for (backend, row, daemon, client, wait, depth): the run's own order of
+    backends and rows, then client, wait, depth, and the daemon last."""
+    backends = list(raw.get("backends", BACKENDS))
+    rows = list(raw.get("rows", ROWS))
+
+    def key(k: tuple[str, str, str, str, str, int]) -> tuple[Any, ...]:
+        backend, row, daemon, client, wait, depth = k
+        return (backends.index(backend) if backend in backends else len(backends),
+                rows.index(row) if row in rows else len(rows), client, wait, depth,
+                not daemon.startswith("pyvduse"), daemon)
+    return key
+
+
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
-    """Best round per (daemon, client, wait, depth); pyvduse / the better QSD."""
-    best: dict[tuple[str, str, str, int], dict[str, Any]] = {}
-    rounds: dict[tuple[str, str, str, int], list[float]] = collections.defaultdict(list)
+    """Best round per (backend, row, daemon, client, wait, depth); pyvduse / the better QSD."""
+    Key = tuple[str, str, str, str, str, int]
+    best: dict[Key, dict[str, Any]] = {}
+    rounds: dict[Key, list[float]] = collections.defaultdict(list)
     for job in raw["jobs"]:
-        key = (job["daemon"], job["client"], job["wait"], int(job["iodepth"]))
+        key = _job_key(job)
         rounds[key].append(round(job["iops"]))
         if key not in best or job["iops"] > best[key]["iops"]:
             best[key] = job
+    order = _order(raw)
     rows = []
-    for (daemon, client, wait, depth), job in sorted(best.items()):
-        rows.append({"daemon": daemon, "client": client, "wait": wait, "iodepth": depth,
+    for key in sorted(best, key=order):
+        job = best[key]
+        backend, row, daemon, client, wait, depth = key
+        bs = job.get("bs", BLOCK)
+        rows.append({"backend": backend, "row": row, "daemon": daemon, "client": client,
+                     "wait": wait, "iodepth": depth,
                      "iops": round(job["iops"]),
-                     "rounds": rounds[(daemon, client, wait, depth)],
+                     "mib_s": round(job.get("mib_s", job["iops"] * bs / (1 << 20)), 1),
+                     "rounds": rounds[key],
+                     "errors": sum(j["errors"] for j in raw["jobs"] if _job_key(j) == key),
                      "lat_us_mean": round(job["lat_us_mean"], 1),
                      "client_cpu_pct": round(job["cpu_usr"] + job["cpu_sys"], 1),
                      "daemon_cpu_pct": job["daemon_cpu_pct"],
@@ -568,54 +756,101 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                      "daemon_threads_cpu_pct": job["daemon_threads_cpu_pct"],
                      "daemon_ctx_switches_per_io": job["daemon_ctx_switches_per_io"],
                      "guest_cpu_pct": job["guest_cpu_pct"],
-                     "iotlb_updates": job["iotlb_updates"]})
+                     "iotlb_updates": job["iotlb_updates"],
+                     "probe_blocks_written": [j.get("probe_blocks_written") for j in raw["jobs"]
+                                              if _job_key(j) == key]})
     ratios = []
-    for (daemon, client, wait, depth), job in sorted(best.items()):
+    for key in sorted(best, key=order):
+        backend, row, daemon, client, wait, depth = key
         if not daemon.startswith("pyvduse"):
             continue
-        qsds = [(k[0], j["iops"]) for k, j in best.items()
-                if k[0].startswith("qsd") and k[1:] == (client, wait, depth)]
+        qsds = [(k[2], j["iops"]) for k, j in best.items()
+                if k[2].startswith("qsd") and k[:2] + k[3:] == (backend, row, client, wait, depth)]
         if not qsds:
             continue
         qsd, qsd_iops = max(qsds, key=lambda item: item[1])
-        ratio = job["iops"] / qsd_iops
-        target = TARGETS.get(depth)
-        ratios.append({"daemon": daemon, "client": client, "wait": wait, "iodepth": depth,
-                       "vs": qsd,
+        ratio = best[key]["iops"] / qsd_iops
+        target = TARGETS.get(depth) if (backend, row) == TARGET_ROW else None
+        ratios.append({"backend": backend, "row": row, "daemon": daemon, "client": client,
+                       "wait": wait, "iodepth": depth, "vs": qsd,
                        "ratio": round(ratio, 2), "target": target,
                        "met": None if target is None else ratio >= target})
-    return {"rows": rows, "ratios": ratios}
+    writes = [j for j in raw["jobs"] if j.get("probe_blocks_written") is not None]
+    return {"rows": rows, "ratios": ratios,
+            "write_jobs_checked": len(writes),
+            "write_jobs_without_data": [[*_job_key(j), j["round"]] for j in writes
+                                        if not j["probe_blocks_written"]],
+            "jobs_with_errors": [[*_job_key(j), j["round"], j["errors"]]
+                                 for j in raw["jobs"] if j["errors"]]}
+
+
+def _describe_rows(raw: dict[str, Any]) -> str:
+    rows = raw.get("rows") or {"randread-4k": {"rw": "randread", "bs": BLOCK, "depths": None}}
+    parts = []
+    for name, row in rows.items():
+        depths = "" if not row.get("depths") else (
+            f" at QD {', '.join(str(d) for d in row['depths'])}")
+        parts.append(f"`{name}` ({row['rw']} of {row['bs'] >> 10} KiB{depths})")
+    return ", ".join(parts)
 
 
 def markdown(results: dict[str, Any]) -> str:
     raw, summary, host = results["raw"], results["summary"], results["host"]
+    size = raw["image_bytes"] >> 20
+    backends = raw.get("backends", ["file"])
+    described = {"file": f"`file` (a {size} MiB file on the guest's tmpfs)",
+                 "null": f"`null` ({size} MiB, reads zeroes, drops writes; one QSD, `qsd`, "
+                         "since aio= applies to files only)"}
     lines = [f"# vhost-vdpa clients: pyvduse vs qemu-storage-daemon, {host['date']}", "",
              f"Command: `{host['command']}`", "",
              f"pyvduse: {host['pyvduse_commit']}; guest kernel {raw['kernel']}, "
              f"{raw['qsd']}, Python {raw['python']}; host: {host['machine']}; "
              f"other work on the host used {host.get('host_cpu_used_by_others', '?')} "
              f"of its {host.get('host_cpus', '?')} cores on average during the run "
-             f"(load average before: {' '.join(host['loadavg_before'])}).", "",
-             f"4 KiB random reads over a {raw['image_bytes'] >> 20} MiB file on the guest's "
-             f"tmpfs, {raw['seconds']:g} s per job, queue size {raw['queue_size']}, best of "
+             f"(load average before: {' '.join(host['loadavg_before'])}; the guest ran "
+             f"{host.get('wall_seconds', 0) / 60:.1f} min).", "",
+             f"Rows: {_describe_rows(raw)}"
+             + ("; sequential rows go through the disk from offset 0 and wrap"
+                if any(not r["rw"].startswith("rand") for r in raw.get("rows", {}).values())
+                else "")
+             + f". Backends: {', '.join(described[b] for b in backends)}. "
+             f"{raw['seconds']:g} s per job, queue size {raw['queue_size']}, best of "
              f"{1 + max(j['round'] for j in raw['jobs'])} rounds (every round's IOPS in "
              "brackets). Client wait: `block` sleeps until the device's interrupt (C "
              "`--wait block`, Python `wait(1)`), `loop` polls (C `--wait loop`, Python "
-             "`wait(0)` in a loop).", "",
-             "| pyvduse | client | wait | QD | vs | ratio | target |",
-             "|---|---|---|---:|---|---:|---|"]
+             "`wait(0)` in a loop). Ratio: pyvduse's IOPS / the better QSD's; targets only "
+             "for 4 KiB random reads on the file.", ""]
+    checked, missing = summary.get("write_jobs_checked", 0), summary.get(
+        "write_jobs_without_data", [])
+    if checked:
+        least = min(j["probe_blocks_written"] for j in raw["jobs"]
+                    if j.get("probe_blocks_written") is not None)
+        lines += [f"Writes: {checked} write jobs on the file backend each zeroed the image's "
+                  f"first {raw.get('probe_bytes', PROBE_BYTES) >> 20} MiB first; "
+                  + (f"every one wrote data there (at least {least:,} 4 KiB blocks)."
+                     if not missing else f"**{len(missing)} wrote nothing there**: {missing}."),
+                  ""]
+    if summary.get("jobs_with_errors"):
+        lines += [f"**Failed requests** (backend, row, daemon, client, wait, QD, round, "
+                  f"errors): {summary['jobs_with_errors']}", ""]
+    lines += ["| backend | row | client | wait | QD | pyvduse | vs | ratio | target |",
+              "|---|---|---|---|---:|---|---|---:|---|"]
     for r in summary["ratios"]:
         target = "" if r["target"] is None else (
             f">= {r['target']}x {'met' if r['met'] else 'MISSED'}")
-        lines.append(f"| {r['daemon']} | {r['client']} | {r['wait']} | {r['iodepth']} | "
+        lines.append(f"| {r.get('backend', 'file')} | {r.get('row', 'randread-4k')} | "
+                     f"{r['client']} | {r['wait']} | {r['iodepth']} | {r['daemon']} | "
                      f"{r['vs']} | **{r['ratio']:.2f}x** | {target} |")
-    lines += ["", "| daemon | client | wait | QD | IOPS (rounds) | lat us | client CPU % | "
-              "daemon CPU % | daemon us/IO | daemon threads CPU % | ctx sw/IO | guest CPUs % "
-              "| IOTLB updates |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
+    lines += ["", "| backend | row | client | wait | QD | daemon | IOPS (rounds) | MiB/s | "
+              "lat us | client CPU % | daemon CPU % | daemon us/IO | daemon threads CPU % | "
+              "ctx sw/IO | guest CPUs % | IOTLB updates |",
+              "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in summary["rows"]:
         lines.append(
-            f"| {r['daemon']} | {r['client']} | {r['wait']} | {r['iodepth']} | {r['iops']:,} "
-            f"({', '.join(f'{x:,.0f}' for x in r['rounds'])}) | {r['lat_us_mean']} | "
+            f"| {r.get('backend', 'file')} | {r.get('row', 'randread-4k')} | {r['client']} | "
+            f"{r['wait']} | {r['iodepth']} | {r['daemon']} | {r['iops']:,} "
+            f"({', '.join(f'{x:,.0f}' for x in r['rounds'])}) | {r.get('mib_s', '')} | "
+            f"{r['lat_us_mean']} | "
             f"{r['client_cpu_pct']} | {r['daemon_cpu_pct']} | {r['daemon_cpu_us_per_io']} | "
             f"{r['daemon_threads_cpu_pct']} | {r['daemon_ctx_switches_per_io']} | "
             f"{r['guest_cpu_pct']} | {r['iotlb_updates'] if r['daemon'].startswith('py') else ''}"
@@ -623,8 +858,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "Commands (in the guest; `$WORK` is a directory on its tmpfs):", ""]
     lines += [f"* {k}: `{v}`" for k, v in raw["commands"].items()]
     for kind, prof in raw.get("profiles", {}).items():
-        lines += ["", f"Profile of {kind} at QD32 (C client; py-spy, {prof.get('samples')} "
-                  f"samples, {prof['iops_while_sampled']:,} IOPS while sampled), self time:", ""]
+        lines += ["", f"Profile of {kind} ({prof.get('backend', 'file')} backend) at QD32 "
+                  f"(C client, 4 KiB random reads; py-spy, {prof.get('samples')} samples, "
+                  f"{prof['iops_while_sampled']:,} IOPS while sampled), self time:", ""]
         lines += [f"* {pct}% {frame}" for frame, pct in prof.get("self", [])[:15]]
     return "\n".join(lines) + "\n"
 
@@ -632,6 +868,9 @@ def markdown(results: dict[str, Any]) -> str:
 def host_main(args: argparse.Namespace, argv: list[str]) -> int:
     import host
 
+    plan = Plan(args, bool(args.baseline))
+    estimate = plan.estimate(args.rounds, args.seconds, args.profile)
+    timeout = args.timeout or f"{round(2 * estimate + 600)}s"
     out = Path(args.out or REPO / "build" / "bench" /
                f"{datetime.date.today().isoformat()}-vhost-vdpa")
     raw_dir = (out / "raw" if args.out else out).resolve()  # the guest's daemons run elsewhere
@@ -639,7 +878,9 @@ def host_main(args: argparse.Namespace, argv: list[str]) -> int:
     guest_cmd = [".venv/bin/python", "bench/vdpa_client.py", "--in-guest", "--raw",
                  str(raw_dir), "--rounds", str(args.rounds), "--seconds", f"{args.seconds:g}",
                  "--daemons", args.daemons, "--clients", args.clients, "--depths", args.depths,
-                 "--waits", args.waits, "--pyvduse-args", args.pyvduse_args]
+                 "--seq-depth", str(args.seq_depth), "--rows", args.rows,
+                 "--backends", args.backends, "--waits", args.waits,
+                 "--pyvduse-args", args.pyvduse_args]
     if args.baseline:
         src = host.commit_sources(args.baseline, raw_dir)  # ["--env", "PYTHONPATH=..."]
         guest_cmd += ["--baseline", args.baseline, "--baseline-src", src[1].split("=", 1)[1]]
@@ -652,8 +893,12 @@ def host_main(args: argparse.Namespace, argv: list[str]) -> int:
     facts = host.host_facts([], None)
     facts["command"] = shlex.join(["bench/vdpa_client.py", *(
         a.replace(f"{REPO}/", "") for a in argv)])
-    run_args = argparse.Namespace(commit=None, timeout=args.timeout, max_wait=args.max_wait)
-    say(f"host load average {os.getloadavg()}")
+    facts["jobs"] = args.rounds * plan.jobs_per_round()
+    facts["expected_seconds"] = round(estimate)
+    facts["guest_timeout"] = timeout
+    run_args = argparse.Namespace(commit=None, timeout=timeout, max_wait=args.max_wait)
+    say(f"{facts['jobs']} jobs of {args.seconds:g} s: expect about {estimate / 60:.0f} min "
+        f"in the guest (its timeout: {timeout}); host load average {os.getloadavg()}")
     rc = host.run_guest(run_args, raw_dir, guest_cmd, facts, say, memory="2G")
     raw_file = raw_dir / "raw.json"
     if not raw_file.exists():
@@ -676,24 +921,33 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--bs", type=int, default=BLOCK)
         parser.add_argument("--size", type=int, default=0)
         parser.add_argument("--wait", choices=("block", "loop"), default="block")
+        parser.add_argument("--rw", choices=RW_MODES, default="randread")
         a = parser.parse_args(argv[1:])
-        print(json.dumps(python_load(a.path, a.iodepth, a.seconds, a.bs, a.size, a.wait)))
+        print(json.dumps(python_load(a.path, a.iodepth, a.seconds, a.bs, a.size, a.wait,
+                                     a.rw)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="results folder (host; default build/bench/DATE-vhost-vdpa)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated, of {', '.join(ROWS)} (default: all)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"comma-separated, of {', '.join(BACKENDS)} (default: both)")
     parser.add_argument("--daemons", default="pyvduse,qsd-threads,qsd-io_uring",
                         help=f"comma-separated, of {', '.join(DAEMONS)}")
     parser.add_argument("--clients", default="c,python")
-    parser.add_argument("--depths", default="1,32")
+    parser.add_argument("--depths", default="1,32", help="queue depths of the random rows")
+    parser.add_argument("--seq-depth", type=int, default=8,
+                        help="queue depth of the sequential 1 MiB rows (default: 8)")
     parser.add_argument("--waits", default="block",
                         help="the clients' wait modes, comma-separated: block, loop")
     parser.add_argument("--pyvduse-args", default="", help="extra 'pyvduse serve' options")
     parser.add_argument("--baseline", help="also run pyvduse-base: src/pyvduse of this commit")
     parser.add_argument("--profile", action="store_true", help="py-spy each pyvduse at QD32")
     parser.add_argument("--py-spy", help="the py-spy binary (default: .venv/bin or PATH)")
-    parser.add_argument("--timeout", default="40m", help="the guest's (vm-run --timeout)")
+    parser.add_argument("--timeout", help="the guest's (vm-run --timeout; default: twice the "
+                        "expected duration, from the number of jobs, plus 10 min)")
     parser.add_argument("--max-wait", type=float, default=3600.0,
                         help="seconds to wait for another guest to finish")
     parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
