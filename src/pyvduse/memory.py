@@ -265,6 +265,8 @@ class IotlbMemory:
         # (sorted starts, regions): swapped as one object so lock-free readers see a pair.
         self._table: tuple[list[int], list[Region]] = ([], [])
         self.hot: HotRegion = NO_HOT_REGION
+        #: Bumped by :meth:`invalidate`: the native data path forgets what it mapped.
+        self.generation = 0
         #: Every window made since the last :meth:`invalidate` (superseded ones too:
         #: another thread may still slice the hot region it read).
         self._windows: list[Window] = []
@@ -395,6 +397,7 @@ class IotlbMemory:
             windows, self._windows = self._windows, []
             self._table = ([], [])
             self.hot = NO_HOT_REGION
+            self.generation += 1
         for region in regions:
             region.release()
         for window in windows:

@@ -137,6 +137,8 @@ class VhostUserMemory:
         # (sorted guest starts, mappings): swapped as one object so lock-free readers see a pair
         self._table = _EMPTY
         self.hot: HotRegion = NO_HOT_REGION
+        #: Bumped whenever a region goes: the native data path forgets what it mapped.
+        self.generation = 0
         taken = 0
         try:
             if len(regions) != len(fds):
@@ -211,6 +213,7 @@ class VhostUserMemory:
             self._table = (starts[:index] + starts[index + 1:],
                            mappings[:index] + mappings[index + 1:])
             self.hot = NO_HOT_REGION
+            self.generation += 1
         # Not released: a queue thread may hold this region's hot tuple for a moment;
         # the mapping goes when the last view into it does.
 
@@ -220,6 +223,7 @@ class VhostUserMemory:
             mappings = self._table[1]
             self._table = _EMPTY
             self.hot = NO_HOT_REGION
+            self.generation += 1
         for mapping in mappings:
             mapping.release()
 
