@@ -86,7 +86,7 @@ class Rig:
     """Driver memory, one ring of ``batch`` prepared requests and the device serving it."""
 
     def __init__(self, variant: Variant, queue_size: int, batch: int,
-                 log_file: bool = False) -> None:
+                 log_file: bool = False, native: bool = False) -> None:
         if batch * variant.descriptors() > queue_size:
             raise SystemExit(f"{variant.name}: {batch} requests of {variant.descriptors()} "
                              f"descriptors do not fit a queue of {queue_size}")
@@ -101,6 +101,7 @@ class Rig:
                                 event_idx=True, indirect=True)
         backend = NullBackend(DISK_SIZE)
         self.handler = BlkHandler(backend, BlkConfig.for_backend(backend, queue_size=queue_size))
+        plan = self.handler.native_plan() if native else None
         self.interrupts = 0
         self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.log: Any = None
@@ -112,10 +113,10 @@ class Rig:
             self.log = InflightLog.create(os.path.join(self._log_dir.name, "bench.inflight"), 1,
                                           queue_size, {"bench": True}, DISK_SIZE)
             self.worker = QueueWorker("bench", self.queue, self.handler.handle, self._kick_fd,
-                                      self._notify, log=self.log.queues[0])
+                                      self._notify, log=self.log.queues[0], native=plan)
         else:
             self.worker = QueueWorker("bench", self.queue, self.handler.handle, self._kick_fd,
-                                      self._notify)
+                                      self._notify, native=plan)
         self.status: list[Buffer] = []
         self.heads: list[int] = []
         sectors = DISK_SIZE // 512
@@ -192,7 +193,8 @@ def measure(rig: Rig, seconds: float, drain: Callable[[], None] | None = None
 
 def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, object]:
     """Measure one variant ``args.repeat`` times; keep the best and the median."""
-    rig = Rig(variant, args.queue_size, args.batch, args.inflight_log)
+    rig = Rig(variant, args.queue_size, args.batch, args.inflight_log,
+              getattr(args, "datapath", "python") == "native")
     try:
         measure(rig, min(0.2, args.seconds))  # warm-up: faults the mappings in, fills caches
         rates = []
@@ -219,7 +221,8 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, object]
 
 def profile_variant(variant: Variant, args: argparse.Namespace) -> None:
     """Run one variant under cProfile (device side only) and print the top 25 functions."""
-    rig = Rig(variant, args.queue_size, args.batch, args.inflight_log)
+    rig = Rig(variant, args.queue_size, args.batch, args.inflight_log,
+              getattr(args, "datapath", "python") == "native")
     profiler = cProfile.Profile()
 
     def drain() -> None:
@@ -250,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a note stored with the results")
     parser.add_argument("--profile", action="store_true",
                         help="run each variant under cProfile and print the top 25 functions")
+    parser.add_argument("--datapath", choices=("python", "native"), default="python",
+                        help="serve through the pure-Python path (default) or the compiled "
+                             "one (pyvduse._fastpath)")
     parser.add_argument("--inflight-log", action="store_true",
                         help="mark the heads in a memory-mapped inflight log file, as the "
                              "daemon does, instead of the worker's in-memory record")
@@ -269,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     inflight_log = ("a file" if args.inflight_log else "memory") if has_log else \
         "none (this pyvduse predates it)"
     print(f"queue size {args.queue_size}, batch {args.batch}, {args.seconds:g} s x "
-          f"{args.repeat} runs per variant, {platform.python_implementation()} "
+          f"{args.repeat} runs per variant, {args.datapath} data path, "
+          f"{platform.python_implementation()} "
           f"{platform.python_version()}, single thread, inflight record in {inflight_log}")
     print("req/s per core: requests / CPU seconds of the drain() calls (best and median runs)")
     print(f"{'variant':<18} {'req/s (best)':>14} {'ns/req':>8} {'req/s (median)':>15} "
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": args.repeat,
             "clock": "thread CPU time around drain() (wall: perf_counter)",
             "inflight_record": inflight_log,
+            "datapath": args.datapath,
             "results": results,
         }
         report: dict[str, Any] = {"benchmark": "bench/datapath.py", "runs": []}

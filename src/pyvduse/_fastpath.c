@@ -20,6 +20,10 @@
  * called again for what follows. Publishing the used index, interrupts and
  * EVENT_IDX stay with the caller (once per batch).
  *
+ * The ring walk, request rules and I/O are in fastpath_core.h (plain C, also built
+ * into the fuzzer, fuzz/fastpath_fuzz.c); this file holds the buffers they point
+ * into and the interpreter's side.
+ *
  * Contract with the caller (pyvduse.native, pyvduse.queue_worker):
  *   - run() and retire() are called with the queue's ring lock held, one thread
  *     at a time; the ring positions go in and come out as plain integers.
@@ -33,68 +37,18 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/uio.h>
-#include <unistd.h>
-
-#define DESC_F_NEXT 1u
-#define DESC_F_WRITE 2u
-#define DESC_F_INDIRECT 4u
-
-#define BLK_T_IN 0u
-#define BLK_T_OUT 1u
-#define BLK_T_FLUSH 4u
-#define BLK_HEADER 16u
-#define SECTOR_SHIFT 9u
-
-#define MAX_MAPPINGS 16
-#define MAX_SEGMENTS 256       /* buffers per side of a chain served here; more: Python */
-#define MAX_CHAIN_BYTES 0xFFFFFFFFull
-
-enum target_kind { TARGET_NULL = 0, TARGET_FD = 1 };
-
-struct desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-
-struct mapping {
-    uint64_t start;
-    uint64_t read_end;   /* exclusive end if readable, else 0 */
-    uint64_t write_end;  /* exclusive end if writable, else 0 */
-    unsigned char *base; /* host address of `start` */
-    Py_buffer buf;
-};
+#include "fastpath_core.h"
 
 typedef struct {
     PyObject_HEAD
-    /* rings */
+    struct fp_queue q;
+    /* what q points into, held as exports of private memoryviews */
     Py_buffer desc_buf, avail_buf, used_buf, slots_buf, capacity_buf;
-    int held; /* the five buffers above are held */
-    const volatile struct desc *desc;
-    const volatile uint16_t *avail;     /* flags, idx, ring[size], used_event */
-    volatile uint32_t *used;            /* flags|idx (one u32), then {id, len} pairs */
-    volatile uint64_t *slots;           /* inflight log: pop sequence per head */
-    const volatile uint64_t *capacity;  /* bytes the device serves (resize writes it) */
-    uint32_t size, mask, max_indirect;
-    int indirect;
-    /* mappings */
-    struct mapping maps[MAX_MAPPINGS];
-    int nmaps, next_evict;
-    /* request rules */
-    int target, fd;
-    uint64_t block_mask, submit_min;
-    int accepts_writes, flush_ok;
-    /* state */
+    Py_buffer map_bufs[FP_MAX_MAPPINGS];
+    int held; /* the five ring and log buffers are held */
+    int next_evict;
     int running, closed;
     volatile int close_pending; /* set under the GIL by close() while run() works without it */
-    /* scratch: one chain's buffers */
-    struct iovec readable[MAX_SEGMENTS], writable[MAX_SEGMENTS];
-    /* statistics */
     unsigned long long served, fallbacks;
 } FastPath;
 
@@ -130,219 +84,10 @@ static void release_all(FastPath *self)
         PyBuffer_Release(&self->capacity_buf);
         self->held = 0;
     }
-    for (int i = 0; i < self->nmaps; i++)
-        PyBuffer_Release(&self->maps[i].buf);
-    self->nmaps = 0;
+    for (int i = 0; i < self->q.nmaps; i++)
+        PyBuffer_Release(&self->map_bufs[i]);
+    self->q.nmaps = 0;
     self->closed = 1;
-}
-
-/* -- translation ----------------------------------------------------------------------- */
-
-/* Host address of [addr, addr+len) with the given right, or NULL; len > 0. */
-static unsigned char *translate(const FastPath *self, uint64_t addr, uint64_t len, int write)
-{
-    for (int i = 0; i < self->nmaps; i++) {
-        const struct mapping *m = &self->maps[i];
-        uint64_t end = write ? m->write_end : m->read_end;
-        if (addr >= m->start && addr < end && len <= end - addr)
-            return m->base + (addr - m->start);
-    }
-    return NULL;
-}
-
-/* -- chains ---------------------------------------------------------------------------- */
-
-/*
- * Walk the chain at `head` the way SplitQueue.pop's fast path accepts it: every buffer
- * non-empty, inside one known mapping with the right it needs, flags NEXT and WRITE
- * only (or the head one indirect descriptor, negotiated, table of 1..max_indirect
- * entries inside a readable mapping), no readable buffer after a writable one, at most
- * table-size descriptors, at most 4 GiB in all. Returns 0 and fills the scratch iovecs,
- * or -1 (nothing consumed) for anything else.
- */
-static int walk(FastPath *self, uint32_t head, int *nr, int *nw)
-{
-    const volatile struct desc *table = self->desc;
-    uint32_t table_len = self->size;
-    struct desc d;
-    d.addr = table[head].addr;
-    d.len = table[head].len;
-    d.flags = table[head].flags;
-    d.next = table[head].next;
-    if (d.flags & DESC_F_INDIRECT) {
-        if ((d.flags & ~DESC_F_WRITE) != DESC_F_INDIRECT || !self->indirect)
-            return -1;
-        if (d.len == 0 || d.len % sizeof(struct desc)
-            || d.len / sizeof(struct desc) > self->max_indirect)
-            return -1;
-        table = (const volatile struct desc *)translate(self, d.addr, d.len, 0);
-        if (table == NULL)
-            return -1;
-        table_len = d.len / sizeof(struct desc);
-        d.addr = table[0].addr;
-        d.len = table[0].len;
-        d.flags = table[0].flags;
-        d.next = table[0].next;
-    }
-    uint64_t total = 0;
-    int r = 0, w = 0;
-    for (uint32_t limit = table_len; limit; limit--) {
-        if (d.len == 0)
-            return -1;
-        if (d.flags & DESC_F_WRITE) {
-            if (d.flags & ~(DESC_F_WRITE | DESC_F_NEXT) || w == MAX_SEGMENTS)
-                return -1;
-            unsigned char *p = translate(self, d.addr, d.len, 1);
-            if (p == NULL)
-                return -1;
-            self->writable[w].iov_base = p;
-            self->writable[w].iov_len = d.len;
-            w++;
-        } else {
-            if (w || d.flags & ~DESC_F_NEXT || r == MAX_SEGMENTS)
-                return -1;
-            unsigned char *p = translate(self, d.addr, d.len, 0);
-            if (p == NULL)
-                return -1;
-            self->readable[r].iov_base = p;
-            self->readable[r].iov_len = d.len;
-            r++;
-        }
-        total += d.len;
-        if (!(d.flags & DESC_F_NEXT)) {
-            if (total > MAX_CHAIN_BYTES)
-                return -1;
-            *nr = r;
-            *nw = w;
-            return 0;
-        }
-        if (d.next >= table_len)
-            return -1;
-        uint16_t next = d.next;
-        d.addr = table[next].addr;
-        d.len = table[next].len;
-        d.flags = table[next].flags;
-        d.next = table[next].next;
-    }
-    return -1;
-}
-
-/* -- I/O ------------------------------------------------------------------------------- */
-
-/* Move every byte of iov[0..n) at offset; 0, or -1 (errno set; EIO for no progress). */
-static int transfer(int fd, struct iovec *iov, int n, uint64_t offset, int write)
-{
-    while (n) {
-        int chunk = n > IOV_MAX ? IOV_MAX : n;
-        ssize_t done = write ? pwritev(fd, iov, chunk, (off_t)offset)
-                             : preadv(fd, iov, chunk, (off_t)offset);
-        if (done < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        if (done == 0) {
-            errno = EIO;
-            return -1;
-        }
-        offset += (uint64_t)done;
-        while (n && (size_t)done >= iov->iov_len) {
-            done -= (ssize_t)iov->iov_len;
-            iov++;
-            n--;
-        }
-        if (n && done) {
-            iov->iov_base = (char *)iov->iov_base + done;
-            iov->iov_len -= (size_t)done;
-        }
-    }
-    return 0;
-}
-
-static uint64_t total_length(const struct iovec *iov, int n)
-{
-    uint64_t total = 0;
-    for (int i = 0; i < n; i++)
-        total += iov[i].iov_len;
-    return total;
-}
-
-/* The request rules of BlkHandler for a read or write: aligned, inside the device. */
-static int range_ok(const FastPath *self, uint64_t sector, uint64_t length)
-{
-    uint64_t capacity = *self->capacity;
-    if (length == 0 || length >= self->submit_min)
-        return 0;
-    if (sector > (capacity >> SECTOR_SHIFT))
-        return 0;
-    uint64_t offset = sector << SECTOR_SHIFT;
-    if ((offset | length) & self->block_mask)
-        return 0;
-    return length <= capacity - offset;
-}
-
-/*
- * Serve the request whose chain is in the scratch iovecs. Returns the bytes written
- * into the chain (status included), or -1 if the Python path must take it (nothing
- * about the request was answered; an I/O it began is redone there).
- */
-static int64_t serve(FastPath *self, int nr, int nw)
-{
-    if (!nr || !nw || self->readable[0].iov_len != BLK_HEADER
-        || self->writable[nw - 1].iov_len != 1)
-        return -1;
-    unsigned char header[BLK_HEADER];
-    memcpy(header, self->readable[0].iov_base, BLK_HEADER);
-    uint32_t type;
-    uint64_t sector;
-    memcpy(&type, header, 4);
-    memcpy(&sector, header + 8, 8);
-    unsigned char *status = self->writable[nw - 1].iov_base;
-    if (type == BLK_T_IN) {
-        if (nr != 1 || nw < 2)
-            return -1;
-        struct iovec *data = self->writable;
-        int n = nw - 1;
-        uint64_t length = total_length(data, n);
-        if (!range_ok(self, sector, length))
-            return -1;
-        if (self->target == TARGET_FD) {
-            if (transfer(self->fd, data, n, sector << SECTOR_SHIFT, 0) < 0)
-                return -1;
-        } else {
-            for (int i = 0; i < n; i++)
-                memset(data[i].iov_base, 0, data[i].iov_len);
-        }
-        *status = 0;
-        return (int64_t)length + 1;
-    }
-    if (type == BLK_T_OUT) {
-        if (nw != 1 || nr < 2 || !self->accepts_writes)
-            return -1;
-        struct iovec *data = self->readable + 1;
-        int n = nr - 1;
-        uint64_t length = total_length(data, n);
-        if (!range_ok(self, sector, length))
-            return -1;
-        if (self->target == TARGET_FD
-            && transfer(self->fd, data, n, sector << SECTOR_SHIFT, 1) < 0)
-            return -1;
-        *status = 0;
-        return 1;
-    }
-    if (type == BLK_T_FLUSH) {
-        if (nr != 1 || nw != 1 || !self->flush_ok)
-            return -1;
-        if (self->target == TARGET_FD) {
-            while (fdatasync(self->fd) < 0) {
-                if (errno != EINTR)
-                    return -1;
-            }
-        }
-        *status = 0;
-        return 1;
-    }
-    return -1;
 }
 
 /* -- the type -------------------------------------------------------------------------- */
@@ -362,7 +107,7 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     unsigned int size, max_indirect, block_size;
     int indirect, target, fd, accepts_writes, flush_ok;
     unsigned long long submit_min;
-    if (self->held || self->nmaps) {
+    if (self->held || self->q.nmaps) {
         PyErr_SetString(PyExc_RuntimeError, "FastPath is initialised once");
         return -1;
     }
@@ -379,15 +124,15 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "block size %u is not a power of two >= 512", block_size);
         return -1;
     }
-    if (target != TARGET_NULL && target != TARGET_FD) {
+    if (target != FP_TARGET_NULL && target != FP_TARGET_FD) {
         PyErr_Format(PyExc_ValueError, "unknown target kind %d", target);
         return -1;
     }
-    if (target == TARGET_FD && fd < 0) {
+    if (target == FP_TARGET_FD && fd < 0) {
         PyErr_SetString(PyExc_ValueError, "a file target needs its descriptor");
         return -1;
     }
-    if (take_buffer(desc, &self->desc_buf, 0, (Py_ssize_t)size * 16, "descriptor table") < 0)
+    if (take_buffer(desc, &self->desc_buf, 0, (Py_ssize_t)size * (Py_ssize_t)sizeof(struct fp_desc), "descriptor table") < 0)
         return -1;
     if (take_buffer(avail, &self->avail_buf, 0, 6 + 2 * (Py_ssize_t)size, "avail ring") < 0)
         goto fail_desc;
@@ -397,28 +142,30 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         goto fail_used;
     if (take_buffer(capacity, &self->capacity_buf, 0, 8, "capacity") < 0)
         goto fail_slots;
-    if (((uintptr_t)self->desc_buf.buf | (uintptr_t)self->avail_buf.buf) & 1
-        || ((uintptr_t)self->used_buf.buf | (uintptr_t)self->slots_buf.buf
-            | (uintptr_t)self->capacity_buf.buf) & 3) {
+    if ((uintptr_t)self->desc_buf.buf & 7 || (uintptr_t)self->avail_buf.buf & 1
+        || (uintptr_t)self->used_buf.buf & 3
+        || ((uintptr_t)self->slots_buf.buf | (uintptr_t)self->capacity_buf.buf) & 7) {
         PyErr_SetString(PyExc_ValueError, "misaligned ring or log buffer");
         goto fail_capacity;
     }
     self->held = 1;
-    self->desc = self->desc_buf.buf;
-    self->avail = self->avail_buf.buf;
-    self->used = self->used_buf.buf;
-    self->slots = self->slots_buf.buf;
-    self->capacity = self->capacity_buf.buf;
-    self->size = size;
-    self->mask = size - 1;
-    self->indirect = indirect;
-    self->max_indirect = max_indirect < size ? size : max_indirect;
-    self->target = target;
-    self->fd = fd;
-    self->block_mask = block_size - 1;
-    self->accepts_writes = accepts_writes;
-    self->flush_ok = flush_ok;
-    self->submit_min = submit_min;
+    struct fp_queue *q = &self->q;
+    q->desc = self->desc_buf.buf;
+    q->avail = self->avail_buf.buf;
+    q->used = self->used_buf.buf;
+    q->slots = self->slots_buf.buf;
+    q->capacity = self->capacity_buf.buf;
+    q->size = size;
+    q->mask = size - 1;
+    q->indirect = indirect;
+    q->max_indirect = max_indirect < size ? size : max_indirect;
+    q->target = target;
+    q->fd = fd;
+    q->block_mask = block_size - 1;
+    q->accepts_writes = accepts_writes;
+    q->flush_ok = flush_ok;
+    q->submit_min = submit_min;
+    q->stop = &self->close_pending;
     return 0;
 fail_capacity:
     PyBuffer_Release(&self->capacity_buf);
@@ -453,28 +200,29 @@ static PyObject *FastPath_learn(FastPath *self, PyObject *args)
     Py_buffer buf;
     if (take_buffer(view, &buf, write_end != 0, (Py_ssize_t)(end - start), "mapping") < 0)
         return NULL;
-    for (int i = 0; i < self->nmaps; i++) {
-        const struct mapping *m = &self->maps[i];
+    struct fp_queue *q = &self->q;
+    for (int i = 0; i < q->nmaps; i++) {
+        const struct fp_mapping *m = &q->maps[i];
         if (m->start == start && m->read_end == read_end && m->write_end == write_end
             && m->base == buf.buf) {
             PyBuffer_Release(&buf); /* known already */
             Py_RETURN_FALSE;
         }
     }
-    int slot = self->nmaps;
-    if (slot == MAX_MAPPINGS) {
+    int slot = q->nmaps;
+    if (slot == FP_MAX_MAPPINGS) {
         slot = self->next_evict;
-        self->next_evict = (self->next_evict + 1) % MAX_MAPPINGS;
-        PyBuffer_Release(&self->maps[slot].buf);
+        self->next_evict = (self->next_evict + 1) % FP_MAX_MAPPINGS;
+        PyBuffer_Release(&self->map_bufs[slot]);
     } else {
-        self->nmaps++;
+        q->nmaps++;
     }
-    struct mapping *m = &self->maps[slot];
+    struct fp_mapping *m = &q->maps[slot];
     m->start = start;
     m->read_end = read_end;
     m->write_end = write_end;
     m->base = buf.buf;
-    m->buf = buf;
+    self->map_bufs[slot] = buf;
     Py_RETURN_TRUE;
 }
 
@@ -484,7 +232,7 @@ static PyObject *FastPath_run(FastPath *self, PyObject *args)
     unsigned long long sequence;
     if (!PyArg_ParseTuple(args, "IIIK", &count, &last_avail, &used_idx, &sequence))
         return NULL;
-    if (self->closed || self->close_pending) {
+    if (!self->held || self->closed || self->close_pending) {
         PyErr_SetString(PyExc_ValueError, "the fast path is closed");
         return NULL;
     }
@@ -492,36 +240,11 @@ static PyObject *FastPath_run(FastPath *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "run() is not reentrant");
         return NULL;
     }
-    if (count > self->size)
-        count = self->size;
-    unsigned int served = 0;
+    unsigned int served;
+    uint64_t seq = sequence;
     self->running = 1;
     Py_BEGIN_ALLOW_THREADS
-    const uint32_t size = self->size, mask = self->mask;
-    while (served < count && !self->close_pending) {
-        uint16_t head = self->avail[2 + ((last_avail + served) & mask)];
-        if (head >= size)
-            break;
-        int nr, nw;
-        if (walk(self, head, &nr, &nw) < 0)
-            break;
-        /* Marked before the request starts; put back if Python is to take it. */
-        uint64_t previous = self->slots[head];
-        self->slots[head] = sequence;
-        int64_t written = serve(self, nr, nw);
-        if (written < 0) {
-            self->slots[head] = previous;
-            break;
-        }
-        if (self->close_pending)
-            break; /* the queue was given up during the I/O: its completion is dropped */
-        uint32_t slot = (used_idx & mask);
-        self->used[1 + 2 * slot] = head;
-        self->used[2 + 2 * slot] = (uint32_t)written;
-        used_idx = (used_idx + 1) & 0xFFFF;
-        sequence++;
-        served++;
-    }
+    served = fp_run(&self->q, count, &last_avail, &used_idx, &seq);
     Py_END_ALLOW_THREADS
     self->running = 0;
     self->served += served;
@@ -529,7 +252,7 @@ static PyObject *FastPath_run(FastPath *self, PyObject *args)
         self->fallbacks++;
     if (self->close_pending)
         release_all(self);
-    return Py_BuildValue("(IIIK)", served, (last_avail + served) & 0xFFFF, used_idx, sequence);
+    return Py_BuildValue("(IIIK)", served, last_avail, used_idx, (unsigned long long)seq);
 }
 
 static PyObject *FastPath_retire(FastPath *self, PyObject *args)
@@ -537,18 +260,11 @@ static PyObject *FastPath_retire(FastPath *self, PyObject *args)
     unsigned int position, used_idx;
     if (!PyArg_ParseTuple(args, "II", &position, &used_idx))
         return NULL;
-    if (self->closed || self->close_pending) {
+    if (!self->held || self->closed || self->close_pending) {
         PyErr_SetString(PyExc_ValueError, "the fast path is closed");
         return NULL;
     }
-    position &= 0xFFFF;
-    used_idx &= 0xFFFF;
-    while (position != used_idx) {
-        uint32_t head = self->used[1 + 2 * (position & self->mask)];
-        if (head < self->size)
-            self->slots[head] = 0;
-        position = (position + 1) & 0xFFFF;
-    }
+    fp_retire(&self->q, position, used_idx);
     Py_RETURN_NONE;
 }
 
@@ -558,9 +274,9 @@ static PyObject *FastPath_forget(FastPath *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "forget() during run()");
         return NULL;
     }
-    for (int i = 0; i < self->nmaps; i++)
-        PyBuffer_Release(&self->maps[i].buf);
-    self->nmaps = 0;
+    for (int i = 0; i < self->q.nmaps; i++)
+        PyBuffer_Release(&self->map_bufs[i]);
+    self->q.nmaps = 0;
     self->next_evict = 0;
     Py_RETURN_NONE;
 }
@@ -586,7 +302,7 @@ static PyObject *FastPath_get_fallbacks(FastPath *self, void *Py_UNUSED(closure)
 
 static PyObject *FastPath_get_mappings(FastPath *self, void *Py_UNUSED(closure))
 {
-    return PyLong_FromLong(self->nmaps);
+    return PyLong_FromLong(self->q.nmaps);
 }
 
 static PyObject *FastPath_get_closed(FastPath *self, void *Py_UNUSED(closure))
@@ -652,10 +368,10 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         return NULL;
     Py_INCREF(&FastPathType);
     if (PyModule_AddObject(module, "FastPath", (PyObject *)&FastPathType) < 0
-        || PyModule_AddIntConstant(module, "TARGET_NULL", TARGET_NULL) < 0
-        || PyModule_AddIntConstant(module, "TARGET_FD", TARGET_FD) < 0
-        || PyModule_AddIntConstant(module, "MAX_MAPPINGS", MAX_MAPPINGS) < 0
-        || PyModule_AddIntConstant(module, "MAX_SEGMENTS", MAX_SEGMENTS) < 0) {
+        || PyModule_AddIntConstant(module, "TARGET_NULL", FP_TARGET_NULL) < 0
+        || PyModule_AddIntConstant(module, "TARGET_FD", FP_TARGET_FD) < 0
+        || PyModule_AddIntConstant(module, "MAX_MAPPINGS", FP_MAX_MAPPINGS) < 0
+        || PyModule_AddIntConstant(module, "MAX_SEGMENTS", FP_MAX_SEGMENTS) < 0) {
         Py_DECREF(&FastPathType);
         Py_DECREF(module);
         return NULL;

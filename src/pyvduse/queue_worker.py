@@ -195,13 +195,24 @@ class QueueWorker:
         self._sequence = self._log.next_sequence()
         #: The compiled fast path serves this queue's requests it can (see pyvduse.native).
         self._plan = native
-        self._native = NativeRing(queue, native, self._slots) if native is not None else None
+        self._native = self._native_ring(queue, None)
 
     @property
     def native_served(self) -> int:
         """Requests the compiled fast path served (0 without one)."""
         native = self._native
         return native.served_total if native is not None else 0
+
+    def _native_ring(self, queue: SplitQueue, previous: NativeRing | None) -> NativeRing | None:
+        """The fast path for ``queue`` (None without a plan, or if it refuses the ring)."""
+        if self._plan is None:
+            return None
+        try:
+            return NativeRing(queue, self._plan, self._slots, previous)
+        except ValueError as exc:  # e.g. a ring the native code cannot address aligned
+            log.warning("%s: the native data path cannot serve this ring (%s); the Python "
+                        "path does", self.name, exc)
+            return None
 
     def _close_native(self) -> None:
         """Stop the fast path using the current ring and log (ring lock held, or abandoned)."""
@@ -258,8 +269,7 @@ class QueueWorker:
         with self.ring_lock:
             self._close_native()
             old, self.queue = self.queue, queue
-            if self._plan is not None:
-                self._native = NativeRing(queue, self._plan, self._slots, self._native)
+            self._native = self._native_ring(queue, self._native)
             old.release()
         self.stopping = False
 

@@ -28,7 +28,7 @@ from pyvduse.errors import ConfigError, PyvduseError
 from pyvduse.export import BlkExport, Export
 from pyvduse.kernel import VduseKernel
 from pyvduse.native import choose as choose_datapath
-from pyvduse.spec import ExportSpec
+from pyvduse.spec import ExportSpec, default_datapath
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> Export:
             logical_block_size=spec.logical_block_size or max(512, backend.preferred_block_size),
             num_queues=spec.num_queues, queue_size=spec.queue_size, serial=spec.serial,
             readonly=spec.readonly)
-        datapath = choose_datapath(spec.datapath, backend.native_target(), spec.id)
+        datapath = choose_datapath(spec.datapath or default_datapath(), backend.native_target(),
+                                   spec.id)
         if spec.transport == "vhost-user":
             from pyvduse.vhost_user.export import VhostUserExport  # only when asked for
             assert spec.socket is not None

@@ -25,6 +25,9 @@ from pyvduse.native import DATAPATHS
 
 DEFAULT_IO_THREADS = 2
 DEFAULT_POLL_MAX_US = 256
+DATAPATH_ENV = "PYVDUSE_DATAPATH"
+"""The default of ``--datapath`` when set (auto, native or python): lets a test suite, or a
+host, run every export on one data path without changing each command line."""
 UNSAFE_NO_LOG_ENV = "PYVDUSE_TEST_NO_INFLIGHT_LOG"
 """Set to 1 (tests only) to serve without an inflight log and to recover a device as if
 its requests had completed in order: the loss that the log prevents becomes visible."""
@@ -78,6 +81,15 @@ def _datapath(text: str) -> str:
     if text not in DATAPATHS:
         raise ValueError(f"{text!r} is not one of {', '.join(DATAPATHS)}")
     return text
+
+
+def default_datapath() -> str:
+    """``$PYVDUSE_DATAPATH`` if set (a bad value is a :class:`ConfigError`), else auto."""
+    value = os.environ.get(DATAPATH_ENV, "") or "auto"
+    try:
+        return _datapath(value)
+    except ValueError as exc:
+        raise ConfigError(f"${DATAPATH_ENV}: {exc}") from None
 
 
 def _text(text: str) -> str:
@@ -145,10 +157,11 @@ EXPORT_OPTIONS: tuple[Option, ...] = (
     Option("io-threads-min", size, DEFAULT_MIN_BYTES,
            "smallest read or write sent to the --io-threads pool; smaller ones stay on the "
            "queue's thread (default: 64k)", "SIZE"),
-    Option("datapath", _datapath, "auto",
+    Option("datapath", _datapath, None,
            "who serves the requests: native (the compiled data path: file and null "
            "backends), python (the reference path, any backend) or auto: native where it "
-           "can, else python; the choice is logged at start (default: %(default)s)", "MODE"),
+           "can, else python; the choice is logged at start (default: $PYVDUSE_DATAPATH, "
+           "or auto)", "MODE"),
     Option("inflight-log", _text, None,
            "the file recording what the device has in flight, so that a daemon killed "
            "with SIGKILL can be restarted with the same options and lose nothing "
@@ -175,7 +188,8 @@ class ExportSpec:
     poll_max_us: int = DEFAULT_POLL_MAX_US
     io_threads: int = DEFAULT_IO_THREADS
     io_threads_min: int = DEFAULT_MIN_BYTES
-    datapath: str = "auto"
+    #: None: :func:`default_datapath` when the export is built.
+    datapath: str | None = None
     inflight_log: str | None = None
     #: Test-only: no inflight log; recovery trusts the used index (see UNSAFE_NO_LOG_ENV).
     unsafe_no_log: bool = field(default=False)
