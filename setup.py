@@ -12,6 +12,7 @@ setup(
         Extension(
             "pyvduse._fastpath",
             ["src/pyvduse/_fastpath.c"],
+            depends=["src/pyvduse/fastpath_core.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit"],
             optional=True,
         )
