@@ -154,7 +154,7 @@ class NativeRing:
     to the native path too.
     """
 
-    __slots__ = ("_generation", "_memory", "_served_before", "fast")
+    __slots__ = ("_generation", "_memory", "_served_before", "_taught", "fast")
 
     def __init__(self, queue: SplitQueue, plan: NativePlan, slots: memoryview,
                  previous: NativeRing | None = None) -> None:
@@ -168,6 +168,8 @@ class NativeRing:
             plan.accepts_writes, plan.flush_ok, plan.submit_min)
         self._memory: GuestMemory = queue.memory
         self._generation = generation(self._memory)
+        #: The ids of the regions last taught (teach() is a no-op while they stay).
+        self._taught: tuple[int, ...] = ()
         self.teach()
 
     @property
@@ -181,14 +183,21 @@ class NativeRing:
         if now != self._generation:
             self._generation = now
             self.fast.forget()
+            self._taught = ()
             self.teach()
 
     def teach(self) -> None:
-        """Make the memory's current hot region known to the native path."""
-        hot: HotRegion = self._memory.hot
-        start, read_end, write_end, view = hot
-        if max(read_end, write_end) > start:
-            self.fast.learn(start, read_end, write_end, view)
+        """Make the memory's mappings known to the native path: all of them if the
+        memory lists them (``mappings()``), else its current hot region."""
+        listed = getattr(self._memory, "mappings", None)
+        regions: list[HotRegion] = listed() if listed is not None else [self._memory.hot]
+        key = tuple(map(id, regions))
+        if key == self._taught:
+            return
+        self._taught = key
+        for start, read_end, write_end, view in regions[-16:]:
+            if max(read_end, write_end) > start:
+                self.fast.learn(start, read_end, write_end, view)
 
     def close(self) -> None:
         """Let go of the rings and mappings (deferred if a run is in progress)."""

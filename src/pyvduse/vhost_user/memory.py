@@ -160,6 +160,12 @@ class VhostUserMemory:
         """The regions mapped now, by guest address."""
         return tuple(m.region for m in self._table[1])
 
+    def mappings(self) -> list[HotRegion]:
+        """Every region mapped now, as a :data:`HotRegion` (the native data path learns
+        them all: a front-end's request often spans two, e.g. libblkio's headers in one
+        region and the caller's buffers in another)."""
+        return [mapping.hot for mapping in self._table[1]]
+
     def add_region(self, region: MemoryRegion, fd: int) -> None:
         """Map ``region`` from ``fd`` (``ADD_MEM_REG``); ``fd`` is closed in every case.
 
