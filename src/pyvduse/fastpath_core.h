@@ -85,6 +85,15 @@ static unsigned char *translate(const struct fp_queue *q, uint64_t addr, uint64_
 
 /* -- chains ---------------------------------------------------------------------------- */
 
+/* Copy descriptor `index` of `table` (driver memory: each field read once). */
+static void load_desc(const volatile struct fp_desc *table, uint32_t index, struct fp_desc *d)
+{
+    d->addr = table[index].addr;
+    d->len = table[index].len;
+    d->flags = table[index].flags;
+    d->next = table[index].next;
+}
+
 /*
  * Walk the chain at `head` the way SplitQueue.pop's fast path accepts it: every buffer
  * non-empty, inside one known mapping with the right it needs, flags NEXT and WRITE
@@ -98,10 +107,7 @@ static int walk(struct fp_queue *q, uint32_t head, int *nr, int *nw)
     const volatile struct fp_desc *table = q->desc;
     uint32_t table_len = q->size;
     struct fp_desc d;
-    d.addr = table[head].addr;
-    d.len = table[head].len;
-    d.flags = table[head].flags;
-    d.next = table[head].next;
+    load_desc(table, head, &d);
     if (d.flags & FP_DESC_F_INDIRECT) {
         if ((d.flags & ~FP_DESC_F_WRITE) != FP_DESC_F_INDIRECT || !q->indirect)
             return -1;
@@ -112,35 +118,25 @@ static int walk(struct fp_queue *q, uint32_t head, int *nr, int *nw)
         if (table == NULL || (uintptr_t)table % _Alignof(struct fp_desc))
             return -1; /* a misaligned table is read by Python, without alignment rules */
         table_len = d.len / sizeof(struct fp_desc);
-        d.addr = table[0].addr;
-        d.len = table[0].len;
-        d.flags = table[0].flags;
-        d.next = table[0].next;
+        load_desc(table, 0, &d);
     }
     uint64_t total = 0;
     int r = 0, w = 0;
     for (uint32_t limit = table_len; limit; limit--) {
         if (d.len == 0)
             return -1;
-        if (d.flags & FP_DESC_F_WRITE) {
-            if (d.flags & ~(FP_DESC_F_WRITE | FP_DESC_F_NEXT) || w == FP_MAX_SEGMENTS)
-                return -1;
-            unsigned char *p = translate(q, d.addr, d.len, 1);
-            if (p == NULL)
-                return -1;
-            q->writable[w].iov_base = p;
-            q->writable[w].iov_len = d.len;
-            w++;
-        } else {
-            if (w || d.flags & ~FP_DESC_F_NEXT || r == FP_MAX_SEGMENTS)
-                return -1;
-            unsigned char *p = translate(q, d.addr, d.len, 0);
-            if (p == NULL)
-                return -1;
-            q->readable[r].iov_base = p;
-            q->readable[r].iov_len = d.len;
-            r++;
-        }
+        int write = (d.flags & FP_DESC_F_WRITE) != 0;
+        uint16_t allowed = write ? FP_DESC_F_WRITE | FP_DESC_F_NEXT : FP_DESC_F_NEXT;
+        int *count = write ? &w : &r;
+        if (d.flags & ~allowed || (!write && w) || *count == FP_MAX_SEGMENTS)
+            return -1; /* unknown flags, readable after writable, too many buffers */
+        unsigned char *p = translate(q, d.addr, d.len, write);
+        if (p == NULL)
+            return -1;
+        struct iovec *side = write ? q->writable : q->readable;
+        side[*count].iov_base = p;
+        side[*count].iov_len = d.len;
+        (*count)++;
         total += d.len;
         if (!(d.flags & FP_DESC_F_NEXT)) {
             if (total > FP_MAX_CHAIN_BYTES)
@@ -151,11 +147,7 @@ static int walk(struct fp_queue *q, uint32_t head, int *nr, int *nw)
         }
         if (d.next >= table_len)
             return -1;
-        uint16_t next = d.next;
-        d.addr = table[next].addr;
-        d.len = table[next].len;
-        d.flags = table[next].flags;
-        d.next = table[next].next;
+        load_desc(table, d.next, &d);
     }
     return -1;
 }
