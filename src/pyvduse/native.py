@@ -150,8 +150,8 @@ class NativeRing:
 
     Built per :class:`SplitQueue` (rebuilt when the ring is remapped). Call
     :meth:`refresh` before each run (cheap), and :meth:`teach` after the
-    Python path served a request, so that the mapping it just used is known
-    to the native path too.
+    Python path served a request, so that a mapping it made is known to the
+    native path too.
     """
 
     __slots__ = ("_generation", "_memory", "_served_before", "_taught", "fast")
@@ -195,7 +195,8 @@ class NativeRing:
         if key == self._taught:
             return
         self._taught = key
-        for start, read_end, write_end, view in regions[-16:]:
+        assert _fastpath is not None
+        for start, read_end, write_end, view in regions[-_fastpath.MAX_MAPPINGS:]:
             if max(read_end, write_end) > start:
                 self.fast.learn(start, read_end, write_end, view)
 

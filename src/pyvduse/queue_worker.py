@@ -504,7 +504,7 @@ class QueueWorker:
                             if self.stopping:  # a reset came while the backend had it
                                 break
                             if native is not None:
-                                native.teach()  # the mapping this request used, if new
+                                native.teach()  # a mapping this request made, if any
                     finally:
                         self._sequence = sequence
                         if plugged:

@@ -339,6 +339,10 @@ def test_choose() -> None:
     with pytest.raises(ConfigError, match="unknown data path"):
         native.choose("fast", target, "d")
     if native.available():
+        from pyvduse import _fastpath  # type: ignore[attr-defined]
+
+        assert (native.TARGET_NULL, native.TARGET_FD) == (_fastpath.TARGET_NULL,
+                                                          _fastpath.TARGET_FD)
         assert native.choose("auto", target, "d") == "native"
         assert native.choose("native", target, "d") == "native"
 
