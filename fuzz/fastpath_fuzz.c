@@ -52,6 +52,33 @@ static void fill(struct input *in, void *dst, size_t len)
 
 static int memfd = -1;
 static unsigned long long chains; /* heads the core looked at, over all runs */
+static unsigned long long staged; /* of which the engine took, over all runs */
+
+/*
+ * A stand-in for the io_uring engine: it records the heads staged (refusing some, as
+ * the input says) and the harness finishes them after the run, each one succeeding
+ * or failing as the input says, so fp_finish() and the staging code are fuzzed too.
+ */
+struct fake_engine {
+    uint32_t staged[MAX_QSIZE];
+    unsigned count, refuse_mask, calls, kicks;
+};
+
+static int fake_stage(struct fp_queue *q, uint32_t head)
+{
+    struct fake_engine *e = q->engine.ctx;
+    if (head >= q->size || !q->jobs[head].iov == !!q->jobs[head].n || e->count == MAX_QSIZE)
+        abort(); /* a head out of range, a data job without buffers, more than the queue */
+    if (e->refuse_mask >> (e->calls++ % 6) & 1)
+        return -1;
+    e->staged[e->count++] = head;
+    return 0;
+}
+
+static void fake_kick(struct fp_queue *q)
+{
+    ((struct fake_engine *)q->engine.ctx)->kicks++;
+}
 
 static void run_one(const uint8_t *data, size_t size)
 {
@@ -66,10 +93,18 @@ static void run_one(const uint8_t *data, size_t size)
     q->target = (flags >> 3) & 1 ? FP_TARGET_FD : FP_TARGET_NULL;
     q->fd = memfd;
     q->accepts_writes = (flags >> 4) & 1;
-    q->flush_ok = (flags >> 5) & 1;
+    q->flush_offered = (flags >> 5) & 1;
     q->block_mask = (512u << ((flags >> 6) & 3)) - 1;
-    uint64_t no_submit = take(&in, 1) & 1, submit_shift = take(&in, 1) % 12;
-    q->submit_min = no_submit ? UINT64_MAX : 512u << submit_shift;
+    uint64_t submit_flags = take(&in, 1), submit_shift = take(&in, 1) % 12;
+    q->submit_min = submit_flags & 1 ? UINT64_MAX : 512u << submit_shift;
+    struct fake_engine engine = {.refuse_mask = (unsigned)(submit_flags >> 2)};
+    q->asynchronous = (submit_flags >> 1) & 1;
+    if (q->asynchronous && !(submit_flags >> 7 & 1)) { /* else: no engine, Python takes them */
+        q->jobs = calloc(qsize, sizeof(*q->jobs));
+        q->engine.ctx = &engine;
+        q->engine.stage = fake_stage;
+        q->engine.kick = fake_kick;
+    }
     uint64_t *capacity = malloc(sizeof(*capacity));
     *capacity = take(&in, 4) << 9;
     q->capacity = capacity;
@@ -114,14 +149,28 @@ static void run_one(const uint8_t *data, size_t size)
     unsigned before_avail = last_avail, before_used = used_idx;
     unsigned served = fp_run(q, count, &last_avail, &used_idx, &sequence);
     chains += served + (served < count);
+    unsigned pushed = served - engine.count;
+    staged += engine.count;
     if (served > count || served > qsize || last_avail > 0xFFFF || used_idx > 0xFFFF
+        || engine.count > served || q->pending != engine.count
+        || engine.kicks != (engine.count != 0)
         || last_avail != ((before_avail + served) & 0xFFFF)
-        || used_idx != ((before_used + served) & 0xFFFF))
+        || used_idx != ((before_used + pushed) & 0xFFFF))
         abort();
-    for (unsigned i = 0; i < served; i++)
+    for (unsigned i = 0; i < engine.count; i++) {
+        int ok = !(take(&in, 1) & 1);
+        unsigned at = used_idx;
+        pushed += (unsigned)fp_finish(q, engine.staged[i], ok, 0, &used_idx);
+        if (used_idx != ((at + (unsigned)ok) & 0xFFFF))
+            abort();
+    }
+    if (q->pending)
+        abort();
+    for (unsigned i = 0; i < pushed; i++)
         if (used[1 + 2 * ((before_used + i) & q->mask)] >= qsize)
             abort();
     fp_retire(q, (unsigned)take(&in, 2), used_idx);
+    free(q->jobs);
 
     for (int i = 0; i < maps; i++)
         free(blocks[i]);
@@ -150,7 +199,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 __attribute__((destructor)) static void report(void)
 {
-    fprintf(stderr, "fastpath_fuzz: %llu chains\n", chains);
+    fprintf(stderr, "fastpath_fuzz: %llu chains, %llu staged\n", chains, staged);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -187,8 +236,14 @@ static size_t seed_input(uint8_t *buf, size_t cap)
     uint32_t qsize = 64;
     PUT(6, 1);                              /* 1 << 6 = 64 */
     PUT(1 | (1 << 3) | (1 << 4) | (1 << 5), 1); /* indirect, fd, writes, flush */
-    PUT(1, 1);                              /* submit_min: none */
-    PUT(0, 1);
+    static unsigned made;
+    if (made++ & 1) {                       /* every other seed: the engine, 1 KiB up */
+        PUT(2, 1);
+        PUT(1, 1);
+    } else {
+        PUT(1, 1);                          /* submit_min: none */
+        PUT(0, 1);
+    }
     PUT(1 << 20, 4);                        /* 512 MiB */
     unsigned chains_laid = 1 + (unsigned)(next() % 21), slot = 0;
     /* headers and status bytes in the mapping's first page (the input's bytes), data after */
@@ -282,7 +337,8 @@ int main(int argc, char **argv)
         }
         run_one(buf, size);
     }
-    printf("fastpath_fuzz: %llu inputs, %llu chains, 0 findings\n", runs, chains);
+    printf("fastpath_fuzz: %llu inputs, %llu chains (%llu staged), 0 findings\n", runs, chains,
+           staged);
     return 0;
 }
 

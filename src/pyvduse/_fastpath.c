@@ -20,6 +20,14 @@
  * called again for what follows. Publishing the used index, interrupts and
  * EVENT_IDX stay with the caller (once per batch).
  *
+ * With `asynchronous` (the backend has a thread pool for large requests), a file
+ * target's reads and writes of submit_min bytes or more and its flushes go to an
+ * io_uring instead (fastpath_uring.h), one submission per run; reap() completes
+ * them later, and hands back to Python any that failed: Python serves that head
+ * again from its chain (QueueWorker), with its own error reporting. Without an
+ * io_uring (the kernel refused one: `engine_error` says why) those requests are
+ * left to Python, whose thread pool serves them.
+ *
  * The ring walk, request rules and I/O are in fastpath_core.h (plain C, also built
  * into the fuzzer, fuzz/fastpath_fuzz.c); this file holds the buffers they point
  * into and the interpreter's side.
@@ -38,6 +46,7 @@
 #include <Python.h>
 
 #include "fastpath_core.h"
+#include "fastpath_uring.h"
 
 typedef struct {
     PyObject_HEAD
@@ -46,6 +55,10 @@ typedef struct {
     Py_buffer desc_buf, avail_buf, used_buf, slots_buf, capacity_buf;
     Py_buffer map_bufs[FP_MAX_MAPPINGS];
     int held; /* the five ring and log buffers are held */
+    struct fp_uring uring;
+    int uring_open;
+    uint32_t *returned; /* reap()'s scratch: heads handed back to Python */
+    char engine_error[160];
     int next_evict;
     int running, closed;
     volatile int close_pending; /* set under the GIL by close() while run() works without it */
@@ -74,8 +87,43 @@ static int take_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t 
     return 0;
 }
 
+#define CLOSE_WAIT_MS 5000 /* what close() gives the io_uring's requests in flight */
+
+/* Wait for the engine's requests in flight, up to CLOSE_WAIT_MS (no Python API inside). */
+static void quiesce_engine(FastPath *self)
+{
+    if (self->uring_open && self->q.pending)
+        fp_uring_wait(&self->q, CLOSE_WAIT_MS);
+}
+
+/*
+ * Drop the engine's completions and close it (the queue is given up); -1 if requests
+ * are still in the kernel: then everything stays as it is, the buffers they move
+ * data into included (a leak, not a hazard; `pending` tells).
+ */
+static int close_engine(FastPath *self)
+{
+    if (!self->uring_open)
+        return 0;
+    unsigned used = 0;
+    fp_uring_reap(&self->q, 1, &used, self->returned);
+    if (self->q.pending)
+        return -1;
+    fp_uring_close(&self->uring);
+    self->uring_open = 0;
+    free(self->q.jobs);
+    self->q.jobs = NULL;
+    free(self->returned);
+    self->returned = NULL;
+    return 0;
+}
+
 static void release_all(FastPath *self)
 {
+    if (close_engine(self) < 0) {
+        self->closed = 1; /* the kernel may still write into the buffers: they stay */
+        return;
+    }
     if (self->held) {
         PyBuffer_Release(&self->desc_buf);
         PyBuffer_Release(&self->avail_buf);
@@ -98,23 +146,48 @@ static void FastPath_dealloc(FastPath *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Start the io_uring engine; without one (engine_error says why) Python takes its share. */
+static void open_engine(FastPath *self, int eventfd)
+{
+    struct fp_queue *q = &self->q;
+    q->jobs = calloc(q->size, sizeof(*q->jobs));
+    self->returned = calloc(q->size, sizeof(*self->returned));
+    if (q->jobs == NULL || self->returned == NULL) {
+        snprintf(self->engine_error, sizeof(self->engine_error), "out of memory");
+    } else if (fp_uring_open(&self->uring, q->size, eventfd) < 0) {
+        snprintf(self->engine_error, sizeof(self->engine_error), "io_uring: %s",
+                 strerror(errno));
+    } else {
+        self->uring_open = 1;
+        q->engine.ctx = &self->uring;
+        q->engine.stage = fp_uring_stage;
+        q->engine.kick = fp_uring_kick;
+        return;
+    }
+    free(q->jobs);
+    q->jobs = NULL;
+    free(self->returned);
+    self->returned = NULL;
+}
+
 static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"desc", "avail", "used", "size", "indirect", "max_indirect",
                              "slots", "capacity", "target", "fd", "block_size",
-                             "accepts_writes", "flush_ok", "submit_min", NULL};
+                             "accepts_writes", "flush_offered", "submit_min", "asynchronous",
+                             "eventfd", NULL};
     PyObject *desc, *avail, *used, *slots, *capacity;
     unsigned int size, max_indirect, block_size;
-    int indirect, target, fd, accepts_writes, flush_ok;
+    int indirect, target, fd, accepts_writes, flush_offered, asynchronous = 0, eventfd = -1;
     unsigned long long submit_min;
     if (self->held || self->q.nmaps) {
         PyErr_SetString(PyExc_RuntimeError, "FastPath is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK", kwlist, &desc, &avail,
-                                     &used, &size, &indirect, &max_indirect, &slots, &capacity,
-                                     &target, &fd, &block_size, &accepts_writes, &flush_ok,
-                                     &submit_min))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|pi", kwlist, &desc,
+                                     &avail, &used, &size, &indirect, &max_indirect, &slots,
+                                     &capacity, &target, &fd, &block_size, &accepts_writes,
+                                     &flush_offered, &submit_min, &asynchronous, &eventfd))
         return -1;
     if (size == 0 || size > 32768 || size & (size - 1)) {
         PyErr_Format(PyExc_ValueError, "queue size %u is not a power of two in 1..32768", size);
@@ -163,9 +236,12 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     q->fd = fd;
     q->block_mask = block_size - 1;
     q->accepts_writes = accepts_writes;
-    q->flush_ok = flush_ok;
+    q->flush_offered = flush_offered;
     q->submit_min = submit_min;
     q->stop = &self->close_pending;
+    q->asynchronous = asynchronous && target == FP_TARGET_FD;
+    if (q->asynchronous)
+        open_engine(self, eventfd);
     return 0;
 fail_capacity:
     PyBuffer_Release(&self->capacity_buf);
@@ -250,8 +326,12 @@ static PyObject *FastPath_run(FastPath *self, PyObject *args)
     self->served += served;
     if (served < count)
         self->fallbacks++;
-    if (self->close_pending)
+    if (self->close_pending) {
+        Py_BEGIN_ALLOW_THREADS
+        quiesce_engine(self);
+        Py_END_ALLOW_THREADS
         release_all(self);
+    }
     return Py_BuildValue("(IIIK)", served, last_avail, used_idx, (unsigned long long)seq);
 }
 
@@ -266,6 +346,42 @@ static PyObject *FastPath_retire(FastPath *self, PyObject *args)
     }
     fp_retire(&self->q, position, used_idx);
     Py_RETURN_NONE;
+}
+
+static PyObject *FastPath_reap(FastPath *self, PyObject *args)
+{
+    unsigned int used_idx;
+    if (!PyArg_ParseTuple(args, "I", &used_idx))
+        return NULL;
+    if (!self->held || self->closed || self->close_pending) {
+        PyErr_SetString(PyExc_ValueError, "the fast path is closed");
+        return NULL;
+    }
+    unsigned returned = 0;
+    if (self->uring_open)
+        returned = fp_uring_reap(&self->q, 0, &used_idx, self->returned);
+    PyObject *heads = PyTuple_New(returned);
+    if (heads == NULL)
+        return NULL; /* the heads are lost to Python: cannot happen short of no memory */
+    for (unsigned i = 0; i < returned; i++)
+        PyTuple_SET_ITEM(heads, i, PyLong_FromUnsignedLong(self->returned[i]));
+    return Py_BuildValue("(IN)", used_idx, heads);
+}
+
+static PyObject *FastPath_wait(FastPath *self, PyObject *args)
+{
+    double timeout;
+    if (!PyArg_ParseTuple(args, "d", &timeout))
+        return NULL;
+    if (!self->uring_open || !self->q.pending)
+        Py_RETURN_TRUE;
+    int rc, ms = timeout < 0 ? -1 : timeout * 1000 > INT_MAX ? INT_MAX : (int)(timeout * 1000);
+    Py_BEGIN_ALLOW_THREADS
+    rc = fp_uring_wait(&self->q, ms);
+    Py_END_ALLOW_THREADS
+    if (rc < 0 && errno != ETIMEDOUT)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(rc == 0);
 }
 
 static PyObject *FastPath_forget(FastPath *self, PyObject *Py_UNUSED(ignored))
@@ -283,10 +399,14 @@ static PyObject *FastPath_forget(FastPath *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *FastPath_close(FastPath *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->running)
+    if (self->running) {
         self->close_pending = 1;
-    else
-        release_all(self);
+        Py_RETURN_NONE;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quiesce_engine(self);
+    Py_END_ALLOW_THREADS
+    release_all(self);
     Py_RETURN_NONE;
 }
 
@@ -303,6 +423,21 @@ static PyObject *FastPath_get_fallbacks(FastPath *self, void *Py_UNUSED(closure)
 static PyObject *FastPath_get_mappings(FastPath *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromLong(self->q.nmaps);
+}
+
+static PyObject *FastPath_get_pending(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLong(self->q.pending);
+}
+
+static PyObject *FastPath_get_asynchronous(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->uring_open);
+}
+
+static PyObject *FastPath_get_engine_error(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyUnicode_FromString(self->engine_error);
 }
 
 static PyObject *FastPath_get_closed(FastPath *self, void *Py_UNUSED(closure))
@@ -323,10 +458,21 @@ static PyMethodDef FastPath_methods[] = {
     {"retire", (PyCFunction)FastPath_retire, METH_VARARGS,
      "retire(position, used_idx): clear the log slots of the heads published at\n"
      "used ring positions position..used_idx (16-bit, wrapping)."},
+    {"reap", (PyCFunction)FastPath_reap, METH_VARARGS,
+     "reap(used_idx) -> (used_idx, returned)\n\n"
+     "Finish the asynchronous requests that completed: status byte and used element\n"
+     "stored (not published). `returned`: the heads whose I/O failed, for the Python\n"
+     "path to serve again from their chains (nothing of theirs was answered)."},
+    {"wait", (PyCFunction)FastPath_wait, METH_VARARGS,
+     "wait(timeout) -> bool\n\n"
+     "Block (GIL released) until every asynchronous request completed, at most timeout\n"
+     "seconds (negative: no limit); True if they did. reap() them afterwards."},
     {"forget", (PyCFunction)FastPath_forget, METH_NOARGS,
      "Forget every mapping learned (the driver's memory changed)."},
     {"close", (PyCFunction)FastPath_close, METH_NOARGS,
-     "Let go of every buffer (after the current run(), if one is running); idempotent."},
+     "Let go of every buffer (after the current run(), if one is running); idempotent.\n"
+     "Requests in the io_uring get 5 s to finish (their completions are dropped); if\n"
+     "some do not, their buffers are kept for good (`pending` stays nonzero)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -335,6 +481,12 @@ static PyGetSetDef FastPath_getset[] = {
     {"fallbacks", (getter)FastPath_get_fallbacks, NULL,
      "runs that stopped at a request for the Python path", NULL},
     {"mappings", (getter)FastPath_get_mappings, NULL, "mappings known", NULL},
+    {"pending", (getter)FastPath_get_pending, NULL,
+     "asynchronous requests not reaped yet", NULL},
+    {"asynchronous", (getter)FastPath_get_asynchronous, NULL,
+     "whether the io_uring engine runs", NULL},
+    {"engine_error", (getter)FastPath_get_engine_error, NULL,
+     "why the io_uring engine could not start ('' if it runs or was not asked for)", NULL},
     {"closed", (getter)FastPath_get_closed, NULL, "whether close() took effect", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -35,6 +36,10 @@
 #define FP_MAX_QUEUE_SIZE 32768u
 
 enum fp_target { FP_TARGET_NULL = 0, FP_TARGET_FD = 1 };
+enum fp_op { FP_OP_READ = 0, FP_OP_WRITE = 1, FP_OP_FLUSH = 2 };
+
+#define FP_TAKE_PYTHON (-1) /* serve(): the Python path must take this request */
+#define FP_STAGED (-2)      /* serve(): handed to the asynchronous engine */
 
 struct fp_desc {
     uint64_t addr;
@@ -50,6 +55,29 @@ struct fp_mapping {
     unsigned char *base; /* host address of `start` */
 };
 
+/* A request handed to the asynchronous engine (file targets), kept by head until done. */
+struct fp_job {
+    struct iovec *iov; /* its data buffers (a copy, malloc'd); NULL for a flush */
+    int n, op, busy;
+    uint64_t offset, length;
+    uint32_t written;      /* the used element's length once it succeeded */
+    unsigned char *status; /* the status byte, written only on success */
+};
+
+struct fp_queue;
+
+/*
+ * The asynchronous engine (fastpath_uring.h; the fuzzer has its own): stage() takes
+ * jobs[head] (0) or refuses it (-1: nothing was started); kick() starts everything
+ * staged (the end of each run: one submission per batch). It reports each staged job
+ * once, through fp_finish(), from the reaping code of its owner.
+ */
+struct fp_engine {
+    void *ctx;
+    int (*stage)(struct fp_queue *q, uint32_t head);
+    void (*kick)(struct fp_queue *q);
+};
+
 /* One queue: where its rings and log are, what memory it may touch, the request rules. */
 struct fp_queue {
     const volatile struct fp_desc *desc;
@@ -62,8 +90,14 @@ struct fp_queue {
     struct fp_mapping maps[FP_MAX_MAPPINGS];
     int nmaps;
     int target, fd;
-    uint64_t block_mask, submit_min;
-    int accepts_writes, flush_ok;
+    uint64_t block_mask;
+    uint64_t submit_min; /* file reads and writes this large are asynchronous */
+    int accepts_writes;
+    int flush_offered;   /* VIRTIO_BLK_F_FLUSH: flushes are served */
+    int asynchronous;    /* file flushes and large requests go to `engine`, else Python */
+    struct fp_engine engine;
+    struct fp_job *jobs; /* [size], when the engine runs; else NULL (Python takes them) */
+    unsigned pending;    /* jobs staged and not finished */
     const volatile int *stop; /* nonzero: stop at once (the queue is being given up) */
     /* scratch: one chain's buffers */
     struct iovec readable[FP_MAX_SEGMENTS], writable[FP_MAX_SEGMENTS];
@@ -196,7 +230,7 @@ static uint64_t total_length(const struct iovec *iov, int n)
 static int range_ok(const struct fp_queue *q, uint64_t sector, uint64_t length)
 {
     uint64_t capacity = *q->capacity;
-    if (length == 0 || length >= q->submit_min)
+    if (length == 0)
         return 0;
     if (sector > (capacity >> FP_SECTOR_SHIFT))
         return 0;
@@ -207,15 +241,73 @@ static int range_ok(const struct fp_queue *q, uint64_t sector, uint64_t length)
 }
 
 /*
- * Serve the request whose chain is in the scratch iovecs. Returns the bytes written
- * into the chain (status included), or -1 if the Python path must take it (nothing
- * about the request was answered; an I/O it began is redone there).
+ * Hand request `head` to the asynchronous engine: FP_STAGED, or FP_TAKE_PYTHON when
+ * there is no engine, the head is in flight already (a driver reusing it) or the
+ * engine refuses it. The iovecs are copied: the scratch ones serve the next chain.
  */
-static int64_t serve(struct fp_queue *q, int nr, int nw)
+static int64_t stage(struct fp_queue *q, uint32_t head, int op, const struct iovec *iov,
+                     int n, uint64_t offset, uint64_t length, uint32_t written,
+                     unsigned char *status)
+{
+    if (q->jobs == NULL || q->jobs[head].busy)
+        return FP_TAKE_PYTHON;
+    struct fp_job *job = &q->jobs[head];
+    job->iov = NULL;
+    if (n) {
+        job->iov = malloc((size_t)n * sizeof(*iov));
+        if (job->iov == NULL)
+            return FP_TAKE_PYTHON;
+        memcpy(job->iov, iov, (size_t)n * sizeof(*iov));
+    }
+    job->n = n;
+    job->op = op;
+    job->offset = offset;
+    job->length = length;
+    job->written = written;
+    job->status = status;
+    if (q->engine.stage(q, head) < 0) {
+        free(job->iov);
+        job->iov = NULL;
+        return FP_TAKE_PYTHON;
+    }
+    job->busy = 1;
+    q->pending++;
+    return FP_STAGED;
+}
+
+/* A read or write of iov[0..n) at `sector`: in place (null), synchronous or staged. */
+static int64_t serve_data(struct fp_queue *q, uint32_t head, int op, struct iovec *iov,
+                          int n, uint64_t sector, uint32_t written, unsigned char *status)
+{
+    uint64_t length = total_length(iov, n);
+    if (!range_ok(q, sector, length))
+        return FP_TAKE_PYTHON;
+    uint64_t offset = sector << FP_SECTOR_SHIFT;
+    if (q->target == FP_TARGET_FD) {
+        if (length >= q->submit_min)
+            return q->asynchronous ? stage(q, head, op, iov, n, offset, length, written, status)
+                                   : FP_TAKE_PYTHON;
+        if (transfer(q->fd, iov, n, offset, op == FP_OP_WRITE) < 0)
+            return FP_TAKE_PYTHON;
+    } else if (op == FP_OP_READ) {
+        for (int i = 0; i < n; i++)
+            memset(iov[i].iov_base, 0, iov[i].iov_len);
+    }
+    *status = 0;
+    return written;
+}
+
+/*
+ * Serve request `head` whose chain is in the scratch iovecs. Returns the bytes written
+ * into the chain (status included), FP_STAGED if the engine took it, or FP_TAKE_PYTHON
+ * if the Python path must take it (nothing about the request was answered; an I/O it
+ * began is redone there).
+ */
+static int64_t serve(struct fp_queue *q, uint32_t head, int nr, int nw)
 {
     if (!nr || !nw || q->readable[0].iov_len != FP_BLK_HEADER
         || q->writable[nw - 1].iov_len != 1)
-        return -1;
+        return FP_TAKE_PYTHON;
     unsigned char header[FP_BLK_HEADER];
     memcpy(header, q->readable[0].iov_base, FP_BLK_HEADER);
     uint32_t type;
@@ -225,67 +317,52 @@ static int64_t serve(struct fp_queue *q, int nr, int nw)
     unsigned char *status = q->writable[nw - 1].iov_base;
     if (type == FP_BLK_T_IN) {
         if (nr != 1 || nw < 2)
-            return -1;
-        struct iovec *data = q->writable;
-        int n = nw - 1;
-        uint64_t length = total_length(data, n);
-        if (!range_ok(q, sector, length))
-            return -1;
-        if (q->target == FP_TARGET_FD) {
-            if (transfer(q->fd, data, n, sector << FP_SECTOR_SHIFT, 0) < 0)
-                return -1;
-        } else {
-            for (int i = 0; i < n; i++)
-                memset(data[i].iov_base, 0, data[i].iov_len);
-        }
-        *status = 0;
-        return (int64_t)length + 1;
+            return FP_TAKE_PYTHON;
+        uint64_t length = total_length(q->writable, nw - 1);
+        if (length >= FP_MAX_CHAIN_BYTES)
+            return FP_TAKE_PYTHON;
+        return serve_data(q, head, FP_OP_READ, q->writable, nw - 1, sector,
+                          (uint32_t)length + 1, status);
     }
     if (type == FP_BLK_T_OUT) {
         if (nw != 1 || nr < 2 || !q->accepts_writes)
-            return -1;
-        struct iovec *data = q->readable + 1;
-        int n = nr - 1;
-        uint64_t length = total_length(data, n);
-        if (!range_ok(q, sector, length))
-            return -1;
-        if (q->target == FP_TARGET_FD
-            && transfer(q->fd, data, n, sector << FP_SECTOR_SHIFT, 1) < 0)
-            return -1;
-        *status = 0;
-        return 1;
+            return FP_TAKE_PYTHON;
+        return serve_data(q, head, FP_OP_WRITE, q->readable + 1, nr - 1, sector, 1, status);
     }
     if (type == FP_BLK_T_FLUSH) {
-        if (nr != 1 || nw != 1 || !q->flush_ok)
-            return -1;
+        if (nr != 1 || nw != 1 || !q->flush_offered)
+            return FP_TAKE_PYTHON;
         if (q->target == FP_TARGET_FD) {
+            if (q->asynchronous)
+                return stage(q, head, FP_OP_FLUSH, NULL, 0, 0, 0, 1, status);
             while (fdatasync(q->fd) < 0) {
                 if (errno != EINTR)
-                    return -1;
+                    return FP_TAKE_PYTHON;
             }
         }
         *status = 0;
         return 1;
     }
-    return -1;
+    return FP_TAKE_PYTHON;
 }
 
 /*
  * Serve up to `count` available requests from avail entry *last_avail on, in ring
  * order; stop before the first one the Python path must take (or when *q->stop is
- * set). Advances *last_avail, *used_idx (16-bit) and *sequence by what it served
- * and returns how many that was. Used elements are stored, not published.
+ * set). Advances *last_avail, *used_idx (16-bit) and *sequence by what it took and
+ * returns how many that was: served here (used elements stored, not published) or
+ * staged with the engine (started before returning; see fp_finish()).
  */
 static unsigned fp_run(struct fp_queue *q, unsigned count, unsigned *last_avail,
                        unsigned *used_idx, uint64_t *sequence)
 {
-    unsigned served = 0;
+    unsigned taken = 0, staged = 0;
     unsigned avail = *last_avail, used = *used_idx;
     uint64_t seq = *sequence;
     if (count > q->size)
         count = q->size;
-    while (served < count && !*q->stop) {
-        uint16_t head = q->avail[2 + ((avail + served) & q->mask)];
+    while (taken < count && !*q->stop) {
+        uint16_t head = q->avail[2 + ((avail + taken) & q->mask)];
         if (head >= q->size)
             break;
         int nr, nw;
@@ -294,24 +371,54 @@ static unsigned fp_run(struct fp_queue *q, unsigned count, unsigned *last_avail,
         /* Marked before the request starts; put back if Python is to take it. */
         uint64_t previous = q->slots[head];
         q->slots[head] = seq;
-        int64_t written = serve(q, nr, nw);
-        if (written < 0) {
+        int64_t written = serve(q, head, nr, nw);
+        if (written == FP_TAKE_PYTHON) {
             q->slots[head] = previous;
             break;
         }
-        if (*q->stop)
-            break; /* the queue was given up during the I/O: its completion is dropped */
-        uint32_t slot = used & q->mask;
-        q->used[1 + 2 * slot] = head;
-        q->used[2 + 2 * slot] = (uint32_t)written;
-        used = (used + 1) & 0xFFFF;
+        if (written == FP_STAGED) {
+            staged++;
+        } else {
+            if (*q->stop)
+                break; /* the queue was given up during the I/O: its completion is dropped */
+            uint32_t slot = used & q->mask;
+            q->used[1 + 2 * slot] = head;
+            q->used[2 + 2 * slot] = (uint32_t)written;
+            used = (used + 1) & 0xFFFF;
+        }
         seq++;
-        served++;
+        taken++;
     }
-    *last_avail = (avail + served) & 0xFFFF;
+    if (staged)
+        q->engine.kick(q);
+    *last_avail = (avail + taken) & 0xFFFF;
     *used_idx = used;
     *sequence = seq;
-    return served;
+    return taken;
+}
+
+/*
+ * The engine is done with jobs[head] (ok: every byte moved, or the flush done). On
+ * success the status byte is written and the used element stored at *used_idx (not
+ * published); returns 1. Otherwise nothing is written and the head is the Python
+ * path's to serve again from its chain (it reports the error); returns 0. With
+ * `drop` (the queue was given up) nothing is written either; returns 0.
+ */
+static int fp_finish(struct fp_queue *q, uint32_t head, int ok, int drop, unsigned *used_idx)
+{
+    struct fp_job *job = &q->jobs[head];
+    free(job->iov);
+    job->iov = NULL;
+    job->busy = 0;
+    q->pending--;
+    if (!ok || drop)
+        return 0;
+    *job->status = 0;
+    uint32_t slot = *used_idx & q->mask;
+    q->used[1 + 2 * slot] = head;
+    q->used[2 + 2 * slot] = job->written;
+    *used_idx = (*used_idx + 1) & 0xFFFF;
+    return 1;
 }
 
 /* Clear the log slots of the heads published at used positions position..used_idx. */

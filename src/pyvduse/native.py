@@ -12,10 +12,14 @@ pyvduse has two data paths that give the same answers:
   disk): ring walk and checks, virtio-blk header, range checks, inflight-log
   mark, the I/O, the status byte and the used element. At the first request it
   does not take (any other request type or layout, any malformed chain, any
-  buffer in memory it was not shown, an I/O error, a request for the backend's
-  asynchronous path) it stops without consuming it; the Python path serves that
-  one with all its checks and logs, then the native path goes on. So a user's
-  backend, a malformed ring and every error reply behave exactly as in Python.
+  buffer in memory it was not shown, an I/O error) it stops without consuming
+  it; the Python path serves that one with all its checks and logs, then the
+  native path goes on. So a user's backend, a malformed ring and every error
+  reply behave exactly as in Python. When the backend has a thread pool
+  (``--io-threads``), a file's large requests and its flushes go to an io_uring
+  of the queue's own instead, submitted once per batch and completed by
+  :meth:`~pyvduse.queue_worker.QueueWorker.reap`; one that fails is served again
+  by the Python path from its chain, which reports the error.
 
 ``--datapath auto`` (the default) takes the native path when the module is built
 and the backend offers a :class:`NativeTarget`; ``native`` insists on it (a clear
@@ -92,16 +96,20 @@ class NativePlan:
 
     ``capacity`` is a one-cell ``"Q"`` memoryview holding the bytes the device
     serves; a live resize stores the new value there and every queue sees it.
-    Requests of ``submit_min`` data bytes or more are left to Python (the
-    backend's asynchronous path).
+    ``asynchronous``: the backend serves its flushes and its requests of
+    ``submit_min`` data bytes or more asynchronously (a thread pool); the
+    native path then does those of a file target through an io_uring of its
+    own, or leaves them to Python if it has none. Otherwise every request is
+    served synchronously (null: in place, whatever its size).
     """
 
     target: NativeTarget
     capacity: memoryview
     block_size: int
     accepts_writes: bool
-    flush_ok: bool
+    flush_offered: bool
     submit_min: int
+    asynchronous: bool = False
 
 
 class FastPath(Protocol):
@@ -118,6 +126,14 @@ class FastPath(Protocol):
             sequence: int) -> tuple[int, int, int, int]: ...
 
     def retire(self, position: int, used_idx: int) -> None: ...
+
+    pending: int
+    asynchronous: bool
+    engine_error: str
+
+    def reap(self, used_idx: int) -> tuple[int, tuple[int, ...]]: ...
+
+    def wait(self, timeout: float) -> bool: ...
 
     def forget(self) -> None: ...
 
@@ -157,7 +173,7 @@ class NativeRing:
     __slots__ = ("_generation", "_memory", "_served_before", "_taught", "fast")
 
     def __init__(self, queue: SplitQueue, plan: NativePlan, slots: memoryview,
-                 previous: NativeRing | None = None) -> None:
+                 previous: NativeRing | None = None, eventfd: int = -1) -> None:
         assert _fastpath is not None, "NativeRing without the compiled module"
         #: Requests served by the rings this one replaces (a remapped queue).
         self._served_before = previous.served_total if previous is not None else 0
@@ -165,7 +181,8 @@ class NativeRing:
         self.fast: FastPath = _fastpath.FastPath(
             ring[0], ring[1], ring[2], queue.size, queue.indirect, queue.max_indirect,
             slots, plan.capacity, plan.target.kind, plan.target.fd, plan.block_size,
-            plan.accepts_writes, plan.flush_ok, plan.submit_min)
+            plan.accepts_writes, plan.flush_offered, plan.submit_min, plan.asynchronous,
+            eventfd)
         self._memory: GuestMemory = queue.memory
         self._generation = generation(self._memory)
         #: The ids of the regions last taught (teach() is a no-op while they stay).

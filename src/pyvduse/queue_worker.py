@@ -208,17 +208,31 @@ class QueueWorker:
         if self._plan is None:
             return None
         try:
-            return NativeRing(queue, self._plan, self._slots, previous)
+            ring = NativeRing(queue, self._plan, self._slots, previous, self.done_fd)
         except ValueError as exc:  # e.g. a ring the native code cannot address aligned
             log.warning("%s: the native data path cannot serve this ring (%s); the Python "
                         "path does", self.name, exc)
             return None
+        if ring.fast.engine_error and previous is None:
+            log.warning("%s: %s; the native path leaves large requests and flushes to the "
+                        "thread pool", self.name, ring.fast.engine_error)
+        return ring
+
+    @property
+    def in_backend(self) -> int:
+        """Requests started and not completed: in a backend, or in the native path's io_uring."""
+        native = self._native
+        return self.inflight + (native.fast.pending if native is not None else 0)
 
     def _close_native(self) -> None:
         """Stop the fast path using the current ring and log (ring lock held, or abandoned)."""
         native = self._native
         if native is not None:
             native.close()
+            if native.fast.pending:
+                log.error("%s: %d request(s) still in the kernel's io_uring after 5 s; their "
+                          "completions are dropped and their buffers stay mapped",
+                          self.name, native.fast.pending)
 
     def close(self) -> None:
         """Release the completion eventfd (after the last completion); idempotent."""
@@ -267,6 +281,11 @@ class QueueWorker:
         positions of the current one.
         """
         with self.ring_lock:
+            if self._native is not None and self._native.fast.pending:
+                # The io_uring's requests complete into the current ring, then move on.
+                self._native.fast.wait(-1)
+                self.reap()
+                queue.used_idx = self.queue.used_idx
             self._close_native()
             old, self.queue = self.queue, queue
             self._native = self._native_ring(queue, self._native)
@@ -281,24 +300,9 @@ class QueueWorker:
         serving thread starts. Returns how many are now in a backend.
         """
         queue = self.queue
-        pending = 0
         with self.ring_lock:
-            for head in heads:
-                try:
-                    chain = queue.chain_at(head)
-                except ChainError as exc:
-                    self.bad_chains += 1
-                    _driver_log.warning("bad-chain", "%s: %s; completed with length 0",
-                                        self.name, exc)
-                    queue.push(head, 0)
-                    continue
-                written = self._handle(chain, self.complete)
-                if written >= 0:
-                    queue.push(head, written)
-                else:
-                    pending += 1
+            pending = self._redo(heads)
             self.requests += len(heads)
-            self.inflight += pending
             queue.publish()
             self._retire()
             self._notify()  # what was published before the crash may never have been signalled
@@ -382,6 +386,11 @@ class QueueWorker:
         finally:
             self.ring_lock.release()
 
+    def _native_pending(self) -> int:
+        """Requests in the native path's io_uring (0 without one)."""
+        native = self._native
+        return native.fast.pending if native is not None else 0
+
     def has_work(self) -> bool:
         """Whether :meth:`drain` would find something to do now (chains or completions)."""
         queue = self.queue
@@ -389,7 +398,8 @@ class QueueWorker:
                 or self._interrupt_owed)
 
     def reap(self) -> int:
-        """Push every completion handed in by :meth:`complete`; return how many."""
+        """Push every completion handed in by :meth:`complete`, and those of the native
+        path's io_uring; return how many (ring lock held)."""
         done = self._done
         push = self.queue.push
         count = 0
@@ -398,7 +408,40 @@ class QueueWorker:
             push(head, written)
             count += 1
         self.inflight -= count
+        native = self._native
+        if native is not None and native.fast.pending:
+            queue = self.queue
+            before = queue.used_idx
+            queue.used_idx, failed = native.fast.reap(before)
+            count += (queue.used_idx - before) & 0xFFFF
+            if failed:
+                self._redo(failed)
         return count
+
+    def _redo(self, heads: Sequence[int]) -> int:
+        """Serve again, on the Python path, requests taken from the ring before: those
+        popped before a crash, or those the native path could not finish (an I/O error,
+        a submission refused). Their log marks stay; each chain is walked anew from its
+        head and the handler answers it as if just popped (ring lock held). Returns how
+        many are now in a backend (counted in :attr:`inflight`)."""
+        queue = self.queue
+        pending = 0
+        for head in heads:
+            try:
+                chain = queue.chain_at(head)
+            except ChainError as exc:  # the driver changed the chain meanwhile
+                self.bad_chains += 1
+                _driver_log.warning("bad-chain", "%s: %s; completed with length 0",
+                                    self.name, exc)
+                queue.push(head, 0)
+                continue
+            written = self._handle(chain, self.complete)
+            if written >= 0:
+                queue.push(head, written)
+            else:
+                pending += 1
+        self.inflight += pending
+        return pending
 
     def publish(self) -> None:
         """Make pushed completions visible and interrupt the driver if it asked to be.
@@ -443,7 +486,7 @@ class QueueWorker:
                 if self._interrupt_owed:
                     self._interrupt_owed = False
                     self.publish()
-                reaped = self.reap() if done else 0
+                reaped = self.reap() if done or self._native_pending() else 0
                 while count or reaped:
                     if batches is not None:
                         if not batches:
@@ -518,7 +561,7 @@ class QueueWorker:
                     if self.stopping:
                         return False
                     count = queue.pending()
-                    reaped = self.reap() if done else 0
+                    reaped = self.reap() if done or self._native_pending() else 0
                 self._dry = True
             finally:
                 lock.release()
@@ -638,7 +681,7 @@ class QueueThread:
         """Watch the queues for up to the polling window; return those with work."""
         window = self.poll_ns
         workers = [w for w in self.workers if not w.broken]
-        if not window or any(w.inflight for w in workers):
+        if not window or any(w.in_backend for w in workers):
             return []
         deadline = time.monotonic_ns() + window
         while not self._stopping:
@@ -687,7 +730,7 @@ class QueueThread:
             inflight = 0
             for worker in self.workers:
                 if not worker.ring_lock.acquire(timeout=0.1):
-                    inflight += max(worker.inflight, 1)  # its thread is stuck in a batch
+                    inflight += max(worker.in_backend, 1)  # its thread is stuck in a batch
                     continue
                 try:  # pushes from other threads end before we look
                     worker.reap()
@@ -697,7 +740,7 @@ class QueueThread:
                     worker.inflight = 0
                 finally:
                     worker.ring_lock.release()
-                inflight += worker.inflight
+                inflight += worker.in_backend
             now = time.monotonic()
             if not inflight:
                 return True

@@ -228,7 +228,7 @@ class ExportRegistry:
                 worker = device.workers.get(index)
                 served = device.served.get(index, 0) + (worker.requests if worker else 0)
                 queues.append({"index": index, "requests": served,
-                               "inflight": worker.inflight if worker else 0,
+                               "inflight": worker.in_backend if worker else 0,
                                "bad-chains": worker.bad_chains if worker else 0,
                                "running": worker is not None and not worker.broken})
             exports.append({"id": export_id, "uptime": round(time.time() - entry.started, 3),

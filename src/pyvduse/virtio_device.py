@@ -302,7 +302,7 @@ class VirtioDevice:
 
     def _finish(self, index: int, worker: QueueWorker, inflight_timeout: float | None) -> None:
         """Wait for ``worker``'s requests up to ``inflight_timeout``, then give it up."""
-        if worker.inflight and inflight_timeout != 0:
+        if worker.in_backend and inflight_timeout != 0:
             waiter = QueueThread(f"{worker.name}-stop", [worker])
             waiter.stop(inflight_timeout)  # never started: only waits and publishes
         self.served[index] = self.served.get(index, 0) + worker.requests
@@ -325,7 +325,7 @@ class VirtioDevice:
             workers, self.workers = self.workers, {}
             # One wait for them all, not one per thread; queues no thread serves (paused,
             # broken by a failed remap) included.
-            pending = [w for w in workers.values() if w.inflight]
+            pending = [w for w in workers.values() if w.in_backend]
             if pending and inflight_timeout != 0:
                 QueueThread(f"{self.name}-stop", pending).stop(inflight_timeout)  # waits only
             positions = {}

@@ -19,8 +19,9 @@ import os
 import random
 import struct
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -35,7 +36,7 @@ from pyvduse.backends.null import NullBackend
 from pyvduse.backends.threads import ThreadPoolBackend
 from pyvduse.blk import BlkConfig, BlkHandler
 from pyvduse.inflight import QueueLog
-from pyvduse.queue_worker import QueueWorker
+from pyvduse.queue_worker import QueueThread, QueueWorker
 from pyvduse.testing import DriverMemory, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
 from pyvduse.uapi import virtio as v
@@ -68,7 +69,8 @@ class World:
 
     def __init__(self, seed: int, use_native: bool, *, backend: str = "file",
                  readonly: bool = False, split: bool = False, io_threads: bool = False,
-                 block_size: int = 512) -> None:
+                 block_size: int = 512,
+                 file_backend: Callable[[str], FileBackend] = FileBackend) -> None:
         rnd = random.Random(seed)
         self.dmem = DriverMemory(size=MEM, base=BASE)
         self.ring = MockSplitRing(self.dmem, QSIZE)
@@ -91,7 +93,7 @@ class World:
         self.file = tempfile.NamedTemporaryFile(prefix="pyvduse-native-")  # noqa: SIM115
         self.file.write(rnd.randbytes(DISK))
         self.file.flush()
-        inner = (FileBackend(self.file.name, readonly=readonly) if backend == "file"
+        inner = (file_backend(self.file.name, readonly=readonly) if backend == "file"
                  else NullBackend(DISK))
         self.backend = ThreadPoolBackend(inner, 1, 8192) if io_threads else inner
         config = BlkConfig.for_backend(self.backend, logical_block_size=block_size,
@@ -123,10 +125,10 @@ class World:
         """Serve everything available; async completions (io-threads) are waited for."""
         self.worker.drain()
         deadline = time.monotonic() + 10
-        while self.worker.inflight and time.monotonic() < deadline:
+        while self.worker.in_backend and time.monotonic() < deadline:
             time.sleep(0.001)
             self.worker.drain()
-        assert not self.worker.inflight
+        assert not self.worker.in_backend
 
     def state(self) -> dict[str, Any]:
         """Everything the driver or a restarted daemon could observe."""
@@ -196,8 +198,11 @@ def hostile_head(world: World, rnd: random.Random) -> int:
     return head
 
 
-def play(world: World, seed: int, rounds: int) -> list[dict[str, Any]]:
-    """Run the request stream of ``seed``; return the state after every round."""
+def play(world: World, seed: int, rounds: int, one_by_one: bool = False) -> list[dict[str, Any]]:
+    """Run the request stream of ``seed``; return the state after every round.
+
+    ``one_by_one``: each request is published and served alone (asynchronous requests
+    in flight together may legitimately overlap and finish in any order)."""
     rnd = random.Random(seed)
     states = []
     for _ in range(rounds):
@@ -214,8 +219,9 @@ def play(world: World, seed: int, rounds: int) -> list[dict[str, Any]]:
                     heads.append(world.ring.add_chain(chain, indirect=indirect, publish=False))
             except MemoryError:
                 break
-        world.ring.publish(heads)
-        world.drain()
+        for batch in ([head] for head in heads) if one_by_one else [heads]:
+            world.ring.publish(batch)
+            world.drain()
         states.append(world.state())
     return states
 
@@ -288,11 +294,28 @@ def test_native_path_serves_a_plain_read_and_write_itself() -> None:
         assert not any(world.log.slots)  # published, so cleared
 
 
+def uring_required() -> bool:
+    """CI (PYVDUSE_REQUIRE_NATIVE=1) requires the io_uring engine too: a kernel that
+    refuses io_uring there is a failure, not a quiet fallback to the thread pool."""
+    return os.environ.get("PYVDUSE_REQUIRE_NATIVE") == "1"
+
+
+def engine_of(world: World) -> native.FastPath:
+    ring = world.worker._native
+    assert ring is not None
+    if uring_required():
+        assert ring.fast.asynchronous, ring.fast.engine_error
+    elif not ring.fast.asynchronous:
+        pytest.skip(f"no io_uring here: {ring.fast.engine_error}")
+    return ring.fast
+
+
 @requires_native
-def test_large_requests_go_to_the_thread_pool_and_small_ones_stay_native() -> None:
-    """With --io-threads, requests of io-threads-min bytes or more take the pool (whose
-    completions come in any order, so no parity run: the data are checked instead)."""
+def test_large_requests_and_flushes_go_to_the_io_uring_small_ones_are_served_in_line() -> None:
+    """With --io-threads, requests of io-threads-min bytes or more (8 KiB here) and
+    flushes are asynchronous: the native path submits them to its io_uring."""
     with worlds(5, io_threads=True) as (_, world):
+        fast = engine_of(world)
         dmem = world.dmem
         expected = bytearray(os.pread(world.file.fileno(), DISK, 0))
         for _ in range(3):
@@ -305,7 +328,82 @@ def test_large_requests_go_to_the_thread_pool_and_small_ones_stay_native() -> No
                 world.drain()
                 assert [n for _, n in world.ring.take_used()] == [1]
         assert os.pread(world.file.fileno(), DISK, 0) == expected
-        assert world.worker.native_served == 3 * 2 - 1  # the 512 and 4096-byte writes
+        # All but the first (its buffers were in a mapping the native path learns then).
+        assert world.worker.native_served == 3 * 4 - 1
+        # A batch of large reads and a flush, submitted together, complete in any order.
+        chains = {}
+        for sector in range(0, 256, 32):
+            data = dmem.buffer(16384, writable=True)
+            status = dmem.buffer(1, writable=True)
+            dmem.write(status.addr, b"\xff")
+            head = world.ring.add_chain([dmem.buffer(v.virtio_blk_outhdr.pack(
+                v.VIRTIO_BLK_T_IN, 0, sector)), data, status], indirect=True, publish=False)
+            chains[head] = (sector, data, status)
+        flush_status = dmem.buffer(1, writable=True)
+        flush = world.ring.add_chain([dmem.buffer(v.virtio_blk_outhdr.pack(
+            v.VIRTIO_BLK_T_FLUSH, 0, 0)), flush_status], indirect=True, publish=False)
+        world.ring.publish([*chains, flush])
+        world.drain()
+        used = dict(world.ring.take_used())
+        assert used == {**{head: 16385 for head in chains}, flush: 1}
+        for sector, data, status in chains.values():
+            assert dmem.read(data.addr, 16384) == expected[sector * 512:sector * 512 + 16384]
+            assert dmem.read(status.addr, 1) == b"\0"
+        assert dmem.read(flush_status.addr, 1) == b"\0"
+        assert fast.pending == 0
+        assert not any(world.log.slots)
+
+
+@requires_native
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1 << 32))
+def test_with_the_io_uring_the_native_path_gives_what_the_python_path_gives(seed: int) -> None:
+    """The same streams with asynchronous requests (the Python world's thread pool, the
+    native world's io_uring), each request published and served alone: overlapping
+    requests in flight together may finish in either order, on either path. Every
+    observable must be identical, interrupts included."""
+    with worlds(seed, io_threads=True) as (python, compiled):
+        engine_of(compiled)
+        expected = play(python, seed, 6, one_by_one=True)
+        got = play(compiled, seed, 6, one_by_one=True)
+        for round_, (want, have) in enumerate(zip(expected, got, strict=True)):
+            for key in want:
+                assert have[key] == want[key], f"seed {seed} round {round_}: {key} differs"
+
+
+class _FailingNativeReads(FileBackend):
+    """A file backend whose native target cannot read (opened write-only): every read the
+    io_uring does fails, while the Python path's reads succeed."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        super().__init__(path, readonly=readonly)
+        self.write_only = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+
+    def native_target(self) -> native.NativeTarget:
+        return native.NativeTarget.file(self.write_only)
+
+    def close(self) -> None:
+        os.close(self.write_only)
+        super().close()
+
+
+@requires_native
+def test_a_failed_io_uring_request_is_served_again_by_the_python_path() -> None:
+    with worlds(9, io_threads=True, file_backend=_FailingNativeReads) as (_, world):
+        engine_of(world)
+        dmem = world.dmem
+        expected = os.pread(world.file.fileno(), DISK, 0)
+        for sector in (0, 64, 128):
+            data = dmem.buffer(16384, writable=True)
+            status = dmem.buffer(1, writable=True)
+            world.ring.add_chain([dmem.buffer(v.virtio_blk_outhdr.pack(v.VIRTIO_BLK_T_IN, 0,
+                                                                       sector)), data, status])
+            world.drain()
+            assert [n for _, n in world.ring.take_used()] == [16385]
+            assert dmem.read(data.addr, 16384) == expected[sector * 512:sector * 512 + 16384]
+            assert dmem.read(status.addr, 1) == b"\0"
+        assert world.worker.native_served == 2  # taken natively, then redone by Python
+        assert not any(world.log.slots)
 
 
 @requires_native
@@ -408,3 +506,55 @@ def test_memories_count_their_generations() -> None:
         assert native.generation(iotlb) == 1
     finally:
         dmem.close()
+
+
+class _PipeTarget(FileBackend):
+    """A file backend whose native target is a pipe: an io_uring read of it waits until
+    the test writes the data, so a request stays in flight as long as the test wants."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        super().__init__(path, readonly=readonly)
+        self.pipe_read, self.pipe_write = os.pipe2(os.O_CLOEXEC)
+
+    def native_target(self) -> native.NativeTarget:
+        return native.NativeTarget.file(self.pipe_read)
+
+    def close(self) -> None:
+        os.close(self.pipe_read)
+        os.close(self.pipe_write)
+        super().close()
+
+
+@requires_native
+def test_stopping_a_queue_waits_for_its_io_uring_requests() -> None:
+    """A request in the io_uring is in flight like one in a backend: the queue's stop
+    waits for it (woken by the ring's eventfd) and completes it into the ring."""
+    with worlds(11, io_threads=True, file_backend=_PipeTarget) as (_, world):
+        engine_of(world)
+        dmem = world.dmem
+        world.ring.add_chain([dmem.buffer(v.virtio_blk_outhdr.pack(v.VIRTIO_BLK_T_FLUSH, 0, 0)),
+                              dmem.buffer(1, writable=True)])
+        world.drain()  # served by Python, which maps the memory for the native path
+        world.ring.take_used()
+        data = dmem.buffer(16384, writable=True)
+        status = dmem.buffer(1, writable=True)
+        world.ring.add_chain([dmem.buffer(v.virtio_blk_outhdr.pack(v.VIRTIO_BLK_T_IN, 0, 0)),
+                              data, status])
+        world.worker.drain()
+        assert world.worker.in_backend == 1 and world.worker.inflight == 0
+        assert world.ring.take_used() == []
+        assert any(world.log.slots)  # marked while in flight
+        payload = os.urandom(16384)
+        backend = world.backend.backend
+        assert isinstance(backend, _PipeTarget)
+        feeder = threading.Timer(0.3, os.write, (backend.pipe_write, payload))
+        feeder.start()
+        started = time.monotonic()
+        assert QueueThread("stop", [world.worker]).stop(inflight_timeout=10)
+        assert 0.2 < time.monotonic() - started < 5
+        feeder.join()
+        assert [n for _, n in world.ring.take_used()] == [16385]
+        assert dmem.read(data.addr, 16384) == payload
+        assert dmem.read(status.addr, 1) == b"\0"
+        assert world.worker.in_backend == 0
+        assert not any(world.log.slots)

@@ -172,8 +172,9 @@ class BlkHandler:
         return NativePlan(target=target, capacity=self._capacity_cell,
                           block_size=self.config.logical_block_size,
                           accepts_writes=self._accepts_writes,
-                          flush_ok=self._flush_offered and not self._async,
-                          submit_min=min(self._submit_min, (1 << 64) - 1))
+                          flush_offered=self._flush_offered,
+                          submit_min=min(self._submit_min, (1 << 64) - 1),
+                          asynchronous=self._async)
 
     def handle(self, chain: Chain, complete: Completer) -> int:
         """Serve one request; return the number of bytes written into the chain.
