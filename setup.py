@@ -12,7 +12,8 @@ setup(
         Extension(
             "pyvduse._fastpath",
             ["src/pyvduse/_fastpath.c"],
-            depends=["src/pyvduse/fastpath_core.h", "src/pyvduse/fastpath_uring.h"],
+            depends=["src/pyvduse/fastpath_core.h", "src/pyvduse/fastpath_uring.h",
+                     "src/pyvduse/fastpath_loop.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit"],
             optional=True,
         )

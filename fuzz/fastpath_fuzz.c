@@ -101,6 +101,7 @@ static void run_one(const uint8_t *data, size_t size)
     q->asynchronous = (submit_flags >> 1) & 1;
     if (q->asynchronous && !(submit_flags >> 7 & 1)) { /* else: no engine, Python takes them */
         q->jobs = calloc(qsize, sizeof(*q->jobs));
+        q->returned = calloc(qsize, sizeof(*q->returned));
         q->engine.ctx = &engine;
         q->engine.stage = fake_stage;
         q->engine.kick = fake_kick;
@@ -170,6 +171,9 @@ static void run_one(const uint8_t *data, size_t size)
         if (used[1 + 2 * ((before_used + i) & q->mask)] >= qsize)
             abort();
     fp_retire(q, (unsigned)take(&in, 2), used_idx);
+    if (q->nreturned > engine.count)
+        abort();
+    free(q->returned);
     free(q->jobs);
 
     for (int i = 0; i < maps; i++)

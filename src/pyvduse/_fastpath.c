@@ -47,6 +47,9 @@
 
 #include "fastpath_core.h"
 #include "fastpath_uring.h"
+#include "fastpath_loop.h"
+
+#include <sys/eventfd.h>
 
 typedef struct {
     PyObject_HEAD
@@ -57,7 +60,6 @@ typedef struct {
     int held; /* the five ring and log buffers are held */
     struct fp_uring uring;
     int uring_open;
-    uint32_t *returned; /* reap()'s scratch: heads handed back to Python */
     char engine_error[160];
     int next_evict;
     int running, closed;
@@ -106,15 +108,18 @@ static int close_engine(FastPath *self)
     if (!self->uring_open)
         return 0;
     unsigned used = 0;
-    fp_uring_reap(&self->q, 1, &used, self->returned);
+    fp_uring_reap_jobs(&self->q, 1, &used);
     if (self->q.pending)
         return -1;
     fp_uring_close(&self->uring);
     self->uring_open = 0;
+    close(self->q.engine.event_fd);
+    self->q.engine.event_fd = -1;
     free(self->q.jobs);
     self->q.jobs = NULL;
-    free(self->returned);
-    self->returned = NULL;
+    free(self->q.returned);
+    self->q.returned = NULL;
+    self->q.nreturned = 0;
     return 0;
 }
 
@@ -147,14 +152,18 @@ static void FastPath_dealloc(FastPath *self)
 }
 
 /* Start the io_uring engine; without one (engine_error says why) Python takes its share. */
-static void open_engine(FastPath *self, int eventfd)
+static void open_engine(FastPath *self)
 {
     struct fp_queue *q = &self->q;
     q->jobs = calloc(q->size, sizeof(*q->jobs));
-    self->returned = calloc(q->size, sizeof(*self->returned));
-    if (q->jobs == NULL || self->returned == NULL) {
+    q->returned = calloc(q->size, sizeof(*q->returned));
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (q->jobs == NULL || q->returned == NULL) {
         snprintf(self->engine_error, sizeof(self->engine_error), "out of memory");
-    } else if (fp_uring_open(&self->uring, q->size, eventfd) < 0) {
+    } else if (efd < 0) {
+        snprintf(self->engine_error, sizeof(self->engine_error), "eventfd: %s",
+                 strerror(errno));
+    } else if (fp_uring_open(&self->uring, q->size, efd) < 0) {
         snprintf(self->engine_error, sizeof(self->engine_error), "io_uring: %s",
                  strerror(errno));
     } else {
@@ -162,12 +171,17 @@ static void open_engine(FastPath *self, int eventfd)
         q->engine.ctx = &self->uring;
         q->engine.stage = fp_uring_stage;
         q->engine.kick = fp_uring_kick;
+        q->engine.reap = fp_uring_reap;
+        q->engine.ready = fp_uring_ready;
+        q->engine.event_fd = efd;
         return;
     }
+    if (efd >= 0)
+        close(efd);
     free(q->jobs);
     q->jobs = NULL;
-    free(self->returned);
-    self->returned = NULL;
+    free(q->returned);
+    q->returned = NULL;
 }
 
 static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
@@ -175,19 +189,19 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"desc", "avail", "used", "size", "indirect", "max_indirect",
                              "slots", "capacity", "target", "fd", "block_size",
                              "accepts_writes", "flush_offered", "submit_min", "asynchronous",
-                             "eventfd", NULL};
+                             NULL};
     PyObject *desc, *avail, *used, *slots, *capacity;
     unsigned int size, max_indirect, block_size;
-    int indirect, target, fd, accepts_writes, flush_offered, asynchronous = 0, eventfd = -1;
+    int indirect, target, fd, accepts_writes, flush_offered, asynchronous = 0;
     unsigned long long submit_min;
     if (self->held || self->q.nmaps) {
         PyErr_SetString(PyExc_RuntimeError, "FastPath is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|pi", kwlist, &desc,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|p", kwlist, &desc,
                                      &avail, &used, &size, &indirect, &max_indirect, &slots,
                                      &capacity, &target, &fd, &block_size, &accepts_writes,
-                                     &flush_offered, &submit_min, &asynchronous, &eventfd))
+                                     &flush_offered, &submit_min, &asynchronous))
         return -1;
     if (size == 0 || size > 32768 || size & (size - 1)) {
         PyErr_Format(PyExc_ValueError, "queue size %u is not a power of two in 1..32768", size);
@@ -239,9 +253,10 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     q->flush_offered = flush_offered;
     q->submit_min = submit_min;
     q->stop = &self->close_pending;
+    q->engine.event_fd = -1;
     q->asynchronous = asynchronous && target == FP_TARGET_FD;
     if (q->asynchronous)
-        open_engine(self, eventfd);
+        open_engine(self);
     return 0;
 fail_capacity:
     PyBuffer_Release(&self->capacity_buf);
@@ -348,24 +363,102 @@ static PyObject *FastPath_retire(FastPath *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The heads q->returned holds, as a tuple (emptied). */
+static PyObject *take_returned(struct fp_queue *q)
+{
+    PyObject *heads = PyTuple_New(q->nreturned);
+    if (heads == NULL)
+        return NULL;
+    for (unsigned i = 0; i < q->nreturned; i++) {
+        PyObject *head = PyLong_FromUnsignedLong(q->returned[i]);
+        if (head == NULL) {
+            Py_DECREF(heads);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(heads, i, head);
+    }
+    q->nreturned = 0;
+    return heads;
+}
+
+static int check_usable(FastPath *self)
+{
+    if (!self->held || self->closed || self->close_pending) {
+        PyErr_SetString(PyExc_ValueError, "the fast path is closed");
+        return -1;
+    }
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the fast path is running");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *FastPath_reap(FastPath *self, PyObject *args)
 {
     unsigned int used_idx;
     if (!PyArg_ParseTuple(args, "I", &used_idx))
         return NULL;
-    if (!self->held || self->closed || self->close_pending) {
-        PyErr_SetString(PyExc_ValueError, "the fast path is closed");
+    if (check_usable(self) < 0)
+        return NULL;
+    if (self->uring_open && self->q.pending)
+        fp_uring_reap(&self->q, &used_idx);
+    if (!self->q.nreturned)
+        return Py_BuildValue("(I())", used_idx);
+    PyObject *heads = take_returned(&self->q);
+    if (heads == NULL)
+        return NULL;
+    return Py_BuildValue("(IN)", used_idx, heads);
+}
+
+static PyObject *FastPath_loop(FastPath *self, PyObject *args)
+{
+    struct fp_loop l;
+    memset(&l, 0, sizeof(l));
+    unsigned long irq_request;
+    unsigned int irq_arg;
+    unsigned long long poll_max_ns, poll_ns, sequence;
+    Py_buffer header;
+    if (!PyArg_ParseTuple(args, "iiiikIpKKpw*IIIIKp", &l.kick_fd, &l.wake_fd, &l.stop_fd,
+                          &l.irq.fd, &irq_request, &irq_arg, &l.event_idx, &poll_max_ns,
+                          &poll_ns, &l.python_inflight, &header, &l.last_avail, &l.used_idx,
+                          &l.signalled, &l.log_used, &sequence, &l.dry))
+        return NULL;
+    if (check_usable(self) < 0 || header.len < 2 || (uintptr_t)header.buf & 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "the log header is not a u16 buffer");
+        PyBuffer_Release(&header);
         return NULL;
     }
-    unsigned returned = 0;
-    if (self->uring_open)
-        returned = fp_uring_reap(&self->q, 0, &used_idx, self->returned);
-    PyObject *heads = PyTuple_New(returned);
-    if (heads == NULL)
-        return NULL; /* the heads are lost to Python: cannot happen short of no memory */
-    for (unsigned i = 0; i < returned; i++)
-        PyTuple_SET_ITEM(heads, i, PyLong_FromUnsignedLong(self->returned[i]));
-    return Py_BuildValue("(IN)", used_idx, heads);
+    l.irq.request = irq_request;
+    l.irq.arg = irq_arg;
+    l.poll_max_ns = poll_max_ns;
+    l.poll_ns = poll_ns;
+    l.sequence = sequence;
+    l.log_header = header.buf;
+    l.last_avail &= 0xFFFF;
+    l.used_idx &= 0xFFFF;
+    enum fp_loop_reason reason;
+    self->running = 1;
+    Py_BEGIN_ALLOW_THREADS
+    reason = fp_loop_run(&self->q, &l);
+    Py_END_ALLOW_THREADS
+    self->running = 0;
+    PyBuffer_Release(&header);
+    self->served += l.taken;
+    if (reason == FP_LOOP_PYTHON)
+        self->fallbacks++;
+    if (self->close_pending) {
+        Py_BEGIN_ALLOW_THREADS
+        quiesce_engine(self);
+        Py_END_ALLOW_THREADS
+        release_all(self);
+    }
+    return Py_BuildValue("(iIIIIKKiKKKK)", (int)reason, l.last_avail, l.used_idx, l.signalled,
+                         l.log_used, (unsigned long long)l.sequence,
+                         (unsigned long long)l.poll_ns, l.dry, (unsigned long long)l.taken,
+                         (unsigned long long)l.interrupts, (unsigned long long)l.irq_errors,
+                         (unsigned long long)l.polls_found);
 }
 
 static PyObject *FastPath_wait(FastPath *self, PyObject *args)
@@ -435,6 +528,11 @@ static PyObject *FastPath_get_asynchronous(FastPath *self, void *Py_UNUSED(closu
     return PyBool_FromLong(self->uring_open);
 }
 
+static PyObject *FastPath_get_event_fd(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->uring_open ? self->q.engine.event_fd : -1);
+}
+
 static PyObject *FastPath_get_engine_error(FastPath *self, void *Py_UNUSED(closure))
 {
     return PyUnicode_FromString(self->engine_error);
@@ -463,6 +561,14 @@ static PyMethodDef FastPath_methods[] = {
      "Finish the asynchronous requests that completed: status byte and used element\n"
      "stored (not published). `returned`: the heads whose I/O failed, for the Python\n"
      "path to serve again from their chains (nothing of theirs was answered)."},
+    {"loop", (PyCFunction)FastPath_loop, METH_VARARGS,
+     "loop(kick_fd, wake_fd, stop_fd, irq_fd, irq_request, irq_arg, event_idx, poll_max_ns,\n"
+     "     poll_ns, python_inflight, log_header, last_avail, used_idx, signalled, log_used,\n"
+     "     sequence, dry)\n"
+     "  -> (reason, last_avail, used_idx, signalled, log_used, sequence, poll_ns, dry,\n"
+     "      taken, interrupts, irq_errors, polls_found)\n\n"
+     "Serve the queue from kick to interrupt with the GIL released (fastpath_loop.h)\n"
+     "until Python must act; `reason` says why (LOOP_* constants)."},
     {"wait", (PyCFunction)FastPath_wait, METH_VARARGS,
      "wait(timeout) -> bool\n\n"
      "Block (GIL released) until every asynchronous request completed, at most timeout\n"
@@ -485,6 +591,9 @@ static PyGetSetDef FastPath_getset[] = {
      "asynchronous requests not reaped yet", NULL},
     {"asynchronous", (getter)FastPath_get_asynchronous, NULL,
      "whether the io_uring engine runs", NULL},
+    {"event_fd", (getter)FastPath_get_event_fd, NULL,
+     "the io_uring's completion eventfd (-1 without one): wait on it with the kick fd",
+     NULL},
     {"engine_error", (getter)FastPath_get_engine_error, NULL,
      "why the io_uring engine could not start ('' if it runs or was not asked for)", NULL},
     {"closed", (getter)FastPath_get_closed, NULL, "whether close() took effect", NULL},
@@ -523,7 +632,12 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         || PyModule_AddIntConstant(module, "TARGET_NULL", FP_TARGET_NULL) < 0
         || PyModule_AddIntConstant(module, "TARGET_FD", FP_TARGET_FD) < 0
         || PyModule_AddIntConstant(module, "MAX_MAPPINGS", FP_MAX_MAPPINGS) < 0
-        || PyModule_AddIntConstant(module, "MAX_SEGMENTS", FP_MAX_SEGMENTS) < 0) {
+        || PyModule_AddIntConstant(module, "MAX_SEGMENTS", FP_MAX_SEGMENTS) < 0
+        || PyModule_AddIntConstant(module, "LOOP_PYTHON", FP_LOOP_PYTHON) < 0
+        || PyModule_AddIntConstant(module, "LOOP_RETURNED", FP_LOOP_RETURNED) < 0
+        || PyModule_AddIntConstant(module, "LOOP_WOKEN", FP_LOOP_WOKEN) < 0
+        || PyModule_AddIntConstant(module, "LOOP_STOPPED", FP_LOOP_STOPPED) < 0
+        || PyModule_AddIntConstant(module, "LOOP_BROKEN", FP_LOOP_BROKEN) < 0) {
         Py_DECREF(&FastPathType);
         Py_DECREF(module);
         return NULL;

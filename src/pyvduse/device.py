@@ -46,6 +46,7 @@ from pyvduse.errors import KernelError, PyvduseError
 from pyvduse.inflight import InflightLog, InflightLogError
 from pyvduse.kernel import DeviceSpec, LinuxVduse, VduseChannel, VduseKernel, VqInfo
 from pyvduse.memory import IotlbEntry, IotlbMemory
+from pyvduse.native import NativeIrq
 from pyvduse.uapi import vduse as u
 from pyvduse.uapi import virtio as v
 from pyvduse.virtio_device import DeviceModel, QueueState, Transport, VirtioDevice
@@ -434,15 +435,7 @@ class VduseDevice(Transport):
 
     def _notifier(self, index: int) -> Callable[[], None]:
         """The used-buffer interrupt of one queue; failures are logged, not raised."""
-        channel = self.channel
-
-        def notify() -> None:
-            try:
-                channel.vq_inject_irq(index)
-            except KernelError as exc:
-                log.warning("%s", exc)
-
-        return notify
+        return _QueueInterrupt(self.channel, index)
 
     def _stop_queues(self, inflight_timeout: float | None) -> None:
         """Stop every queue, wait for requests in flight up to ``inflight_timeout``,
@@ -469,3 +462,23 @@ def _queue_state(info: VqInfo, last_avail: int = 0) -> QueueState:
     """A ring as ``VDUSE_VQ_GET_INFO`` describes it, taken from ``last_avail``."""
     return QueueState(info.num, info.desc_addr, info.driver_addr, info.device_addr,
                       last_avail)
+
+
+class _QueueInterrupt:
+    """Interrupts the driver of one queue (``VDUSE_VQ_INJECT_IRQ``); failures are logged.
+
+    ``native_irq`` says how the compiled serving loop does the same without Python
+    (None when the channel has no kernel fd, e.g. a test's fake kernel).
+    """
+
+    def __init__(self, channel: VduseChannel, index: int) -> None:
+        self._channel = channel
+        self._index = index
+        native_irq = getattr(channel, "native_irq", None)
+        self.native_irq: NativeIrq | None = native_irq(index) if native_irq else None
+
+    def __call__(self) -> None:
+        try:
+            self._channel.vq_inject_irq(self._index)
+        except KernelError as exc:
+            log.warning("%s", exc)

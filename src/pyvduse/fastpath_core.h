@@ -76,6 +76,10 @@ struct fp_engine {
     void *ctx;
     int (*stage)(struct fp_queue *q, uint32_t head);
     void (*kick)(struct fp_queue *q);
+    /* Finish what completed (fp_finish(); failed heads go to q->returned); how many. */
+    unsigned (*reap)(struct fp_queue *q, unsigned *used_idx);
+    int (*ready)(struct fp_queue *q); /* completions wait to be reaped */
+    int event_fd;                     /* readable when completions arrive, or -1 */
 };
 
 /* One queue: where its rings and log are, what memory it may touch, the request rules. */
@@ -98,6 +102,8 @@ struct fp_queue {
     struct fp_engine engine;
     struct fp_job *jobs; /* [size], when the engine runs; else NULL (Python takes them) */
     unsigned pending;    /* jobs staged and not finished */
+    uint32_t *returned;  /* [size]: heads whose job failed, for the Python path to serve */
+    unsigned nreturned;
     const volatile int *stop; /* nonzero: stop at once (the queue is being given up) */
     /* scratch: one chain's buffers */
     struct iovec readable[FP_MAX_SEGMENTS], writable[FP_MAX_SEGMENTS];
@@ -400,9 +406,10 @@ static unsigned fp_run(struct fp_queue *q, unsigned count, unsigned *last_avail,
 /*
  * The engine is done with jobs[head] (ok: every byte moved, or the flush done). On
  * success the status byte is written and the used element stored at *used_idx (not
- * published); returns 1. Otherwise nothing is written and the head is the Python
- * path's to serve again from its chain (it reports the error); returns 0. With
- * `drop` (the queue was given up) nothing is written either; returns 0.
+ * published); returns 1. Otherwise nothing is written and the head goes to
+ * q->returned, the Python path's to serve again from its chain (it reports the
+ * error); returns 0. With `drop` (the queue was given up) nothing is written or
+ * returned; returns 0.
  */
 static int fp_finish(struct fp_queue *q, uint32_t head, int ok, int drop, unsigned *used_idx)
 {
@@ -411,8 +418,12 @@ static int fp_finish(struct fp_queue *q, uint32_t head, int ok, int drop, unsign
     job->iov = NULL;
     job->busy = 0;
     q->pending--;
-    if (!ok || drop)
+    if (drop)
         return 0;
+    if (!ok) {
+        q->returned[q->nreturned++] = head; /* at most once each: it was in flight */
+        return 0;
+    }
     *job->status = 0;
     uint32_t slot = *used_idx & q->mask;
     q->used[1 + 2 * slot] = head;

@@ -163,15 +163,14 @@ static void fp_uring_kick(struct fp_queue *q)
 
 /*
  * Finish every job the kernel completed (fp_finish(): used elements stored at
- * *used_idx, not published), and every job a refused kick left behind (failed).
- * The heads whose job failed are put in returned[] (room for the queue size) for
- * the Python path; returns how many. With `drop`, nothing is written anywhere.
+ * *used_idx, not published; failed heads to q->returned), and every job a refused
+ * kick left behind (failed). With `drop`, nothing is written anywhere. Returns how
+ * many jobs were finished.
  */
-static unsigned fp_uring_reap(struct fp_queue *q, int drop, unsigned *used_idx,
-                              uint32_t *returned)
+static unsigned fp_uring_reap_jobs(struct fp_queue *q, int drop, unsigned *used_idx)
 {
     struct fp_uring *u = q->engine.ctx;
-    unsigned nreturned = 0;
+    unsigned finished = 0;
     unsigned head = *u->cq_head;
     unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
     for (; head != tail; head++) {
@@ -179,11 +178,9 @@ static unsigned fp_uring_reap(struct fp_queue *q, int drop, unsigned *used_idx,
         uint64_t id = cqe->user_data;
         if (id >= q->size || !q->jobs[id].busy)
             continue; /* not ours: cannot happen */
-        const struct fp_job *job = &q->jobs[id];
-        int ok = cqe->res >= 0 && (uint64_t)cqe->res == job->length;
+        int ok = cqe->res >= 0 && (uint64_t)cqe->res == q->jobs[id].length;
         fp_finish(q, (uint32_t)id, ok, drop, used_idx);
-        if (!ok && !drop)
-            returned[nreturned++] = (uint32_t)id;
+        finished++;
     }
     __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
     if (u->failed && u->unsubmitted) {
@@ -192,14 +189,27 @@ static unsigned fp_uring_reap(struct fp_queue *q, int drop, unsigned *used_idx,
         for (unsigned i = sq_tail - u->unsubmitted; i != sq_tail; i++) {
             uint64_t id = u->sqes[i & *u->sq_mask].user_data;
             fp_finish(q, (uint32_t)id, 0, drop, used_idx);
-            if (!drop)
-                returned[nreturned++] = (uint32_t)id;
+            finished++;
         }
         __atomic_store_n(u->sq_tail, sq_tail - u->unsubmitted, __ATOMIC_RELEASE);
         u->unsubmitted = 0;
     }
     u->failed = 0;
-    return nreturned;
+    return finished;
+}
+
+/* fp_engine.reap */
+static unsigned fp_uring_reap(struct fp_queue *q, unsigned *used_idx)
+{
+    return fp_uring_reap_jobs(q, 0, used_idx);
+}
+
+/* fp_engine.ready */
+static int fp_uring_ready(struct fp_queue *q)
+{
+    struct fp_uring *u = q->engine.ctx;
+    return __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE) != *u->cq_head
+           || (u->failed && u->unsubmitted);
 }
 
 /*

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from pyvduse.errors import ConfigError, KernelError, MemoryAccessError, VduseUnavailableError
 from pyvduse.memory import IotlbEntry
+from pyvduse.native import NativeIrq
 from pyvduse.uapi import vduse as u
 
 VDUSE_FIX_HINT = (
@@ -240,6 +241,10 @@ class LinuxVduseChannel:
     def vq_setup_kickfd(self, index: int, fd: int) -> None:
         self._ioctl("VDUSE_VQ_SETUP_KICKFD", u.VDUSE_VQ_SETUP_KICKFD,
                     bytearray(u.vduse_vq_eventfd.pack(index, fd)))
+
+    def native_irq(self, index: int) -> NativeIrq:
+        """How the compiled data path interrupts the driver of queue ``index`` itself."""
+        return NativeIrq(self._fd, u.VDUSE_VQ_INJECT_IRQ, index)
 
     def vq_inject_irq(self, index: int) -> None:
         self._ioctl("VDUSE_VQ_INJECT_IRQ", u.VDUSE_VQ_INJECT_IRQ,

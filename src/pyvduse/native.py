@@ -54,6 +54,13 @@ DATAPATHS = ("auto", "native", "python")
 TARGET_NULL = 0
 TARGET_FD = 1
 
+# Why FastPath.loop() returned (fastpath_loop.h).
+LOOP_PYTHON = 0  #: the next request is the Python path's
+LOOP_RETURNED = 1  #: io_uring requests failed: reap() hands them back
+LOOP_WOKEN = 2  #: the wake fd (a Python completion, an owed interrupt) or the stop fd
+LOOP_STOPPED = 3  #: the queue was given up
+LOOP_BROKEN = 4  #: the driver moved the avail index by more than the queue size
+
 
 def available() -> bool:
     """Whether the compiled module ``pyvduse._fastpath`` could be imported."""
@@ -88,6 +95,21 @@ class NativeTarget:
     def file(cls, fd: int) -> NativeTarget:
         """``preadv``/``pwritev`` at the device offset, ``fdatasync`` for a flush."""
         return cls(TARGET_FD, fd)
+
+
+@dataclass(frozen=True)
+class NativeIrq:
+    """How the native serving loop interrupts a queue's driver without Python:
+    ``ioctl(fd, request, &arg)`` with a u32 ``arg`` (VDUSE: ``VDUSE_VQ_INJECT_IRQ``
+    and the queue index), or, with ``request`` 0, an eventfd write of 1 to ``fd``.
+
+    A queue's ``notify`` callable that has a ``native_irq`` attribute of this type
+    may be served by the native loop; ``fd`` must stay open while the queue runs.
+    """
+
+    fd: int
+    request: int = 0
+    arg: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,7 +153,15 @@ class FastPath(Protocol):
     asynchronous: bool
     engine_error: str
 
+    event_fd: int
+
     def reap(self, used_idx: int) -> tuple[int, tuple[int, ...]]: ...
+
+    def loop(self, kick_fd: int, wake_fd: int, stop_fd: int, irq_fd: int, irq_request: int,
+             irq_arg: int, event_idx: bool, poll_max_ns: int, poll_ns: int,
+             python_inflight: bool, log_header: memoryview, last_avail: int, used_idx: int,
+             signalled: int, log_used: int, sequence: int, dry: bool,
+             ) -> tuple[int, int, int, int, int, int, int, bool, int, int, int, int]: ...
 
     def wait(self, timeout: float) -> bool: ...
 
@@ -173,7 +203,7 @@ class NativeRing:
     __slots__ = ("_generation", "_memory", "_served_before", "_taught", "fast")
 
     def __init__(self, queue: SplitQueue, plan: NativePlan, slots: memoryview,
-                 previous: NativeRing | None = None, eventfd: int = -1) -> None:
+                 previous: NativeRing | None = None) -> None:
         assert _fastpath is not None, "NativeRing without the compiled module"
         #: Requests served by the rings this one replaces (a remapped queue).
         self._served_before = previous.served_total if previous is not None else 0
@@ -181,8 +211,7 @@ class NativeRing:
         self.fast: FastPath = _fastpath.FastPath(
             ring[0], ring[1], ring[2], queue.size, queue.indirect, queue.max_indirect,
             slots, plan.capacity, plan.target.kind, plan.target.fd, plan.block_size,
-            plan.accepts_writes, plan.flush_offered, plan.submit_min, plan.asynchronous,
-            eventfd)
+            plan.accepts_writes, plan.flush_offered, plan.submit_min, plan.asynchronous)
         self._memory: GuestMemory = queue.memory
         self._generation = generation(self._memory)
         #: The ids of the regions last taught (teach() is a no-op while they stay).

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 
 from pyvduse.errors import RingError
 from pyvduse.inflight import QueueLog
-from pyvduse.native import NativePlan, NativeRing
+from pyvduse.native import LOOP_WOKEN, NativeIrq, NativePlan, NativeRing
 from pyvduse.ratelimit import RateLimitedLog
 from pyvduse.virtqueue import Chain, ChainError, SplitQueue
 
@@ -196,6 +196,11 @@ class QueueWorker:
         #: The compiled fast path serves this queue's requests it can (see pyvduse.native).
         self._plan = native
         self._native = self._native_ring(queue, None)
+        #: How the native loop interrupts the driver (None: the loop stays in Python).
+        self._irq: NativeIrq | None = getattr(notify, "native_irq", None)
+        self._irq_errors = 0
+        #: Requests the compiled loop took (see :meth:`loop_natively`).
+        self.loop_served = 0
 
     @property
     def native_served(self) -> int:
@@ -208,7 +213,7 @@ class QueueWorker:
         if self._plan is None:
             return None
         try:
-            ring = NativeRing(queue, self._plan, self._slots, previous, self.done_fd)
+            ring = NativeRing(queue, self._plan, self._slots, previous)
         except ValueError as exc:  # e.g. a ring the native code cannot address aligned
             log.warning("%s: the native data path cannot serve this ring (%s); the Python "
                         "path does", self.name, exc)
@@ -385,6 +390,55 @@ class QueueWorker:
             log.exception("%s: interrupt of completed chains dropped", self.name)
         finally:
             self.ring_lock.release()
+
+    @property
+    def native_event_fd(self) -> int:
+        """Readable when the native path's io_uring has completions (-1 without one)."""
+        native = self._native
+        return native.fast.event_fd if native is not None else -1
+
+    def loops_natively(self) -> bool:
+        """Whether :meth:`loop_natively` can serve this queue: a native path, a native
+        interrupt and no plug/unplug calls around batches."""
+        return self._native is not None and self._irq is not None and not self._plugs
+
+    def loop_natively(self, stop_fd: int, poll_max_ns: int, poll_ns: int) -> tuple[int, int]:
+        """Serve the queue in the compiled loop until Python must act (GIL released).
+
+        The loop (``fastpath_loop.h``) waits for kicks itself (on the kick fd, the
+        io_uring's eventfd, :attr:`done_fd` and ``stop_fd``), polls for up to the
+        adaptive window ``poll_ns`` (at most ``poll_max_ns``), serves, publishes,
+        clears the log and interrupts the driver, exactly as :meth:`drain` and
+        :class:`QueueThread` do. It returns when a request is the Python path's,
+        when an io_uring request failed, when :attr:`done_fd` or ``stop_fd`` is
+        readable, when the queue is given up or when the ring is broken: call
+        :meth:`drain` then (it serves the request, reaps, or raises
+        :class:`RingError`), and this again. Returns ``(reason, poll_ns)``
+        (``reason``: a ``LOOP_*`` constant of :mod:`pyvduse.native`).
+        """
+        native = self._native
+        irq = self._irq
+        assert native is not None and irq is not None, "loops_natively() is False"
+        queue = self.queue
+        with self.ring_lock:
+            if self.stopping or self._done or self._interrupt_owed:
+                return LOOP_WOKEN, poll_ns  # Python's turn first
+            native.refresh()
+            (reason, queue.last_avail_idx, queue.used_idx, queue.signalled_used,
+             self._log_used, sequence, poll_ns, self._dry, taken, _interrupts, irq_errors,
+             _found) = native.fast.loop(
+                self.kick_fd, self.done_fd, stop_fd, irq.fd, irq.request, irq.arg,
+                queue.event_idx, poll_max_ns, poll_ns, self.inflight > 0, self._log_header,
+                queue.last_avail_idx, queue.used_idx, queue.signalled_used, self._log_used,
+                self._sequence, self._dry)
+            self.requests += sequence - self._sequence
+            self._sequence = sequence
+            self.loop_served += taken
+        if irq_errors:
+            self._irq_errors += irq_errors
+            _driver_log.warning("native-irq", "%s: %d interrupt(s) failed (%d in all)",
+                                self.name, irq_errors, self._irq_errors)
+        return reason, poll_ns
 
     def _native_pending(self) -> int:
         """Requests in the native path's io_uring (0 without one)."""
@@ -640,12 +694,16 @@ class QueueThread:
         return self._wait_inflight(inflight_timeout)
 
     def _run(self) -> None:
+        if len(self.workers) == 1 and self.workers[0].loops_natively():
+            self._run_native(self.workers[0])
+            return
         poller = select.poll()
         by_fd: dict[int, QueueWorker] = {}
         for worker in self.workers:
-            for fd in (worker.kick_fd, worker.done_fd):
-                poller.register(fd, select.POLLIN)
-                by_fd[fd] = worker
+            for fd in (worker.kick_fd, worker.done_fd, worker.native_event_fd):
+                if fd >= 0:
+                    poller.register(fd, select.POLLIN)
+                    by_fd[fd] = worker
         poller.register(self._stop_fd, select.POLLIN)
         busy = list(self.workers)  # the driver may have queued work before we started
         polling = self.poll_max_ns > 0
@@ -676,6 +734,25 @@ class QueueThread:
                         busy.append(woken)
         except Exception:
             log.exception("%s: queue thread failed; its queues stop until reset", self.name)
+
+    def _run_native(self, worker: QueueWorker) -> None:
+        """Serve one queue in the compiled loop, taking Python turns when it asks."""
+        try:
+            while not self._stopping:
+                _reason, self.poll_ns = worker.loop_natively(self._stop_fd, self.poll_max_ns,
+                                                             self.poll_ns)
+                if self._stopping:
+                    break
+                _clear(worker.done_fd)
+                try:  # the request the loop left, Python's completions, a broken ring
+                    worker.drain(BATCHES_PER_TURN)
+                except RingError as exc:
+                    log.error("%s: %s; the queue stops until the driver resets the device",
+                              worker.name, exc)
+                    worker.broken = True
+                    return
+        except Exception:
+            log.exception("%s: queue thread failed; its queue stops until reset", self.name)
 
     def _poll(self) -> list[QueueWorker]:
         """Watch the queues for up to the polling window; return those with work."""
@@ -722,8 +799,9 @@ class QueueThread:
         """
         poller = select.poll()
         for worker in self.workers:
-            if worker.done_fd >= 0:
-                poller.register(worker.done_fd, select.POLLIN)
+            for fd in (worker.done_fd, worker.native_event_fd):
+                if fd >= 0:
+                    poller.register(fd, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
         next_report = time.monotonic() + _STUCK_LOG_INTERVAL
         while True:

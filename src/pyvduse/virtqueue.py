@@ -155,7 +155,9 @@ class SplitQueue:
         self._avail_event_slot = 2 + 4 * size
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = self._used16[1] if used_idx is None else used_idx & 0xFFFF
-        self._signalled_used = self.used_idx
+        #: The used index the driver was last told of (or chose not to be): interrupts
+        #: are decided on what was published since (see :meth:`needs_interrupt`).
+        self.signalled_used = self.used_idx
         self.broken = False
 
     # -- consuming ------------------------------------------------------------------
@@ -360,14 +362,14 @@ class SplitQueue:
 
     def needs_interrupt(self) -> bool:
         """After :meth:`publish`: does the driver want to be told? Resets the tracker."""
-        if self.used_idx == self._signalled_used:
+        if self.used_idx == self.signalled_used:
             return False
         if self.event_idx:
             full_barrier()
-            old = self._signalled_used
-            self._signalled_used = self.used_idx
+            old = self.signalled_used
+            self.signalled_used = self.used_idx
             return vring_need_event(self._avail16[self._used_event_slot], self.used_idx, old)
-        self._signalled_used = self.used_idx
+        self.signalled_used = self.used_idx
         return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
 
     # -- kick suppression -----------------------------------------------------------
@@ -425,7 +427,7 @@ class SplitQueue:
         self._used64 = memoryview(bytearray(8 * size)).cast("Q")
         self._desc = memoryview(bytearray(vring_desc_table_size(size)))
         self.last_avail_idx = self._avail16[1]
-        self.used_idx = self._signalled_used = 0
+        self.used_idx = self.signalled_used = 0
         self.memory = _NO_MEMORY
         for view in old:
             view.release()
