@@ -523,6 +523,11 @@ static PyObject *FastPath_get_pending(FastPath *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLong(self->q.pending);
 }
 
+static PyObject *FastPath_get_returned(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLong(self->q.nreturned);
+}
+
 static PyObject *FastPath_get_asynchronous(FastPath *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->uring_open);
@@ -589,6 +594,8 @@ static PyGetSetDef FastPath_getset[] = {
     {"mappings", (getter)FastPath_get_mappings, NULL, "mappings known", NULL},
     {"pending", (getter)FastPath_get_pending, NULL,
      "asynchronous requests not reaped yet", NULL},
+    {"returned", (getter)FastPath_get_returned, NULL,
+     "failed io_uring requests waiting for reap() to hand them to Python", NULL},
     {"asynchronous", (getter)FastPath_get_asynchronous, NULL,
      "whether the io_uring engine runs", NULL},
     {"event_fd", (getter)FastPath_get_event_fd, NULL,

@@ -150,6 +150,7 @@ class FastPath(Protocol):
     def retire(self, position: int, used_idx: int) -> None: ...
 
     pending: int
+    returned: int
     asynchronous: bool
     engine_error: str
 

@@ -225,9 +225,9 @@ class QueueWorker:
 
     @property
     def in_backend(self) -> int:
-        """Requests started and not completed: in a backend, or in the native path's io_uring."""
-        native = self._native
-        return self.inflight + (native.fast.pending if native is not None else 0)
+        """Requests started and not completed: in a backend, or in the native path's
+        io_uring (or failed there, waiting for Python)."""
+        return self.inflight + self._native_pending()
 
     def _close_native(self) -> None:
         """Stop the fast path using the current ring and log (ring lock held, or abandoned)."""
@@ -441,9 +441,13 @@ class QueueWorker:
         return reason, poll_ns
 
     def _native_pending(self) -> int:
-        """Requests in the native path's io_uring (0 without one)."""
+        """Requests in the native path's io_uring, or failed there and not yet handed
+        to Python (0 without one): :meth:`reap` has work."""
         native = self._native
-        return native.fast.pending if native is not None else 0
+        if native is None:
+            return 0
+        fast = native.fast
+        return fast.pending + fast.returned
 
     def has_work(self) -> bool:
         """Whether :meth:`drain` would find something to do now (chains or completions)."""
@@ -462,14 +466,15 @@ class QueueWorker:
             push(head, written)
             count += 1
         self.inflight -= count
-        native = self._native
-        if native is not None and native.fast.pending:
+        if self._native_pending():
+            assert self._native is not None
+            native = self._native
             queue = self.queue
             before = queue.used_idx
             queue.used_idx, failed = native.fast.reap(before)
-            count += (queue.used_idx - before) & 0xFFFF
             if failed:
-                self._redo(failed)
+                self._redo(failed)  # what Python answers at once is pushed too
+            count += (queue.used_idx - before) & 0xFFFF
         return count
 
     def _redo(self, heads: Sequence[int]) -> int:

@@ -1,27 +1,27 @@
-"""The ``memory`` backend: a RAM disk in an anonymous private mapping.
+"""The ``memory`` backend: a RAM disk in an anonymous shared-memory file (memfd).
 
-The mapping is sparse: pages cost memory only once written, so ``size=1G``
-is free until the guest fills it, and discarding whole pages gives their
-memory back. Contents vanish when the daemon exits. Options: ``size=``
-(required). The disk can be resized while it serves (``mremap``: the pages
-move, nothing is copied).
+The disk is sparse: pages cost memory only once written, so ``size=1G`` is free
+until the guest fills it, and discarding whole pages gives their memory back.
+Contents vanish when the daemon exits. Options: ``size=`` (required). The disk
+can be resized while it serves (the file is truncated and the mapping moved:
+nothing is copied). The file's descriptor is the native data path's target
+(:mod:`pyvduse.native`): its reads and writes are ``preadv``/``pwritev`` on it,
+one copy in the kernel, with no Python call per request.
 """
 
 from __future__ import annotations
 
 import errno
 import mmap
+import os
 import threading
 from typing import Self
 
 from pyvduse.backends.base import ZERO_CHUNK, Backend, check_new_size, shrink_refused
 from pyvduse.backends.options import BackendOptions, check_disk_size
 from pyvduse.errors import BackendError, ConfigError
+from pyvduse.native import NativeTarget
 
-# Linux's MAP_NORESERVE (Python exposes it only from 3.13): do not reserve swap
-# for the whole disk up front, so a large RAM disk maps even under strict
-# overcommit accounting heuristics.
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _PAGE = mmap.PAGESIZE
 _ZEROES = memoryview(ZERO_CHUNK)
 #: Ranges at least this long are zeroed by dropping their whole pages.
@@ -29,23 +29,27 @@ MADVISE_THRESHOLD = 64 * 1024
 
 
 class MemoryBackend(Backend):
-    """``size`` bytes of anonymous memory.
+    """``size`` bytes of anonymous shared memory (a memfd, mapped once).
 
     Reads and writes are slice copies between the request's memoryviews and
     the mapping. Thread-safe: requests from different queues touch disjoint
     slices (the driver never has overlapping requests in flight), and one
     lock keeps them off the mapping while :meth:`resize` moves it (the
-    copies hold the GIL anyway, so the lock costs no parallelism). There is
-    nothing to flush, so :meth:`flush` is deliberately not defined.
+    copies hold the GIL anyway, so the lock costs no parallelism). The native
+    data path's requests go to the memory file, not the mapping, and need no
+    lock. There is nothing to flush, so :meth:`flush` is deliberately not defined.
     """
 
     name = "memory"
 
     def __init__(self, size: int) -> None:
         self._size = check_disk_size(self.name, size)
+        self._fd = os.memfd_create("pyvduse-memory", os.MFD_CLOEXEC)
         try:
-            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+            os.ftruncate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED)
         except (OSError, OverflowError) as exc:
+            os.close(self._fd)
             raise ConfigError(f"backend 'memory': cannot map {size} bytes: {exc}") from None
         self._view = memoryview(self._map)
         self._lock = threading.Lock()
@@ -115,11 +119,17 @@ class MemoryBackend(Backend):
                 self._view = memoryview(self._map)
             self._size = len(self._view)
 
+    def native_target(self) -> NativeTarget | None:
+        """The memory file's descriptor: ``preadv``/``pwritev`` there are what
+        :meth:`read` and :meth:`write` do through the mapping."""
+        return NativeTarget.file(self._fd) if self._own_data_methods(MemoryBackend) else None
+
     def close(self) -> None:
         """Unmap the memory; the backend is unusable afterwards."""
         with self._lock:
             self._view.release()
             self._map.close()
+            os.close(self._fd)
 
     def _first_data(self, start: int, end: int) -> int | None:
         """The offset of the first non-zero byte in ``[start, end)``, or None."""
@@ -133,8 +143,8 @@ class MemoryBackend(Backend):
     def _zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` zero.
 
-        Long ranges drop their whole pages with ``MADV_DONTNEED`` (a private
-        anonymous page reads as zero afterwards and no longer costs memory);
+        Long ranges drop their whole pages with ``MADV_REMOVE`` (a hole is punched
+        in the memory file: the pages read as zero and no longer cost memory);
         the partial pages at either end, and short ranges, are zeroed by
         slice assignment.
         """
@@ -145,7 +155,7 @@ class MemoryBackend(Backend):
             _fill_zero(self._view, offset, end)
             return
         _fill_zero(self._view, offset, first_page)
-        self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+        self._map.madvise(mmap.MADV_REMOVE, first_page, last_page - first_page)
         _fill_zero(self._view, last_page, end)
 
 
