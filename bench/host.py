@@ -253,6 +253,16 @@ def commit_sources(commit: str, raw_dir: Path) -> list[str]:
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    # The compiled data path of that commit too (from 2026-12-05 on it has one): else
+    # --datapath auto would serve its sources on the Python path.
+    build_files = {name: subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{name}"],
+                                        capture_output=True) for name in ("setup.py",
+                                                                          "pyproject.toml")}
+    if all(done.returncode == 0 for done in build_files.values()):
+        for name, done in build_files.items():
+            (src / name).write_bytes(done.stdout)
+        subprocess.run([str(REPO / ".venv" / "bin" / "python"), "setup.py", "-q", "build_ext",
+                        "--inplace"], check=True, cwd=src, env=env, capture_output=True)
     subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "compileall", "-q",
                     str(src / "src")], check=True, env=env, capture_output=True)
     return ["--env", f"PYTHONPATH={src / 'src'}"]

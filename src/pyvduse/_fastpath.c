@@ -65,6 +65,9 @@ typedef struct {
     int running, closed;
     volatile int close_pending; /* set under the GIL by close() while run() works without it */
     unsigned long long served, fallbacks;
+    volatile uint64_t looped; /* requests loop() took: stored as it goes, read any time */
+    volatile unsigned live_avail; /* loop()'s next avail entry, stored as it goes */
+    volatile int looping;         /* loop() runs */
 } FastPath;
 
 /* -- buffers --------------------------------------------------------------------------- */
@@ -436,13 +439,18 @@ static PyObject *FastPath_loop(FastPath *self, PyObject *args)
     l.poll_ns = poll_ns;
     l.sequence = sequence;
     l.log_header = header.buf;
+    l.taken_live = &self->looped;
+    l.avail_live = &self->live_avail;
+    self->live_avail = l.last_avail;
     l.last_avail &= 0xFFFF;
     l.used_idx &= 0xFFFF;
     enum fp_loop_reason reason;
     self->running = 1;
+    self->looping = 1;
     Py_BEGIN_ALLOW_THREADS
     reason = fp_loop_run(&self->q, &l);
     Py_END_ALLOW_THREADS
+    self->looping = 0;
     self->running = 0;
     PyBuffer_Release(&header);
     self->served += l.taken;
@@ -506,6 +514,16 @@ static PyObject *FastPath_close(FastPath *self, PyObject *Py_UNUSED(ignored))
 static PyObject *FastPath_get_served(FastPath *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->served);
+}
+
+static PyObject *FastPath_get_position(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->looping ? (long)self->live_avail : -1L);
+}
+
+static PyObject *FastPath_get_looped(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->looped);
 }
 
 static PyObject *FastPath_get_fallbacks(FastPath *self, void *Py_UNUSED(closure))
@@ -589,6 +607,10 @@ static PyMethodDef FastPath_methods[] = {
 
 static PyGetSetDef FastPath_getset[] = {
     {"served", (getter)FastPath_get_served, NULL, "requests served here", NULL},
+    {"position", (getter)FastPath_get_position, NULL,
+     "while loop() runs, its next avail entry as it goes; else -1", NULL},
+    {"looped", (getter)FastPath_get_looped, NULL,
+     "requests loop() took (of `served`), counted as it goes: readable while it runs", NULL},
     {"fallbacks", (getter)FastPath_get_fallbacks, NULL,
      "runs that stopped at a request for the Python path", NULL},
     {"mappings", (getter)FastPath_get_mappings, NULL, "mappings known", NULL},

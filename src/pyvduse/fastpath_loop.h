@@ -67,6 +67,8 @@ struct fp_loop {
     unsigned last_avail, used_idx, signalled, log_used;
     uint64_t sequence;
     uint64_t taken, interrupts, irq_errors, polls_found;
+    volatile uint64_t *taken_live; /* also counted here as it goes (statistics), or NULL */
+    volatile unsigned *avail_live; /* last_avail stored here as it goes, or NULL */
 };
 
 static uint64_t fp_now_ns(void)
@@ -194,6 +196,10 @@ static enum fp_loop_reason fp_loop_run(struct fp_queue *q, struct fp_loop *l)
         unsigned taken = count ? fp_run(q, count, &l->last_avail, &l->used_idx, &l->sequence)
                                : 0;
         l->taken += taken;
+        if (l->taken_live != NULL)
+            *l->taken_live += taken;
+        if (l->avail_live != NULL)
+            *l->avail_live = l->last_avail;
         fp_publish(q, l);
         if (q->nreturned)
             return FP_LOOP_RETURNED;

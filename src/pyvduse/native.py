@@ -138,6 +138,8 @@ class FastPath(Protocol):
     """The compiled object's interface (``pyvduse._fastpath.FastPath``)."""
 
     served: int
+    looped: int
+    position: int
     fallbacks: int
     mappings: int
     closed: bool
@@ -218,6 +220,11 @@ class NativeRing:
         #: The ids of the regions last taught (teach() is a no-op while they stay).
         self._taught: tuple[int, ...] = ()
         self.teach()
+
+    @property
+    def looped_total(self) -> int:
+        """Requests the compiled loop took on this ring (live, while it runs)."""
+        return self.fast.looped
 
     @property
     def served_total(self) -> int:

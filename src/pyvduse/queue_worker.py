@@ -177,8 +177,8 @@ class QueueWorker:
         self.broken = False
         #: The ring ran dry since the last batch: the next one may be split (see the class).
         self._dry = True
-        #: Requests popped from the ring (served or in flight).
-        self.requests = 0
+        #: Requests popped from the ring by Python code (see :attr:`requests`).
+        self._requests = 0
         #: Requests handed to the backend and not yet completed.
         self.inflight = 0
         self.bad_chains = 0
@@ -199,8 +199,27 @@ class QueueWorker:
         #: How the native loop interrupts the driver (None: the loop stays in Python).
         self._irq: NativeIrq | None = getattr(notify, "native_irq", None)
         self._irq_errors = 0
-        #: Requests the compiled loop took (see :meth:`loop_natively`).
-        self.loop_served = 0
+        self._looped_before = 0  # the compiled loop's requests on rings closed since
+
+
+    @property
+    def requests(self) -> int:
+        """Requests popped from the ring (served or in flight), the compiled loop's
+        counted live while it runs."""
+        return self._requests + self.loop_served
+
+    @property
+    def next_avail(self) -> int:
+        """The next avail entry the queue takes (the compiled loop's, live, while it runs)."""
+        native = self._native
+        position = native.fast.position if native is not None else -1
+        return position if position >= 0 else self.queue.last_avail_idx
+
+    @property
+    def loop_served(self) -> int:
+        """Requests the compiled loop took (see :meth:`loop_natively`), across remaps."""
+        native = self._native
+        return self._looped_before + (native.looped_total if native is not None else 0)
 
     @property
     def native_served(self) -> int:
@@ -234,6 +253,7 @@ class QueueWorker:
         native = self._native
         if native is not None:
             native.close()
+            self._looped_before += native.fast.looped  # requests counts them still
             if native.fast.pending:
                 log.error("%s: %d request(s) still in the kernel's io_uring after 5 s; their "
                           "completions are dropped and their buffers stay mapped",
@@ -307,7 +327,7 @@ class QueueWorker:
         queue = self.queue
         with self.ring_lock:
             pending = self._redo(heads)
-            self.requests += len(heads)
+            self._requests += len(heads)
             queue.publish()
             self._retire()
             self._notify()  # what was published before the crash may never have been signalled
@@ -425,15 +445,13 @@ class QueueWorker:
                 return LOOP_WOKEN, poll_ns  # Python's turn first
             native.refresh()
             (reason, queue.last_avail_idx, queue.used_idx, queue.signalled_used,
-             self._log_used, sequence, poll_ns, self._dry, taken, _interrupts, irq_errors,
+             self._log_used, sequence, poll_ns, self._dry, _taken, _interrupts, irq_errors,
              _found) = native.fast.loop(
                 self.kick_fd, self.done_fd, stop_fd, irq.fd, irq.request, irq.arg,
                 queue.event_idx, poll_max_ns, poll_ns, self.inflight > 0, self._log_header,
                 queue.last_avail_idx, queue.used_idx, queue.signalled_used, self._log_used,
                 self._sequence, self._dry)
-            self.requests += sequence - self._sequence
-            self._sequence = sequence
-            self.loop_served += taken
+            self._sequence = sequence  # the loop counts what it took itself (requests)
         if irq_errors:
             self._irq_errors += irq_errors
             _driver_log.warning("native-irq", "%s: %d interrupt(s) failed (%d in all)",
@@ -611,7 +629,7 @@ class QueueWorker:
                         self._sequence = sequence
                         if plugged:
                             unplug()  # the batch's requests start now at the latest
-                    self.requests += sequence - first
+                    self._requests += sequence - first
                     self.inflight += pending
                     # Interrupt per batch: holding completions back until the ring runs dry
                     # saves interrupts but starves a driver that refills the ring as its

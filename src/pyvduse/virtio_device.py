@@ -311,7 +311,7 @@ class VirtioDevice:
     def last_avail(self, index: int) -> int | None:
         """The next avail entry of running queue ``index`` (None if it is not running)."""
         worker = self.workers.get(index)
-        return worker.queue.last_avail_idx if worker is not None else None
+        return worker.next_avail if worker is not None else None
 
     def stop_all(self, inflight_timeout: float | None) -> dict[int, int]:
         """Stop every queue (see :meth:`stop_queue`); return each one's next avail entry.

@@ -60,22 +60,22 @@ def test_ratios_use_the_better_qsd_and_report_margins() -> None:
         peer("nbdkit-python", flat(400.0)),
     ]), HOST)
     t = targets(res)
-    assert t["randread-qd1"]["value"] == pytest.approx(0.8)  # against aio=threads, the faster
-    assert t["randread-qd1"]["met"] is False
-    assert t["randread-qd1"]["verdict"] == "missed by 20%"
-    assert t["randread-qd32"]["met"] is True  # 0.8x of the best QSD, required 0.8x
-    assert t["seqread-1m"]["verdict"] == "missed by 11%"  # 0.8 / 0.9
+    assert t["vs-qsd/randread-4k-qd1"]["value"] == pytest.approx(0.8)  # against aio=threads
+    assert t["vs-qsd/randread-4k-qd1"]["met"] is False
+    assert t["vs-qsd/randread-4k-qd1"]["verdict"] == "missed by 20%"
+    assert t["vs-qsd/mixed-4k-qd16-1q1j"]["verdict"] == "met (+0%)"  # 1000 vs 1000
     assert t["vs-nbdkit-python/randread-4k-qd1"]["value"] == pytest.approx(2.5)
     assert t["vs-nbdkit-python/randread-4k-qd1"]["verdict"] == "met (+25%)"
-    # scaling: pyvduse 1.8x against the better QSD scaling 1.6x
-    assert t["scaling"]["value"] == pytest.approx(1.8 / 1.6)
+    # scaling: pyvduse 1.8x from one queue to two, required 1.5x
+    assert t["scaling"]["value"] == pytest.approx(1.8)
     assert t["scaling"]["met"] is True
+    assert t["scaling"]["verdict"] == "met (+20%)"
     # RSS: 30 MiB against the smaller QSD (10 MiB) + 16 MiB
     assert t["rss"]["met"] is False
     assert t["rss"]["verdict"] == "missed by 4.0 MiB"
     assert res["ratios_iops"]["randread-4k-qd1"]["pyvduse-file / qsd-threads"] == 0.8
     assert res["ratios_iops"]["randread-4k-qd1"]["pyvduse-file / kernel-file"] is None
-    assert res["targets_total"] == 5 + len(WORKLOADS) + 2
+    assert res["targets_total"] == 2 * len(WORKLOADS) + 2
 
 
 def test_missing_peers_are_not_measured_and_errors_are_listed() -> None:
@@ -84,12 +84,12 @@ def test_missing_peers_are_not_measured_and_errors_are_listed() -> None:
         peer("qsd-threads", {}, errors=["1 queue(s): vdpa dev add qsd0: Invalid argument"]),
     ]), HOST)
     t = targets(res)
-    assert t["randread-qd1"]["met"] is None
-    assert t["randread-qd1"]["verdict"] == "not measured"
+    assert t["vs-qsd/randread-4k-qd1"]["met"] is None
+    assert t["vs-qsd/randread-4k-qd1"]["verdict"] == "not measured"
     assert t["rss"]["met"] is None
     md = report.markdown(res)
     assert "vdpa dev add qsd0: Invalid argument" in md
-    assert "0 of 15 targets met" in md
+    assert f"0 of {2 * len(WORKLOADS) + 2} targets met" in md
 
 
 RBD = ["randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32",
@@ -153,8 +153,14 @@ def test_remote_ratios_same_server_other_client() -> None:
     # CPU per I/O: 6 s of OSD time over 12 s at 300 IOPS
     rbd = res["peers"][3]["results"]["randread-4k-qd1"]
     assert rbd["server_cpu_us_per_io"] == pytest.approx(1e6 * 6 / (300 * 12))
-    # the remote pairs set no target of their own
-    assert res["targets_total"] == 5 + len(WORKLOADS) + 2
+    # the remote targets: nbd on every workload both ran, rbd on the RBD workloads
+    t = targets(res)
+    nbd = t["pyvduse-nbd/nbdkit-file/randread-4k-qd1"]
+    assert nbd["value"] == pytest.approx(1.2) and nbd["met"] is True
+    rbd_row = t["pyvduse-rbd/qsd-rbd/randread-4k-qd1"]
+    assert rbd_row["value"] == pytest.approx(0.75) and rbd_row["verdict"] == "missed by 25%"
+    assert "pyvduse-rbd/qsd-rbd/mixed-4k-qd16-2q2j" not in t
+    assert res["targets_total"] == 2 * len(WORKLOADS) + 2 + len(WORKLOADS) + len(RBD)
 
 
 def test_remote_section_in_the_report() -> None:
