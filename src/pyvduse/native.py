@@ -186,7 +186,7 @@ def choose(datapath: str, target: NativeTarget | None, name: str) -> str:
         return "python"
     why = why_unavailable()
     if not why and target is None:
-        why = "its backend has no native target (file and null have)"
+        why = "its backend has no native target (file, memory and null have)"
     if not why:
         return "native"
     if datapath == "native":

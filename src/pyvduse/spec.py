@@ -160,7 +160,7 @@ EXPORT_OPTIONS: tuple[Option, ...] = (
            "smallest read or write sent to the --io-threads pool; smaller ones stay on the "
            "queue's thread (default: 64k)", "SIZE"),
     Option("datapath", _datapath, None,
-           "who serves the requests: native (the compiled data path: file and null "
+           "who serves the requests: native (the compiled data path: file, memory and null "
            "backends), python (the reference path, any backend) or auto: native where it "
            "can, else python; the choice is logged at start (default: $PYVDUSE_DATAPATH, "
            "or auto)", "MODE"),
