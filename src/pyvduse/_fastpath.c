@@ -146,6 +146,15 @@ static void release_all(FastPath *self)
     self->closed = 1;
 }
 
+/* Give the engine's requests their time (GIL released), then let go of everything. */
+static void close_now(FastPath *self)
+{
+    Py_BEGIN_ALLOW_THREADS
+    quiesce_engine(self);
+    Py_END_ALLOW_THREADS
+    release_all(self);
+}
+
 /* -- the type -------------------------------------------------------------------------- */
 
 static void FastPath_dealloc(FastPath *self)
@@ -344,12 +353,8 @@ static PyObject *FastPath_run(FastPath *self, PyObject *args)
     self->served += served;
     if (served < count)
         self->fallbacks++;
-    if (self->close_pending) {
-        Py_BEGIN_ALLOW_THREADS
-        quiesce_engine(self);
-        Py_END_ALLOW_THREADS
-        release_all(self);
-    }
+    if (self->close_pending)
+        close_now(self);
     return Py_BuildValue("(IIIK)", served, last_avail, used_idx, (unsigned long long)seq);
 }
 
@@ -456,12 +461,8 @@ static PyObject *FastPath_loop(FastPath *self, PyObject *args)
     self->served += l.taken;
     if (reason == FP_LOOP_PYTHON)
         self->fallbacks++;
-    if (self->close_pending) {
-        Py_BEGIN_ALLOW_THREADS
-        quiesce_engine(self);
-        Py_END_ALLOW_THREADS
-        release_all(self);
-    }
+    if (self->close_pending)
+        close_now(self);
     return Py_BuildValue("(iIIIIKKiKKKK)", (int)reason, l.last_avail, l.used_idx, l.signalled,
                          l.log_used, (unsigned long long)l.sequence,
                          (unsigned long long)l.poll_ns, l.dry, (unsigned long long)l.taken,
@@ -504,10 +505,7 @@ static PyObject *FastPath_close(FastPath *self, PyObject *Py_UNUSED(ignored))
         self->close_pending = 1;
         Py_RETURN_NONE;
     }
-    Py_BEGIN_ALLOW_THREADS
-    quiesce_engine(self);
-    Py_END_ALLOW_THREADS
-    release_all(self);
+    close_now(self);
     Py_RETURN_NONE;
 }
 
