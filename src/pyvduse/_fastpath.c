@@ -524,6 +524,11 @@ static PyObject *FastPath_get_looped(FastPath *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(self->looped);
 }
 
+static PyObject *FastPath_get_staged(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->q.staged);
+}
+
 static PyObject *FastPath_get_fallbacks(FastPath *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->fallbacks);
@@ -609,6 +614,8 @@ static PyGetSetDef FastPath_getset[] = {
      "while loop() runs, its next avail entry as it goes; else -1", NULL},
     {"looped", (getter)FastPath_get_looped, NULL,
      "requests loop() took (of `served`), counted as it goes: readable while it runs", NULL},
+    {"staged", (getter)FastPath_get_staged, NULL,
+     "requests of `served` handed to the asynchronous engine (the io_uring)", NULL},
     {"fallbacks", (getter)FastPath_get_fallbacks, NULL,
      "runs that stopped at a request for the Python path", NULL},
     {"mappings", (getter)FastPath_get_mappings, NULL, "mappings known", NULL},

@@ -41,6 +41,14 @@ enum fp_op { FP_OP_READ = 0, FP_OP_WRITE = 1, FP_OP_FLUSH = 2 };
 #define FP_TAKE_PYTHON (-1) /* serve(): the Python path must take this request */
 #define FP_STAGED (-2)      /* serve(): handed to the asynchronous engine */
 
+/*
+ * A run of this many requests or more stages all of a file's reads and writes with
+ * the asynchronous engine, small ones too: one io_uring_enter for the batch instead
+ * of one preadv/pwritev per request (system calls are what a small request costs).
+ * Fewer are served synchronously below submit_min, the quickest way for one request.
+ */
+#define FP_BATCH_MIN 4u
+
 struct fp_desc {
     uint64_t addr;
     uint32_t len;
@@ -96,12 +104,14 @@ struct fp_queue {
     int target, fd;
     uint64_t block_mask;
     uint64_t submit_min; /* file reads and writes this large are asynchronous */
+    int batching;        /* this run stages every file request (fp_run(), FP_BATCH_MIN) */
     int accepts_writes;
     int flush_offered;   /* VIRTIO_BLK_F_FLUSH: flushes are served */
     int asynchronous;    /* file flushes and large requests go to `engine`, else Python */
     struct fp_engine engine;
     struct fp_job *jobs; /* [size], when the engine runs; else NULL (Python takes them) */
     unsigned pending;    /* jobs staged and not finished */
+    uint64_t staged;     /* jobs ever staged (statistics) */
     uint32_t *returned;  /* [size]: heads whose job failed, for the Python path to serve */
     unsigned nreturned;
     const volatile int *stop; /* nonzero: stop at once (the queue is being given up) */
@@ -278,6 +288,7 @@ static int64_t stage(struct fp_queue *q, uint32_t head, int op, const struct iov
     }
     job->busy = 1;
     q->pending++;
+    q->staged++;
     return FP_STAGED;
 }
 
@@ -290,7 +301,7 @@ static int64_t serve_data(struct fp_queue *q, uint32_t head, int op, struct iove
         return FP_TAKE_PYTHON;
     uint64_t offset = sector << FP_SECTOR_SHIFT;
     if (q->target == FP_TARGET_FD) {
-        if (length >= q->submit_min)
+        if (length >= q->submit_min || q->batching)
             return q->asynchronous ? stage(q, head, op, iov, n, offset, length, written, status)
                                    : FP_TAKE_PYTHON;
         if (transfer(q->fd, iov, n, offset, op == FP_OP_WRITE) < 0)
@@ -355,7 +366,7 @@ static int64_t serve(struct fp_queue *q, uint32_t head, int nr, int nw)
 /*
  * Serve up to `count` available requests from avail entry *last_avail on, in ring
  * order; stop before the first one the Python path must take (or when *q->stop is
- * set). Advances *last_avail, *used_idx (16-bit) and *sequence by what it took and
+ * set). With FP_BATCH_MIN or more, every file request is staged. Advances *last_avail, *used_idx (16-bit) and *sequence by what it took and
  * returns how many that was: served here (used elements stored, not published) or
  * staged with the engine (started before returning; see fp_finish()).
  */
@@ -367,6 +378,7 @@ static unsigned fp_run(struct fp_queue *q, unsigned count, unsigned *last_avail,
     uint64_t seq = *sequence;
     if (count > q->size)
         count = q->size;
+    q->batching = q->asynchronous && count >= FP_BATCH_MIN;
     while (taken < count && !*q->stop) {
         uint16_t head = q->avail[2 + ((avail + taken) & q->mask)];
         if (head >= q->size)

@@ -140,6 +140,7 @@ class FastPath(Protocol):
     served: int
     looped: int
     position: int
+    staged: int
     fallbacks: int
     mappings: int
     closed: bool
