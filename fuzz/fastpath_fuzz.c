@@ -95,8 +95,9 @@ static void run_one(const uint8_t *data, size_t size)
     q->accepts_writes = (flags >> 4) & 1;
     q->flush_offered = (flags >> 5) & 1;
     q->block_mask = (512u << ((flags >> 6) & 3)) - 1;
-    uint64_t submit_flags = take(&in, 1), submit_shift = take(&in, 1) % 12;
-    q->submit_min = submit_flags & 1 ? UINT64_MAX : 512u << submit_shift;
+    uint64_t submit_flags = take(&in, 1), submit_byte = take(&in, 1);
+    q->submit_min = submit_flags & 1 ? UINT64_MAX : 512u << (submit_byte % 12);
+    q->batch_small = (int)(submit_byte >> 7) & 1; /* runs of FP_BATCH_MIN stage small ones */
     struct fake_engine engine = {.refuse_mask = (unsigned)(submit_flags >> 2)};
     q->asynchronous = (submit_flags >> 1) & 1;
     if (q->asynchronous && !(submit_flags >> 7 & 1)) { /* else: no engine, Python takes them */

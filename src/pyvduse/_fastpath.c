@@ -175,7 +175,7 @@ static void open_engine(FastPath *self)
     } else if (efd < 0) {
         snprintf(self->engine_error, sizeof(self->engine_error), "eventfd: %s",
                  strerror(errno));
-    } else if (fp_uring_open(&self->uring, q->size, efd) < 0) {
+    } else if (fp_uring_open(&self->uring, q->size, q->fd, efd) < 0) {
         snprintf(self->engine_error, sizeof(self->engine_error), "io_uring: %s",
                  strerror(errno));
     } else {
@@ -186,6 +186,7 @@ static void open_engine(FastPath *self)
         q->engine.reap = fp_uring_reap;
         q->engine.ready = fp_uring_ready;
         q->engine.event_fd = efd;
+        q->batch_small = self->uring.batch_small;
         return;
     }
     if (efd >= 0)
@@ -524,6 +525,11 @@ static PyObject *FastPath_get_looped(FastPath *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(self->looped);
 }
 
+static PyObject *FastPath_get_batches_small(FastPath *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->q.batch_small);
+}
+
 static PyObject *FastPath_get_staged(FastPath *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->q.staged);
@@ -614,6 +620,8 @@ static PyGetSetDef FastPath_getset[] = {
      "while loop() runs, its next avail entry as it goes; else -1", NULL},
     {"looped", (getter)FastPath_get_looped, NULL,
      "requests loop() took (of `served`), counted as it goes: readable while it runs", NULL},
+    {"batches_small", (getter)FastPath_get_batches_small, NULL,
+     "runs of several requests put small ones in the io_uring too (fp_uring_probe())", NULL},
     {"staged", (getter)FastPath_get_staged, NULL,
      "requests of `served` handed to the asynchronous engine (the io_uring)", NULL},
     {"fallbacks", (getter)FastPath_get_fallbacks, NULL,

@@ -42,10 +42,12 @@ enum fp_op { FP_OP_READ = 0, FP_OP_WRITE = 1, FP_OP_FLUSH = 2 };
 #define FP_STAGED (-2)      /* serve(): handed to the asynchronous engine */
 
 /*
- * A run of this many requests or more stages all of a file's reads and writes with
- * the asynchronous engine, small ones too: one io_uring_enter for the batch instead
- * of one preadv/pwritev per request (system calls are what a small request costs).
- * Fewer are served synchronously below submit_min, the quickest way for one request.
+ * With batch_small, a run of this many requests or more stages all of a file's reads
+ * and writes with the asynchronous engine, small ones too: one io_uring_enter for the
+ * batch instead of one preadv/pwritev per request, and for O_DIRECT the device works
+ * on the whole batch at once instead of one request at a time. Fewer are served
+ * synchronously below submit_min, the quickest way for one request. The engine sets
+ * batch_small only where it pays (fp_uring_probe()).
  */
 #define FP_BATCH_MIN 4u
 
@@ -104,7 +106,8 @@ struct fp_queue {
     int target, fd;
     uint64_t block_mask;
     uint64_t submit_min; /* file reads and writes this large are asynchronous */
-    int batching;        /* this run stages every file request (fp_run(), FP_BATCH_MIN) */
+    int batch_small;     /* runs of FP_BATCH_MIN requests stage small ones too */
+    int batching;        /* this run stages every file request (fp_run()) */
     int accepts_writes;
     int flush_offered;   /* VIRTIO_BLK_F_FLUSH: flushes are served */
     int asynchronous;    /* file flushes and large requests go to `engine`, else Python */
@@ -378,7 +381,7 @@ static unsigned fp_run(struct fp_queue *q, unsigned count, unsigned *last_avail,
     uint64_t seq = *sequence;
     if (count > q->size)
         count = q->size;
-    q->batching = q->asynchronous && count >= FP_BATCH_MIN;
+    q->batching = q->asynchronous && q->batch_small && count >= FP_BATCH_MIN;
     while (taken < count && !*q->stop) {
         uint16_t head = q->avail[2 + ((avail + taken) & q->mask)];
         if (head >= q->size)

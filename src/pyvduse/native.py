@@ -141,6 +141,7 @@ class FastPath(Protocol):
     looped: int
     position: int
     staged: int
+    batches_small: bool
     fallbacks: int
     mappings: int
     closed: bool
