@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -49,7 +50,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import report  # bench/report.py: this script's folder is on sys.path
 
@@ -384,6 +385,9 @@ class PyvdusePeer(Peer):
 
     group = "pyvduse"
 
+    #: Extra ``pyvduse serve`` options for every pyvduse peer (``--pyvduse-args``).
+    extra_args: ClassVar[list[str]] = []
+
     def __init__(self, work: Path, image: Path, backend: str,
                  ceph: CephCluster | None = None, log: bool = True) -> None:
         if not log and backend != "file":
@@ -423,7 +427,7 @@ class PyvdusePeer(Peer):
     def command(self, queues: int) -> list[str]:
         return [PYVDUSE, "serve", "--name", self.name, "--num-queues", str(queues),
                 "--queue-size", str(QUEUE_SIZE), "--pidfile", str(self.pidfile),
-                *self.backend_args(queues)]
+                *self.extra_args, *self.backend_args(queues)]
 
     def env(self) -> dict[str, str] | None:
         return None if self.log_on else dict(os.environ, **{NO_LOG_ENV: "1"})
@@ -912,12 +916,14 @@ def main() -> int:
     p.add_argument("--peers", help="comma-separated peer ids, started in this order (default: "
                    "all but pyvduse-nolog)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
+    p.add_argument("--pyvduse-args", default="", help="extra 'pyvduse serve' options")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every job this many times, peers alternating (default 1)")
     p.add_argument("--rbd-workloads",
                    help="comma-separated workload ids the RBD peers run, or 'all' (default: "
                         f"{', '.join(RBD_WORKLOADS)}; with --workloads: those)")
     args = p.parse_args()
+    PyvdusePeer.extra_args = shlex.split(args.pyvduse_args)
 
     if not Path("/dev/vduse/control").exists():
         say("/dev/vduse/control missing: this runs in the VM guest (bench/run)")

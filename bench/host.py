@@ -192,6 +192,8 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
         guest_cmd += ["--rbd-workloads", args.rbd_workloads]
     if args.rounds != 1:
         guest_cmd += ["--rounds", str(args.rounds)]
+    if args.pyvduse_args:
+        guest_cmd += ["--pyvduse-args", args.pyvduse_args]
     return run_guest(args, raw_dir, guest_cmd, host, say)
 
 
@@ -295,6 +297,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--peers", help="comma-separated peer ids, started in this order (default: "
                    "all but pyvduse-nolog)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
+    p.add_argument("--pyvduse-args", default="", metavar="ARGS",
+                   help="extra 'pyvduse serve' options for every pyvduse peer, e.g. "
+                        "'--poll-max-us 0' (they appear in the report's commands)")
     p.add_argument("--rbd-workloads", metavar="IDS",
                    help="comma-separated workload ids the RBD peers (pyvduse-rbd, qsd-rbd, "
                         "kernel-rbd) run, or 'all' (default: the 4K QD1/QD32 and 1M jobs; "
