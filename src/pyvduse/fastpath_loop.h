@@ -13,7 +13,8 @@
  *   interrupted if it asked to be (EVENT_IDX: vring_need_event on used_event;
  *   else unless VRING_AVAIL_F_NO_INTERRUPT) -> again, until the ring is empty ->
  *   kicks re-enabled and the ring checked once more -> polling for up to the
- *   adaptive window -> sleep in poll() on the kick fd, the engine's eventfd, the
+ *   adaptive window (unless more than FP_POLL_BURST_MAX requests came since the ring
+ *   last ran dry) -> sleep in poll() on the kick fd, the engine's eventfd, the
  *   wake fd and the stop fd.
  *
  * It returns to its caller (which serves what it cannot, and calls it again) when
@@ -35,6 +36,7 @@
 
 #define FP_SPLIT_MIN 8u          /* QueueWorker's SPLIT_MIN */
 #define FP_POLL_START_NS 4000u   /* QueueThread's POLL_START_NS */
+#define FP_POLL_BURST_MAX 2u     /* QueueThread's POLL_BURST_MAX */
 #define FP_USED_F_NO_NOTIFY 1u
 #define FP_AVAIL_F_NO_INTERRUPT 1u
 
@@ -67,6 +69,7 @@ struct fp_loop {
     unsigned last_avail, used_idx, signalled, log_used;
     uint64_t sequence;
     uint64_t taken, interrupts, irq_errors, polls_found;
+    uint64_t taken_at_dry;         /* `taken` when the ring last ran dry (the burst) */
     volatile uint64_t *taken_live; /* also counted here as it goes (statistics), or NULL */
     volatile unsigned *avail_live; /* last_avail stored here as it goes, or NULL */
 };
@@ -154,10 +157,11 @@ static void fp_clear_eventfd(int fd)
     }
 }
 
-/* Watch the ring for up to the polling window; 1 if work came. */
-static int fp_poll_window(struct fp_queue *q, struct fp_loop *l)
+/* Watch the ring for up to the polling window, unless the burst that just ended
+ * (`burst` requests since the ring last ran dry) was deep; 1 if work came. */
+static int fp_poll_window(struct fp_queue *q, struct fp_loop *l, uint64_t burst)
 {
-    if (!l->poll_ns || l->python_inflight)
+    if (!l->poll_ns || burst > FP_POLL_BURST_MAX || l->python_inflight)
         return 0;
     uint64_t deadline = fp_now_ns() + l->poll_ns;
     do {
@@ -208,7 +212,9 @@ static enum fp_loop_reason fp_loop_run(struct fp_queue *q, struct fp_loop *l)
         if (count || reaped)
             continue;
         l->dry = 1;
-        if (fp_enable_kicks(q, l) || fp_poll_window(q, l))
+        uint64_t burst = l->taken - l->taken_at_dry;
+        l->taken_at_dry = l->taken;
+        if (fp_enable_kicks(q, l) || fp_poll_window(q, l, burst))
             continue;
         struct pollfd fds[4] = {
             {.fd = l->kick_fd, .events = POLLIN},

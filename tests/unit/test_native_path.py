@@ -74,7 +74,7 @@ class World:
                  readonly: bool = False, split: bool = False, io_threads: bool = False,
                  block_size: int = 512,
                  file_backend: Callable[[str], FileBackend] = FileBackend,
-                 threaded: bool = False) -> None:
+                 threaded: bool = False, poll_max_ns: int = 0) -> None:
         rnd = random.Random(seed)
         self.dmem = DriverMemory(size=MEM, base=BASE)
         self.ring = MockSplitRing(self.dmem, QSIZE)
@@ -134,7 +134,8 @@ class World:
                                   log=self.log, native=plan)
         self.thread: QueueThread | None = None
         if threaded:
-            self.thread = QueueThread("q", [self.worker])
+            self.thread = QueueThread("q", [self.worker], poll_max_ns=poll_max_ns)
+            self.thread.poll_ns = poll_max_ns  # as if the traffic had grown the window
             self.thread.start()
 
     def close(self) -> None:
@@ -576,6 +577,48 @@ def test_the_compiled_loop_serves_and_interrupts_by_itself() -> None:
                 time.sleep(0.001)
         assert world.observed_interrupts() == interrupts + 3
         assert world.worker.loop_served == 3  # counted live, as the loop went
+
+
+@requires_native
+@pytest.mark.parametrize("use_native", [False, True], ids=["python-loop", "compiled-loop"])
+def test_polling_stops_after_a_deep_burst_and_resumes_after_a_shallow_one(
+        use_native: bool) -> None:
+    """Both loops poll after a burst of POLL_BURST_MAX (2) requests or fewer, and sleep
+    until kicked after a deeper one (a deep driver needs the CPU, not the polling)."""
+    world = World(17, use_native, threaded=True, poll_max_ns=10**9)
+    try:
+        dmem = world.dmem
+
+        def add_reads(count: int) -> list[int]:
+            heads = [world.ring.add_chain([
+                dmem.buffer(v.virtio_blk_outhdr.pack(v.VIRTIO_BLK_T_IN, 0, 8 * i)),
+                dmem.buffer(512, writable=True), dmem.buffer(1, writable=True)],
+                publish=False) for i in range(count)]
+            world.ring.publish(heads)  # no kick: only a polling thread sees them at once
+            return heads
+
+        done = 0
+
+        def served(heads: list[int]) -> None:
+            nonlocal done
+            deadline = time.monotonic() + 10
+            while world.ring.used_idx() < done + len(heads):
+                assert time.monotonic() < deadline, "the requests were not served"
+                time.sleep(0.001)
+            done = world.ring.used_idx()
+            assert sorted(head for head, _ in world.ring.take_used()) == sorted(heads)
+
+        served(add_reads(1))  # polling: the thread is in its first window
+        served(add_reads(1))  # a burst of one: polling goes on
+        served(add_reads(4))  # a deep burst: the thread goes to sleep after it
+        heads = add_reads(1)
+        time.sleep(0.2)
+        assert world.ring.used_idx() == done  # asleep: no polling after the deep burst
+        os.eventfd_write(world.kick, 1)
+        served(heads)  # kicked: a burst of one
+        served(add_reads(1))  # polling again
+    finally:
+        world.close()
 
 
 class _FailingNativeReads(FileBackend):
