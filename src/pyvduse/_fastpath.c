@@ -28,6 +28,12 @@
  * io_uring (the kernel refused one: `engine_error` says why) those requests are
  * left to Python, whose thread pool serves them.
  *
+ * An NBD target (the connection's socket, negotiated by Python) sends every read,
+ * write and flush through the queue's own connection (fastpath_nbd.h) and completes
+ * them the same way; one that fails, and every one in flight when the connection
+ * breaks, goes back to Python, whose NBD client serves it (and reconnects).
+ * attach() gives a broken engine a new connection.
+ *
  * The ring walk, request rules and I/O are in fastpath_core.h (plain C, also built
  * into the fuzzer, fuzz/fastpath_fuzz.c); this file holds the buffers they point
  * into and the interpreter's side.
@@ -47,8 +53,10 @@
 
 #include "fastpath_core.h"
 #include "fastpath_uring.h"
+#include "fastpath_nbd.h"
 #include "fastpath_loop.h"
 
+#include <fcntl.h>
 #include <sys/eventfd.h>
 
 typedef struct {
@@ -60,6 +68,7 @@ typedef struct {
     int held; /* the five ring and log buffers are held */
     struct fp_uring uring;
     int uring_open;
+    struct fp_nbd *nbd; /* the NBD engine (an NBD target), or NULL */
     char engine_error[160];
     int next_evict;
     int running, closed;
@@ -94,11 +103,27 @@ static int take_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t 
 
 #define CLOSE_WAIT_MS 5000 /* what close() gives the io_uring's requests in flight */
 
-/* Wait for the engine's requests in flight, up to CLOSE_WAIT_MS (no Python API inside). */
+/* Wait for the engine's requests in flight, up to CLOSE_WAIT_MS (no Python API inside);
+ * an NBD connection is simply shut: its requests fail at once. */
 static void quiesce_engine(FastPath *self)
 {
     if (self->uring_open && self->q.pending)
         fp_uring_wait(&self->q, CLOSE_WAIT_MS);
+    if (self->nbd != NULL)
+        fp_nbd_stop(self->nbd);
+}
+
+/* The engine's jobs, jobs' bookkeeping and eventfd, once nothing is in flight. */
+static void free_engine_state(FastPath *self)
+{
+    if (self->q.engine.event_fd >= 0)
+        close(self->q.engine.event_fd);
+    self->q.engine.event_fd = -1;
+    free(self->q.jobs);
+    self->q.jobs = NULL;
+    free(self->q.returned);
+    self->q.returned = NULL;
+    self->q.nreturned = 0;
 }
 
 /*
@@ -108,21 +133,23 @@ static void quiesce_engine(FastPath *self)
  */
 static int close_engine(FastPath *self)
 {
+    unsigned used = 0;
+    if (self->nbd != NULL) {
+        fp_nbd_stop(self->nbd); /* the reader joined: what was in flight failed */
+        fp_nbd_reap_jobs(&self->q, 1, &used);
+        fp_nbd_free(self->nbd);
+        self->nbd = NULL;
+        free_engine_state(self);
+        return 0;
+    }
     if (!self->uring_open)
         return 0;
-    unsigned used = 0;
     fp_uring_reap_jobs(&self->q, 1, &used);
     if (self->q.pending)
         return -1;
     fp_uring_close(&self->uring);
     self->uring_open = 0;
-    close(self->q.engine.event_fd);
-    self->q.engine.event_fd = -1;
-    free(self->q.jobs);
-    self->q.jobs = NULL;
-    free(self->q.returned);
-    self->q.returned = NULL;
-    self->q.nreturned = 0;
+    free_engine_state(self);
     return 0;
 }
 
@@ -163,8 +190,12 @@ static void FastPath_dealloc(FastPath *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Start the io_uring engine; without one (engine_error says why) Python takes its share. */
-static void open_engine(FastPath *self)
+/*
+ * Start the engine: an NBD target's connection engine on `nbd_sock` (a descriptor of
+ * the engine's own from then on), else the io_uring. Without one (engine_error says
+ * why) Python takes its share.
+ */
+static void open_engine(FastPath *self, int nbd_sock, uint64_t nbd_max_payload, int nbd_flush)
 {
     struct fp_queue *q = &self->q;
     q->jobs = calloc(q->size, sizeof(*q->jobs));
@@ -175,6 +206,19 @@ static void open_engine(FastPath *self)
     } else if (efd < 0) {
         snprintf(self->engine_error, sizeof(self->engine_error), "eventfd: %s",
                  strerror(errno));
+    } else if (q->target == FP_TARGET_NBD) {
+        self->nbd = fp_nbd_open(q, nbd_sock, efd, nbd_max_payload, nbd_flush);
+        if (self->nbd != NULL) {
+            q->engine.ctx = self->nbd;
+            q->engine.stage = fp_nbd_stage;
+            q->engine.kick = fp_nbd_kick;
+            q->engine.reap = fp_nbd_reap;
+            q->engine.ready = fp_nbd_ready;
+            q->engine.event_fd = efd;
+            return;
+        }
+        snprintf(self->engine_error, sizeof(self->engine_error), "nbd: %s", strerror(errno));
+        close(nbd_sock);
     } else if (fp_uring_open(&self->uring, q->size, q->fd, efd) < 0) {
         snprintf(self->engine_error, sizeof(self->engine_error), "io_uring: %s",
                  strerror(errno));
@@ -202,19 +246,20 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"desc", "avail", "used", "size", "indirect", "max_indirect",
                              "slots", "capacity", "target", "fd", "block_size",
                              "accepts_writes", "flush_offered", "submit_min", "asynchronous",
-                             NULL};
+                             "nbd_max_payload", "nbd_flush", NULL};
     PyObject *desc, *avail, *used, *slots, *capacity;
     unsigned int size, max_indirect, block_size;
-    int indirect, target, fd, accepts_writes, flush_offered, asynchronous = 0;
-    unsigned long long submit_min;
+    int indirect, target, fd, accepts_writes, flush_offered, asynchronous = 0, nbd_flush = 0;
+    unsigned long long submit_min, nbd_max_payload = 0;
     if (self->held || self->q.nmaps) {
         PyErr_SetString(PyExc_RuntimeError, "FastPath is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|p", kwlist, &desc,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|pKp", kwlist, &desc,
                                      &avail, &used, &size, &indirect, &max_indirect, &slots,
                                      &capacity, &target, &fd, &block_size, &accepts_writes,
-                                     &flush_offered, &submit_min, &asynchronous))
+                                     &flush_offered, &submit_min, &asynchronous,
+                                     &nbd_max_payload, &nbd_flush))
         return -1;
     if (size == 0 || size > 32768 || size & (size - 1)) {
         PyErr_Format(PyExc_ValueError, "queue size %u is not a power of two in 1..32768", size);
@@ -224,12 +269,12 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "block size %u is not a power of two >= 512", block_size);
         return -1;
     }
-    if (target != FP_TARGET_NULL && target != FP_TARGET_FD) {
+    if (target != FP_TARGET_NULL && target != FP_TARGET_FD && target != FP_TARGET_NBD) {
         PyErr_Format(PyExc_ValueError, "unknown target kind %d", target);
         return -1;
     }
-    if (target == FP_TARGET_FD && fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "a file target needs its descriptor");
+    if (target != FP_TARGET_NULL && fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "a file or NBD target needs its descriptor");
         return -1;
     }
     if (take_buffer(desc, &self->desc_buf, 0, (Py_ssize_t)size * (Py_ssize_t)sizeof(struct fp_desc), "descriptor table") < 0)
@@ -268,8 +313,17 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     q->stop = &self->close_pending;
     q->engine.event_fd = -1;
     q->asynchronous = asynchronous && target == FP_TARGET_FD;
-    if (q->asynchronous)
-        open_engine(self);
+    if (target == FP_TARGET_NBD) {
+        /* The connection: a duplicate, the engine's (the caller closes its own). */
+        int sock = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (sock < 0)
+            snprintf(self->engine_error, sizeof(self->engine_error), "dup: %s",
+                     strerror(errno));
+        else
+            open_engine(self, sock, nbd_max_payload, nbd_flush);
+    } else if (q->asynchronous) {
+        open_engine(self, -1, 0, 0);
+    }
     return 0;
 fail_capacity:
     PyBuffer_Release(&self->capacity_buf);
@@ -410,8 +464,8 @@ static PyObject *FastPath_reap(FastPath *self, PyObject *args)
         return NULL;
     if (check_usable(self) < 0)
         return NULL;
-    if (self->uring_open && self->q.pending)
-        fp_uring_reap(&self->q, &used_idx);
+    if (self->q.jobs != NULL && self->q.pending)
+        self->q.engine.reap(&self->q, &used_idx);
     if (!self->q.nreturned)
         return Py_BuildValue("(I())", used_idx);
     PyObject *heads = take_returned(&self->q);
@@ -476,15 +530,50 @@ static PyObject *FastPath_wait(FastPath *self, PyObject *args)
     double timeout;
     if (!PyArg_ParseTuple(args, "d", &timeout))
         return NULL;
-    if (!self->uring_open || !self->q.pending)
+    if (self->q.jobs == NULL || !self->q.pending)
         Py_RETURN_TRUE;
     int rc, ms = timeout < 0 ? -1 : timeout * 1000 > INT_MAX ? INT_MAX : (int)(timeout * 1000);
     Py_BEGIN_ALLOW_THREADS
-    rc = fp_uring_wait(&self->q, ms);
+    rc = self->nbd != NULL ? fp_nbd_wait(self->nbd, ms) : fp_uring_wait(&self->q, ms);
     Py_END_ALLOW_THREADS
     if (rc < 0 && errno != ETIMEDOUT)
         return PyErr_SetFromErrno(PyExc_OSError);
     return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *FastPath_attach(FastPath *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (check_usable(self) < 0)
+        return NULL;
+    if (self->nbd == NULL) {
+        PyErr_SetString(PyExc_ValueError, "attach(): not an NBD target with its engine");
+        return NULL;
+    }
+    int sock = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (sock < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fp_nbd_attach(self->nbd, sock);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        int saved = errno;
+        close(sock);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastPath_get_engine_broken(FastPath *self, void *Py_UNUSED(closure))
+{
+    char why[sizeof(self->nbd->why)];
+    if (self->nbd == NULL || !fp_nbd_broken(self->nbd, why, sizeof(why)))
+        return PyUnicode_FromString("");
+    return PyUnicode_FromString(why[0] ? why : "broken");
 }
 
 static PyObject *FastPath_forget(FastPath *self, PyObject *Py_UNUSED(ignored))
@@ -557,12 +646,12 @@ static PyObject *FastPath_get_returned(FastPath *self, void *Py_UNUSED(closure))
 
 static PyObject *FastPath_get_asynchronous(FastPath *self, void *Py_UNUSED(closure))
 {
-    return PyBool_FromLong(self->uring_open);
+    return PyBool_FromLong(self->q.jobs != NULL);
 }
 
 static PyObject *FastPath_get_event_fd(FastPath *self, void *Py_UNUSED(closure))
 {
-    return PyLong_FromLong(self->uring_open ? self->q.engine.event_fd : -1);
+    return PyLong_FromLong(self->q.jobs != NULL ? self->q.engine.event_fd : -1);
 }
 
 static PyObject *FastPath_get_engine_error(FastPath *self, void *Py_UNUSED(closure))
@@ -605,12 +694,18 @@ static PyMethodDef FastPath_methods[] = {
      "wait(timeout) -> bool\n\n"
      "Block (GIL released) until every asynchronous request completed, at most timeout\n"
      "seconds (negative: no limit); True if they did. reap() them afterwards."},
+    {"attach", (PyCFunction)FastPath_attach, METH_VARARGS,
+     "attach(fd)\n\n"
+     "Give a broken NBD engine (`engine_broken`) a new connection: a negotiated socket\n"
+     "(simple replies), duplicated (the caller keeps and closes its own). Only with\n"
+     "nothing in flight: OSError EBUSY otherwise."},
     {"forget", (PyCFunction)FastPath_forget, METH_NOARGS,
      "Forget every mapping learned (the driver's memory changed)."},
     {"close", (PyCFunction)FastPath_close, METH_NOARGS,
      "Let go of every buffer (after the current run(), if one is running); idempotent.\n"
      "Requests in the io_uring get 5 s to finish (their completions are dropped); if\n"
-     "some do not, their buffers are kept for good (`pending` stays nonzero)."},
+     "some do not, their buffers are kept for good (`pending` stays nonzero). An NBD\n"
+     "connection is shut at once (its requests in flight are dropped)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -623,21 +718,24 @@ static PyGetSetDef FastPath_getset[] = {
     {"batches_small", (getter)FastPath_get_batches_small, NULL,
      "runs of several requests put small ones in the io_uring too (fp_uring_probe())", NULL},
     {"staged", (getter)FastPath_get_staged, NULL,
-     "requests of `served` handed to the asynchronous engine (the io_uring)", NULL},
+     "requests of `served` handed to the asynchronous engine (io_uring or NBD)", NULL},
     {"fallbacks", (getter)FastPath_get_fallbacks, NULL,
      "runs that stopped at a request for the Python path", NULL},
     {"mappings", (getter)FastPath_get_mappings, NULL, "mappings known", NULL},
     {"pending", (getter)FastPath_get_pending, NULL,
      "asynchronous requests not reaped yet", NULL},
     {"returned", (getter)FastPath_get_returned, NULL,
-     "failed io_uring requests waiting for reap() to hand them to Python", NULL},
+     "failed engine requests waiting for reap() to hand them to Python", NULL},
     {"asynchronous", (getter)FastPath_get_asynchronous, NULL,
-     "whether the io_uring engine runs", NULL},
+     "whether an asynchronous engine runs (io_uring, or an NBD target's)", NULL},
     {"event_fd", (getter)FastPath_get_event_fd, NULL,
-     "the io_uring's completion eventfd (-1 without one): wait on it with the kick fd",
+     "the engine's completion eventfd (-1 without one): wait on it with the kick fd",
      NULL},
     {"engine_error", (getter)FastPath_get_engine_error, NULL,
-     "why the io_uring engine could not start ('' if it runs or was not asked for)", NULL},
+     "why the engine could not start ('' if it runs or was not asked for)", NULL},
+    {"engine_broken", (getter)FastPath_get_engine_broken, NULL,
+     "why an NBD engine's connection is gone ('' while it serves): attach() a new one",
+     NULL},
     {"closed", (getter)FastPath_get_closed, NULL, "whether close() took effect", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -673,6 +771,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (PyModule_AddObject(module, "FastPath", (PyObject *)&FastPathType) < 0
         || PyModule_AddIntConstant(module, "TARGET_NULL", FP_TARGET_NULL) < 0
         || PyModule_AddIntConstant(module, "TARGET_FD", FP_TARGET_FD) < 0
+        || PyModule_AddIntConstant(module, "TARGET_NBD", FP_TARGET_NBD) < 0
         || PyModule_AddIntConstant(module, "MAX_MAPPINGS", FP_MAX_MAPPINGS) < 0
         || PyModule_AddIntConstant(module, "MAX_SEGMENTS", FP_MAX_SEGMENTS) < 0
         || PyModule_AddIntConstant(module, "LOOP_PYTHON", FP_LOOP_PYTHON) < 0

@@ -35,7 +35,7 @@
 #define FP_MAX_CHAIN_BYTES 0xFFFFFFFFull
 #define FP_MAX_QUEUE_SIZE 32768u
 
-enum fp_target { FP_TARGET_NULL = 0, FP_TARGET_FD = 1 };
+enum fp_target { FP_TARGET_NULL = 0, FP_TARGET_FD = 1, FP_TARGET_NBD = 2 };
 enum fp_op { FP_OP_READ = 0, FP_OP_WRITE = 1, FP_OP_FLUSH = 2 };
 
 #define FP_TAKE_PYTHON (-1) /* serve(): the Python path must take this request */
@@ -65,7 +65,7 @@ struct fp_mapping {
     unsigned char *base; /* host address of `start` */
 };
 
-/* A request handed to the asynchronous engine (file targets), kept by head until done. */
+/* A request handed to the asynchronous engine (file and NBD targets), kept by head until done. */
 struct fp_job {
     struct iovec *iov; /* its data buffers (a copy, malloc'd); NULL for a flush */
     int n, op, busy;
@@ -77,8 +77,8 @@ struct fp_job {
 struct fp_queue;
 
 /*
- * The asynchronous engine (fastpath_uring.h; the fuzzer has its own): stage() takes
- * jobs[head] (0) or refuses it (-1: nothing was started); kick() starts everything
+ * The asynchronous engine (fastpath_uring.h, fastpath_nbd.h; the fuzzer has its own):
+ * stage() takes jobs[head] (0) or refuses it (-1: nothing was started); kick() starts everything
  * staged (the end of each run: one submission per batch). It reports each staged job
  * once, through fp_finish(), from the reaping code of its owner.
  */
@@ -303,6 +303,8 @@ static int64_t serve_data(struct fp_queue *q, uint32_t head, int op, struct iove
     if (!range_ok(q, sector, length))
         return FP_TAKE_PYTHON;
     uint64_t offset = sector << FP_SECTOR_SHIFT;
+    if (q->target == FP_TARGET_NBD) /* every request goes to the connection's engine */
+        return stage(q, head, op, iov, n, offset, length, written, status);
     if (q->target == FP_TARGET_FD) {
         if (length >= q->submit_min || q->batching)
             return q->asynchronous ? stage(q, head, op, iov, n, offset, length, written, status)
@@ -352,6 +354,8 @@ static int64_t serve(struct fp_queue *q, uint32_t head, int nr, int nw)
     if (type == FP_BLK_T_FLUSH) {
         if (nr != 1 || nw != 1 || !q->flush_offered)
             return FP_TAKE_PYTHON;
+        if (q->target == FP_TARGET_NBD)
+            return stage(q, head, FP_OP_FLUSH, NULL, 0, 0, 0, 1, status);
         if (q->target == FP_TARGET_FD) {
             if (q->asynchronous)
                 return stage(q, head, FP_OP_FLUSH, NULL, 0, 0, 0, 1, status);

@@ -29,6 +29,9 @@ error otherwise); ``python`` never uses it. The export's start line says which.
 from __future__ import annotations
 
 import logging
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -53,6 +56,10 @@ DATAPATHS = ("auto", "native", "python")
 
 TARGET_NULL = 0
 TARGET_FD = 1
+TARGET_NBD = 2
+
+NBD_RETRY_INTERVAL = 1.0
+"""Seconds between attempts to give a queue whose NBD connection broke a new one."""
 
 # Why FastPath.loop() returned (fastpath_loop.h).
 LOOP_PYTHON = 0  #: the next request is the Python path's
@@ -76,8 +83,27 @@ def why_unavailable() -> str:
 
 
 @dataclass(frozen=True)
+class NbdConnector:
+    """How each queue of an NBD target gets a connection of its own.
+
+    ``connect()`` returns a new socket, negotiated with simple replies only (no
+    structured replies), for the same export; it may block for a bounded time and
+    raises on failure. ``usable()`` says whether trying is worth it now (the
+    backend's own connection is up), so that a queue does not block on a server
+    that is known to be gone. ``max_payload``: the largest read or write one
+    command may carry; ``flush``: the server takes ``NBD_CMD_FLUSH``.
+    """
+
+    connect: Callable[[], socket.socket]
+    usable: Callable[[], bool]
+    max_payload: int
+    flush: bool
+
+
+@dataclass(frozen=True)
 class NativeTarget:
-    """Where the native path does a backend's I/O: a file descriptor, or nowhere (null).
+    """Where the native path does a backend's I/O: a file descriptor, an NBD server
+    (a connection per queue), or nowhere (null).
 
     ``fd`` stays the backend's: the native path never closes it, and the
     backend keeps it open while any queue serves (until :meth:`Backend.close`).
@@ -85,6 +111,7 @@ class NativeTarget:
 
     kind: int
     fd: int = -1
+    nbd: NbdConnector | None = None
 
     @classmethod
     def null(cls) -> NativeTarget:
@@ -95,6 +122,15 @@ class NativeTarget:
     def file(cls, fd: int) -> NativeTarget:
         """``preadv``/``pwritev`` at the device offset, ``fdatasync`` for a flush."""
         return cls(TARGET_FD, fd)
+
+    @classmethod
+    def nbd_server(cls, connector: NbdConnector) -> NativeTarget:
+        """``NBD_CMD_READ``/``WRITE``/``FLUSH`` on a connection of each queue's own,
+        sent and completed in C; a request that fails (and every request in flight on
+        a connection that breaks) is served again by the backend's Python methods.
+        Only for a server whose connections share one cache
+        (``NBD_FLAG_CAN_MULTI_CONN``): a request may go to any of them."""
+        return cls(TARGET_NBD, nbd=connector)
 
 
 @dataclass(frozen=True)
@@ -157,8 +193,11 @@ class FastPath(Protocol):
     returned: int
     asynchronous: bool
     engine_error: str
+    engine_broken: str
 
     event_fd: int
+
+    def attach(self, fd: int) -> None: ...
 
     def reap(self, used_idx: int) -> tuple[int, tuple[int, ...]]: ...
 
@@ -188,7 +227,8 @@ def choose(datapath: str, target: NativeTarget | None, name: str) -> str:
         return "python"
     why = why_unavailable()
     if not why and target is None:
-        why = "its backend has no native target (file, memory and null have)"
+        why = ("its backend has no native target (file, memory and null have, and nbd "
+               "with a server that allows several connections)")
     if not why:
         return "native"
     if datapath == "native":
@@ -205,18 +245,35 @@ class NativeRing:
     native path too.
     """
 
-    __slots__ = ("_generation", "_memory", "_served_before", "_taught", "fast")
+    __slots__ = ("_generation", "_memory", "_name", "_nbd", "_nbd_retry", "_served_before",
+                 "_taught", "fast")
 
     def __init__(self, queue: SplitQueue, plan: NativePlan, slots: memoryview,
-                 previous: NativeRing | None = None) -> None:
+                 previous: NativeRing | None = None, name: str = "queue") -> None:
         assert _fastpath is not None, "NativeRing without the compiled module"
         #: Requests served by the rings this one replaces (a remapped queue).
         self._served_before = previous.served_total if previous is not None else 0
+        self._name = name
+        self._nbd = plan.target.nbd
+        self._nbd_retry = 0.0  # when a broken NBD connection may be replaced next
         ring = queue.ring_buffers()
-        self.fast: FastPath = _fastpath.FastPath(
-            ring[0], ring[1], ring[2], queue.size, queue.indirect, queue.max_indirect,
-            slots, plan.capacity, plan.target.kind, plan.target.fd, plan.block_size,
-            plan.accepts_writes, plan.flush_offered, plan.submit_min, plan.asynchronous)
+        args = (ring[0], ring[1], ring[2], queue.size, queue.indirect, queue.max_indirect,
+                slots, plan.capacity, plan.target.kind)
+        flags = (plan.block_size, plan.accepts_writes, plan.flush_offered, plan.submit_min,
+                 plan.asynchronous)
+        if self._nbd is None:
+            self.fast: FastPath = _fastpath.FastPath(*args, plan.target.fd, *flags)
+        else:
+            try:
+                sock = self._nbd.connect()
+            except Exception as exc:
+                raise ValueError(f"cannot open its NBD connection: {exc}") from None
+            with sock:  # the fast path keeps a duplicate
+                self.fast = _fastpath.FastPath(*args, sock.fileno(), *flags,
+                                               nbd_max_payload=self._nbd.max_payload,
+                                               nbd_flush=self._nbd.flush)
+            if self.fast.engine_error:
+                raise ValueError(self.fast.engine_error)
         self._memory: GuestMemory = queue.memory
         self._generation = generation(self._memory)
         #: The ids of the regions last taught (teach() is a no-op while they stay).
@@ -234,13 +291,41 @@ class NativeRing:
         return self._served_before + self.fast.served
 
     def refresh(self) -> None:
-        """Forget what was learned if the driver's memory changed since."""
+        """Forget what was learned if the driver's memory changed since; give a broken
+        NBD connection a new one when the server is back."""
         now = generation(self._memory)
         if now != self._generation:
             self._generation = now
             self.fast.forget()
             self._taught = ()
             self.teach()
+        if self._nbd is not None and not self.fast.pending:
+            broken = self.fast.engine_broken
+            if broken:
+                self._reconnect(broken)
+
+    def _reconnect(self, why: str) -> None:
+        """Replace the broken NBD connection, at most once per NBD_RETRY_INTERVAL and
+        only while the backend's own connection is up. Meanwhile (and if this fails)
+        the queue's requests go through the backend's Python client."""
+        assert self._nbd is not None
+        now = time.monotonic()
+        if now < self._nbd_retry:
+            return
+        if not self._nbd_retry:
+            log.warning("%s: its native NBD connection is gone (%s); the Python client "
+                        "serves its requests until it is back", self._name, why)
+        self._nbd_retry = now + NBD_RETRY_INTERVAL
+        if not self._nbd.usable():
+            return
+        try:
+            with self._nbd.connect() as sock:
+                self.fast.attach(sock.fileno())
+        except Exception as exc:
+            log.debug("%s: no new native NBD connection yet: %s", self._name, exc)
+            return
+        self._nbd_retry = 0.0
+        log.info("%s: its native NBD connection is back", self._name)
 
     def teach(self) -> None:
         """Make the memory's mappings known to the native path: all of them if the

@@ -239,7 +239,7 @@ class QueueWorker:
         if self._plan is None:
             return None
         try:
-            ring = NativeRing(queue, self._plan, self._slots, previous)
+            ring = NativeRing(queue, self._plan, self._slots, previous, self.name)
         except ValueError as exc:  # e.g. a ring the native code cannot address aligned
             log.warning("%s: the native data path cannot serve this ring (%s); the Python "
                         "path does", self.name, exc)

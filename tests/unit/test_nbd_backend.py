@@ -774,7 +774,8 @@ class ScriptedServer:
     """A small NBD server on a Unix socket over a bytearray.
 
     Structured reads are answered in 512-byte chunks in reverse order, all-zero
-    chunks as holes. ``sabotage`` spoils the first reply of the first connection:
+    chunks as holes. ``sabotage`` spoils the first reply of the first connection
+    (of connection number ``sabotage_connection``):
     ``handle`` (unknown handle), ``magic`` (bad magic), ``outside`` (a data chunk
     outside the request), ``eshutdown`` (an ESHUTDOWN error), ``short`` (a read
     reply without data); for a read of 4 KiB, ``overlap`` (data chunks 0+2560 and
@@ -785,14 +786,18 @@ class ScriptedServer:
     seconds (as fast as possible for 0) and never an ACK, until the server gives
     up after ENDLESS_FOR seconds and hangs up (so that a broken client fails a
     test instead of hanging it). ``hang_up()`` closes the connections in service.
+    ``multi_conn`` advertises ``NBD_FLAG_CAN_MULTI_CONN``.
     """
 
     ENDLESS_FOR = 5.0
 
     def __init__(self, path: Path, structured: bool = True, sabotage: str = "",
                  fail_reads: bool = False, go: bool = True,
-                 info_every: float | None = None) -> None:
+                 info_every: float | None = None, multi_conn: bool = False,
+                 sabotage_connection: int = 1) -> None:
         self.path = path
+        self.multi_conn = multi_conn
+        self.sabotage_connection = sabotage_connection
         self.structured = structured
         self.go = go
         self.sabotage = sabotage
@@ -868,7 +873,7 @@ class ScriptedServer:
                                          len(payload)) + payload)
 
             flags = (m.FLAG_HAS_FLAGS | m.FLAG_SEND_FLUSH | m.FLAG_SEND_TRIM
-                     | m.FLAG_SEND_WRITE_ZEROES)
+                     | m.FLAG_SEND_WRITE_ZEROES | (m.FLAG_CAN_MULTI_CONN if self.multi_conn else 0))
             if option == m.OPT_STRUCTURED_REPLY and self.structured:
                 structured = True
                 reply(m.REP_ACK)
@@ -888,7 +893,7 @@ class ScriptedServer:
                 break
             else:
                 reply(m.REP_ERR_UNSUP)
-        sabotage = self.sabotage if number == 1 else ""
+        sabotage = self.sabotage if number == self.sabotage_connection else ""
         self.serving.append(conn)
         while True:
             _, _, kind, handle, offset, length = struct.unpack(">IHHQQI",

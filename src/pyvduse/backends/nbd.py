@@ -80,6 +80,19 @@ transition, in that order, whatever the number of connections and of failed
 reconnection attempts in between. Losing one of several connections while
 another stays up, and closing the backend, are no such transition.
 
+On the compiled data path (``--datapath auto`` where it is built), when the
+server advertises ``NBD_FLAG_CAN_MULTI_CONN``, each queue opens a connection of its
+own (simple replies, at most :data:`NATIVE_CONNECT_TIMEOUT` seconds to open) and
+its reads, writes and flushes are sent and completed in C, with no Python call per
+request (see :meth:`NbdBackend.native_target` and :mod:`pyvduse.native`). The
+connections described above stay: a request the server fails, and every request in
+flight on a queue's connection when it breaks, is served again through them, with
+the reconnection and error reporting above; a queue whose connection broke sends
+its requests through them until it has a new one (tried at most once a second,
+while the backend is connected). Without ``NBD_FLAG_CAN_MULTI_CONN`` every request
+goes through the Python client: a write completed on one connection could be
+invisible on another.
+
 Not supported: TLS, FUA (flush is used instead), block status, resizing,
 oldstyle negotiation. There is no timeout on a request that a connected
 server never answers (TCP keepalive detects dead peers on TCP).
@@ -116,6 +129,7 @@ from pyvduse.backends.socket_io import (
     slice_views,
 )
 from pyvduse.errors import BackendError, ConfigError
+from pyvduse.native import NativeTarget, NbdConnector
 from pyvduse.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -129,6 +143,9 @@ MAX_CONNECTIONS = 16
 MAX_RECONNECT_DELAY = 30.0
 #: Largest read or write payload sent in one command (servers must accept 32 MiB).
 MAX_PAYLOAD = 32 << 20
+#: Limit for opening one queue's connection for the native data path (seconds; the
+#: ``timeout`` option when shorter): it blocks that queue's thread meanwhile.
+NATIVE_CONNECT_TIMEOUT = 2.0
 #: Largest trim or write-zeroes length sent in one command (the field is 32 bits).
 MAX_EFFECT = 1 << 30
 #: At most one message per interval for each kind of connection trouble.
@@ -438,7 +455,7 @@ def negotiate(sock: socket.socket, export: str, deadline: float = math.inf) -> E
     return _negotiate(_Handshake(sock, deadline), export)
 
 
-def _negotiate(hs: _Handshake, export: str) -> ExportInfo:
+def _negotiate(hs: _Handshake, export: str, ask_structured: bool = True) -> ExportInfo:
     magic, opt_magic, hflags = struct.unpack(">QQH", hs.recv(18))
     if magic != NBDMAGIC:
         raise NbdError("not an NBD server (no NBDMAGIC)")
@@ -453,11 +470,12 @@ def _negotiate(hs: _Handshake, export: str) -> ExportInfo:
     name = export.encode()
     structured = False
     if fixed:
-        hs.send_option(OPT_STRUCTURED_REPLY)
-        reply, _ = hs.recv_option_reply(OPT_STRUCTURED_REPLY)
-        if reply == REP_ERR_SHUTDOWN:
-            raise NbdError("the server is shutting down")
-        structured = reply == REP_ACK
+        if ask_structured:
+            hs.send_option(OPT_STRUCTURED_REPLY)
+            reply, _ = hs.recv_option_reply(OPT_STRUCTURED_REPLY)
+            if reply == REP_ERR_SHUTDOWN:
+                raise NbdError("the server is shutting down")
+            structured = reply == REP_ACK
         info = _go(hs, name, export, structured)
         if info is not None:
             return info
@@ -524,8 +542,12 @@ class AttemptTimedOut(NbdError):
 
 def connect(address: NbdAddress, timeout: float,
             started: Callable[[socket.socket], None] | None = None,
-            deadline: float = math.inf) -> tuple[socket.socket, ExportInfo]:
+            deadline: float = math.inf,
+            structured: bool = True) -> tuple[socket.socket, ExportInfo]:
     """Connect to ``address`` and negotiate its export; return the socket, in blocking mode.
+
+    ``structured=False`` does not ask for structured replies (the server then
+    answers every command with a simple reply: what the native data path reads).
 
     ``timeout`` bounds the whole attempt: connecting (to every address a
     host name resolves to, tried in turn) and the handshake together; a
@@ -581,7 +603,7 @@ def connect(address: NbdAddress, timeout: float,
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
-            info = _negotiate(hs, address.export)
+            info = _negotiate(hs, address.export, structured)
         except EOFError:
             raise NbdError("the server closed the connection during the handshake") from None
         except TimeoutError:
@@ -1044,6 +1066,33 @@ class NbdBackend(AsynchronousBackend):
         """How many commands wait for a connection to come back."""
         with self._lock:
             return len(self._waiting)
+
+    def native_target(self) -> NativeTarget | None:
+        """A connection of each queue's own, served in C (see
+        :meth:`pyvduse.native.NativeTarget.nbd_server`), when the server lets
+        connections share its cache (``NBD_FLAG_CAN_MULTI_CONN``: a flush on one
+        covers the writes completed on all) and the data methods are this class's.
+        Otherwise None: every request goes through the Python client."""
+        if not self.info.has(FLAG_CAN_MULTI_CONN) or not self._own_data_methods(NbdBackend):
+            return None
+        mine = type(self)
+        if any(getattr(mine, name) is not getattr(NbdBackend, name)
+               for name in ("submit_readv", "submit_writev", "submit_flush")):
+            return None
+        return NativeTarget.nbd_server(NbdConnector(
+            connect=self._native_connection, usable=lambda: self.live_connections > 0,
+            max_payload=self._max_payload, flush=self.info.has(FLAG_SEND_FLUSH)))
+
+    def _native_connection(self) -> socket.socket:
+        """A new connection to the export for the native path: simple replies only,
+        at most :data:`NATIVE_CONNECT_TIMEOUT` seconds; the export must not have
+        changed size. Raises like :func:`connect`."""
+        sock, info = connect(self.address, min(self.timeout, NATIVE_CONNECT_TIMEOUT),
+                             structured=False)
+        if info.size != self.info.size:
+            sock.close()
+            raise NbdError(f"the export is {info.size} bytes now, not {self.info.size}")
+        return sock
 
     @property
     def _max_payload(self) -> int:
