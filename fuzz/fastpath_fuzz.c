@@ -98,6 +98,8 @@ static void run_one(const uint8_t *data, size_t size)
     uint64_t submit_flags = take(&in, 1), submit_byte = take(&in, 1);
     q->submit_min = submit_flags & 1 ? UINT64_MAX : 512u << (submit_byte % 12);
     q->batch_small = (int)(submit_byte >> 7) & 1; /* runs of FP_BATCH_MIN stage small ones */
+    if (q->target == FP_TARGET_FD && (submit_byte >> 6 & 1))
+        q->target = FP_TARGET_NBD; /* every request staged (with an engine), none done here */
     struct fake_engine engine = {.refuse_mask = (unsigned)(submit_flags >> 2)};
     q->asynchronous = (submit_flags >> 1) & 1;
     if (q->asynchronous && !(submit_flags >> 7 & 1)) { /* else: no engine, Python takes them */
