@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define FP_DESC_F_NEXT 1u
@@ -121,6 +122,22 @@ struct fp_queue {
     /* scratch: one chain's buffers */
     struct iovec readable[FP_MAX_SEGMENTS], writable[FP_MAX_SEGMENTS];
 };
+
+/* -- helpers of the engines ------------------------------------------------------------- */
+
+/* CLOCK_MONOTONIC now plus `timeout_ms` (non-negative). */
+static struct timespec fp_deadline(int timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    return deadline;
+}
 
 /* -- translation ----------------------------------------------------------------------- */
 

@@ -107,6 +107,23 @@ static void fp_nbd_done_locked(struct fp_nbd *n, uint32_t head, int ok)
     __atomic_store_n(&n->ndone, n->ndone + 1, __ATOMIC_RELEASE);
 }
 
+/* Move the iovecs (*iov, *cnt of them) past `done` bytes moved (a partial one advanced
+ * in place), and past any empty buffers after them. */
+static void fp_nbd_advance(struct iovec **iov, int *cnt, size_t done)
+{
+    while (*cnt > 0 && (done || (*iov)->iov_len == 0)) {
+        if (done >= (*iov)->iov_len) {
+            done -= (*iov)->iov_len;
+            (*iov)++;
+            (*cnt)--;
+        } else {
+            (*iov)->iov_base = (char *)(*iov)->iov_base + done;
+            (*iov)->iov_len -= done;
+            done = 0;
+        }
+    }
+}
+
 /* Receive exactly `len` bytes into iov[0..cnt) (a scratch copy: it is advanced); 0, or
  * -1 with `why` set. */
 static int fp_nbd_recv(int sock, struct iovec *iov, int cnt, uint64_t len, char *why,
@@ -122,17 +139,7 @@ static int fp_nbd_recv(int sock, struct iovec *iov, int cnt, uint64_t len, char 
             return -1;
         }
         len -= (uint64_t)got;
-        while (got > 0 && cnt > 0) {
-            if ((size_t)got >= iov->iov_len) {
-                got -= (ssize_t)iov->iov_len;
-                iov++;
-                cnt--;
-            } else {
-                iov->iov_base = (char *)iov->iov_base + got;
-                iov->iov_len -= (size_t)got;
-                got = 0;
-            }
-        }
+        fp_nbd_advance(&iov, &cnt, (size_t)got);
     }
     return 0;
 }
@@ -356,21 +363,7 @@ static int fp_nbd_send(int sock, struct iovec *iov, int cnt)
             continue;
         if (sent < 0)
             return -1;
-        while (sent > 0 && cnt > 0) {
-            if ((size_t)sent >= iov->iov_len) {
-                sent -= (ssize_t)iov->iov_len;
-                iov++;
-                cnt--;
-            } else {
-                iov->iov_base = (char *)iov->iov_base + sent;
-                iov->iov_len -= (size_t)sent;
-                sent = 0;
-            }
-        }
-        while (cnt > 0 && iov->iov_len == 0) {
-            iov++;
-            cnt--;
-        }
+        fp_nbd_advance(&iov, &cnt, (size_t)sent);
     }
     return 0;
 }
@@ -464,14 +457,7 @@ static int fp_nbd_ready(struct fp_queue *q)
  * reaped), at most `timeout_ms` (negative: no limit). 0, or -1 with errno ETIMEDOUT. */
 static int fp_nbd_wait(struct fp_nbd *n, int timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    struct timespec deadline = fp_deadline(timeout_ms < 0 ? 0 : timeout_ms);
     int rc = 0;
     pthread_mutex_lock(&n->lock);
     while (n->inflight && rc == 0) {

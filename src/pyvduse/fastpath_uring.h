@@ -286,14 +286,7 @@ static int fp_uring_ready(struct fp_queue *q)
 static int fp_uring_wait(struct fp_queue *q, int timeout_ms)
 {
     struct fp_uring *u = q->engine.ctx;
-    struct timespec now, deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    struct timespec now, deadline = fp_deadline(timeout_ms < 0 ? 0 : timeout_ms);
     for (;;) {
         unsigned ready = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE) - *u->cq_head;
         unsigned submitted = q->pending - (u->failed ? u->unsubmitted : 0);
