@@ -323,12 +323,13 @@ class Backend:
         those methods do exactly what the target describes."""
         return None
 
-    def _own_data_methods(self, cls: type[Backend]) -> bool:
-        """Whether ``read``, ``readv``, ``write``, ``writev`` and ``flush`` are ``cls``'s
-        (a subclass that overrides one of them loses the native target)."""
+    def _own_data_methods(self, cls: type[Backend], *more: str) -> bool:
+        """Whether ``read``, ``readv``, ``write``, ``writev``, ``flush`` and the methods
+        named in ``more`` are ``cls``'s (a subclass that overrides one of them loses the
+        native target)."""
         mine = type(self)
         return all(getattr(mine, name) is getattr(cls, name)
-                   for name in ("read", "readv", "write", "writev", "flush"))
+                   for name in ("read", "readv", "write", "writev", "flush", *more))
 
     # -- asynchronous requests (see the module docstring) -------------------------------
 

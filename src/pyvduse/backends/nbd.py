@@ -1073,11 +1073,8 @@ class NbdBackend(AsynchronousBackend):
         connections share its cache (``NBD_FLAG_CAN_MULTI_CONN``: a flush on one
         covers the writes completed on all) and the data methods are this class's.
         Otherwise None: every request goes through the Python client."""
-        if not self.info.has(FLAG_CAN_MULTI_CONN) or not self._own_data_methods(NbdBackend):
-            return None
-        mine = type(self)
-        if any(getattr(mine, name) is not getattr(NbdBackend, name)
-               for name in ("submit_readv", "submit_writev", "submit_flush")):
+        if not self.info.has(FLAG_CAN_MULTI_CONN) or not self._own_data_methods(
+                NbdBackend, "submit_readv", "submit_writev", "submit_flush"):
             return None
         return NativeTarget.nbd_server(NbdConnector(
             connect=self._native_connection, usable=lambda: self.live_connections > 0,
