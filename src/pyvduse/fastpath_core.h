@@ -66,7 +66,8 @@ struct fp_mapping {
     unsigned char *base; /* host address of `start` */
 };
 
-/* A request handed to the asynchronous engine (file and NBD targets), kept by head until done. */
+/* A request handed to the asynchronous engine (file and NBD targets), kept by head
+ * until done. */
 struct fp_job {
     struct iovec *iov; /* its data buffers (a copy, malloc'd); NULL for a flush */
     int n, op, busy;
@@ -79,9 +80,9 @@ struct fp_queue;
 
 /*
  * The asynchronous engine (fastpath_uring.h, fastpath_nbd.h; the fuzzer has its own):
- * stage() takes jobs[head] (0) or refuses it (-1: nothing was started); kick() starts everything
- * staged (the end of each run: one submission per batch). It reports each staged job
- * once, through fp_finish(), from the reaping code of its owner.
+ * stage() takes jobs[head] (0) or refuses it (-1: nothing was started); kick() starts
+ * everything staged (the end of each run: one submission per batch). It reports each
+ * staged job once, through fp_finish(), from the reaping code of its owner.
  */
 struct fp_engine {
     void *ctx;
@@ -390,7 +391,8 @@ static int64_t serve(struct fp_queue *q, uint32_t head, int nr, int nw)
 /*
  * Serve up to `count` available requests from avail entry *last_avail on, in ring
  * order; stop before the first one the Python path must take (or when *q->stop is
- * set). With FP_BATCH_MIN or more, every file request is staged. Advances *last_avail, *used_idx (16-bit) and *sequence by what it took and
+ * set). With batch_small, a run of FP_BATCH_MIN or more stages every file request.
+ * Advances *last_avail, *used_idx (16-bit) and *sequence by what it took and
  * returns how many that was: served here (used elements stored, not published) or
  * staged with the engine (started before returning; see fp_finish()).
  */

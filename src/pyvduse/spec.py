@@ -161,9 +161,9 @@ EXPORT_OPTIONS: tuple[Option, ...] = (
            "queue's thread (default: 64k)", "SIZE"),
     Option("datapath", _datapath, None,
            "who serves the requests: native (the compiled data path: file, memory and null "
-           "backends), python (the reference path, any backend) or auto: native where it "
-           "can, else python; the choice is logged at start (default: $PYVDUSE_DATAPATH, "
-           "or auto)", "MODE"),
+           "backends, and nbd when the server allows several connections), python (the "
+           "reference path, any backend) or auto: native where it can, else python; the "
+           "choice is logged at start (default: $PYVDUSE_DATAPATH, or auto)", "MODE"),
     Option("inflight-log", _text, None,
            "the file recording what the device has in flight, so that a daemon killed "
            "with SIGKILL can be restarted with the same options and lose nothing "
