@@ -13,7 +13,8 @@ setup(
             "pyvduse._fastpath",
             ["src/pyvduse/_fastpath.c"],
             depends=["src/pyvduse/fastpath_core.h", "src/pyvduse/fastpath_uring.h",
-                     "src/pyvduse/fastpath_loop.h", "src/pyvduse/fastpath_nbd.h"],
+                     "src/pyvduse/fastpath_loop.h", "src/pyvduse/fastpath_nbd.h",
+                     "src/pyvduse/fastpath_rbd.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit"],
             optional=True,
         )

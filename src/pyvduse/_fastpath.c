@@ -34,6 +34,11 @@
  * breaks, goes back to Python, whose NBD client serves it (and reconnects).
  * attach() gives a broken engine a new connection.
  *
+ * An RBD target (an image opened by rbd_open(), this module's function: a handle of
+ * the native path's own, shared by the export's queues) starts every read, write and
+ * flush with librbd's AIO calls (fastpath_rbd.h); one that fails goes back to Python,
+ * whose rbd backend serves it again.
+ *
  * The ring walk, request rules and I/O are in fastpath_core.h (plain C, also built
  * into the fuzzer, fuzz/fastpath_fuzz.c); this file holds the buffers they point
  * into and the interpreter's side.
@@ -54,10 +59,13 @@
 #include "fastpath_core.h"
 #include "fastpath_uring.h"
 #include "fastpath_nbd.h"
+#include "fastpath_rbd.h"
 #include "fastpath_loop.h"
 
 #include <fcntl.h>
 #include <sys/eventfd.h>
+
+#define RBD_CAPSULE "pyvduse._fastpath.rbd_image" /* rbd_open()'s result */
 
 typedef struct {
     PyObject_HEAD
@@ -69,6 +77,8 @@ typedef struct {
     struct fp_uring uring;
     int uring_open;
     struct fp_nbd *nbd; /* the NBD engine (an NBD target), or NULL */
+    struct fp_rbd *rbd; /* the RBD engine (an RBD target), or NULL */
+    PyObject *rbd_image; /* the RBD target's image (a capsule), held while the engine is */
     char engine_error[160];
     int next_evict;
     int running, closed;
@@ -101,16 +111,41 @@ static int take_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t 
     return 0;
 }
 
+/* Close an RBD image now (GIL released: librbd may wait for the cluster). */
+static void rbd_image_close_now(struct fp_rbd_image *img)
+{
+    if (img->cluster == NULL)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    fp_rbd_image_close(img);
+    Py_END_ALLOW_THREADS
+}
+
+/* An engine stops using the image of `capsule`: the last one closes it if asked to. */
+static void rbd_image_let_go(PyObject *capsule)
+{
+    struct fp_rbd_image *img = PyCapsule_GetPointer(capsule, RBD_CAPSULE);
+    if (img == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    if (--img->users == 0 && img->closing)
+        rbd_image_close_now(img);
+}
+
 #define CLOSE_WAIT_MS 5000 /* what close() gives the io_uring's requests in flight */
 
 /* Wait for the engine's requests in flight, up to CLOSE_WAIT_MS (no Python API inside);
- * an NBD connection is simply shut: its requests fail at once. */
+ * an NBD connection is simply shut: its requests fail at once; librbd's requests get the
+ * same time as the io_uring's. */
 static void quiesce_engine(FastPath *self)
 {
     if (self->uring_open && self->q.pending)
         fp_uring_wait(&self->q, CLOSE_WAIT_MS);
     if (self->nbd != NULL)
         fp_nbd_stop(self->nbd);
+    if (self->rbd != NULL)
+        fp_rbd_wait(self->rbd, CLOSE_WAIT_MS);
 }
 
 /* The engine's jobs, jobs' bookkeeping and eventfd, once nothing is in flight. */
@@ -140,6 +175,17 @@ static int close_engine(FastPath *self)
         fp_nbd_free(self->nbd);
         self->nbd = NULL;
         free_engine_state(self);
+        return 0;
+    }
+    if (self->rbd != NULL) {
+        fp_rbd_reap_jobs(&self->q, 1, &used);
+        if (fp_rbd_wait(self->rbd, 0) < 0)
+            return -1; /* librbd still holds some: its callbacks need the engine */
+        fp_rbd_free(self->rbd);
+        self->rbd = NULL;
+        free_engine_state(self);
+        rbd_image_let_go(self->rbd_image);
+        Py_CLEAR(self->rbd_image);
         return 0;
     }
     if (!self->uring_open)
@@ -219,6 +265,26 @@ static void open_engine(FastPath *self, int nbd_sock, uint64_t nbd_max_payload, 
         }
         snprintf(self->engine_error, sizeof(self->engine_error), "nbd: %s", strerror(errno));
         close(nbd_sock);
+    } else if (q->target == FP_TARGET_RBD) {
+        struct fp_rbd_image *img = PyCapsule_GetPointer(self->rbd_image, RBD_CAPSULE);
+        if (img != NULL && img->closing)
+            errno = ESHUTDOWN; /* closed, or closing: no new engines */
+        self->rbd = img != NULL && !img->closing ? fp_rbd_open(q, img->image, efd) : NULL;
+        if (self->rbd != NULL) {
+            img->users++;
+            q->engine.ctx = self->rbd;
+            q->engine.stage = fp_rbd_stage;
+            q->engine.kick = fp_rbd_kick;
+            q->engine.reap = fp_rbd_reap;
+            q->engine.ready = fp_rbd_ready;
+            q->engine.event_fd = efd;
+            return;
+        }
+        snprintf(self->engine_error, sizeof(self->engine_error), "rbd: %s",
+                 img == NULL ? "not an image of rbd_open()"
+                 : img->closing ? "the image is closed" : strerror(errno));
+        PyErr_Clear();
+        Py_CLEAR(self->rbd_image);
     } else if (fp_uring_open(&self->uring, q->size, q->fd, efd) < 0) {
         snprintf(self->engine_error, sizeof(self->engine_error), "io_uring: %s",
                  strerror(errno));
@@ -246,8 +312,8 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"desc", "avail", "used", "size", "indirect", "max_indirect",
                              "slots", "capacity", "target", "fd", "block_size",
                              "accepts_writes", "flush_offered", "submit_min", "asynchronous",
-                             "nbd_max_payload", "nbd_flush", NULL};
-    PyObject *desc, *avail, *used, *slots, *capacity;
+                             "nbd_max_payload", "nbd_flush", "rbd_image", NULL};
+    PyObject *desc, *avail, *used, *slots, *capacity, *rbd_image = NULL;
     unsigned int size, max_indirect, block_size;
     int indirect, target, fd, accepts_writes, flush_offered, asynchronous = 0, nbd_flush = 0;
     unsigned long long submit_min, nbd_max_payload = 0;
@@ -255,11 +321,11 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "FastPath is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|pKp", kwlist, &desc,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|pKpO", kwlist, &desc,
                                      &avail, &used, &size, &indirect, &max_indirect, &slots,
                                      &capacity, &target, &fd, &block_size, &accepts_writes,
                                      &flush_offered, &submit_min, &asynchronous,
-                                     &nbd_max_payload, &nbd_flush))
+                                     &nbd_max_payload, &nbd_flush, &rbd_image))
         return -1;
     if (size == 0 || size > 32768 || size & (size - 1)) {
         PyErr_Format(PyExc_ValueError, "queue size %u is not a power of two in 1..32768", size);
@@ -269,11 +335,15 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "block size %u is not a power of two >= 512", block_size);
         return -1;
     }
-    if (target != FP_TARGET_NULL && target != FP_TARGET_FD && target != FP_TARGET_NBD) {
+    if (target != FP_TARGET_NULL && target != FP_TARGET_FD && !FP_TARGET_REMOTE(target)) {
         PyErr_Format(PyExc_ValueError, "unknown target kind %d", target);
         return -1;
     }
-    if (target != FP_TARGET_NULL && fd < 0) {
+    if (target == FP_TARGET_RBD && (rbd_image == NULL || !PyCapsule_IsValid(rbd_image, RBD_CAPSULE))) {
+        PyErr_SetString(PyExc_ValueError, "an RBD target needs its image (rbd_open())");
+        return -1;
+    }
+    if ((target == FP_TARGET_FD || target == FP_TARGET_NBD) && fd < 0) {
         PyErr_SetString(PyExc_ValueError, "a file or NBD target needs its descriptor");
         return -1;
     }
@@ -321,6 +391,10 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
                      strerror(errno));
         else
             open_engine(self, sock, nbd_max_payload, nbd_flush);
+    } else if (target == FP_TARGET_RBD) {
+        Py_INCREF(rbd_image);
+        self->rbd_image = rbd_image;
+        open_engine(self, -1, 0, 0);
     } else if (q->asynchronous) {
         open_engine(self, -1, 0, 0);
     }
@@ -534,7 +608,9 @@ static PyObject *FastPath_wait(FastPath *self, PyObject *args)
         Py_RETURN_TRUE;
     int rc, ms = timeout < 0 ? -1 : timeout * 1000 > INT_MAX ? INT_MAX : (int)(timeout * 1000);
     Py_BEGIN_ALLOW_THREADS
-    rc = self->nbd != NULL ? fp_nbd_wait(self->nbd, ms) : fp_uring_wait(&self->q, ms);
+    rc = self->nbd != NULL   ? fp_nbd_wait(self->nbd, ms)
+         : self->rbd != NULL ? fp_rbd_wait(self->rbd, ms)
+                             : fp_uring_wait(&self->q, ms);
     Py_END_ALLOW_THREADS
     if (rc < 0 && errno != ETIMEDOUT)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -753,11 +829,125 @@ static PyTypeObject FastPathType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* -- RBD images ------------------------------------------------------------------------ */
+
+static void rbd_image_destroy(PyObject *capsule)
+{
+    struct fp_rbd_image *img = PyCapsule_GetPointer(capsule, RBD_CAPSULE);
+    if (img == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    rbd_image_close_now(img); /* no engine holds it: each holds a reference */
+    PyMem_RawFree(img);
+}
+
+static PyObject *fastpath_rbd_close(PyObject *Py_UNUSED(module), PyObject *capsule)
+{
+    struct fp_rbd_image *img = PyCapsule_GetPointer(capsule, RBD_CAPSULE);
+    if (img == NULL)
+        return NULL;
+    img->closing = 1;
+    if (img->users == 0)
+        rbd_image_close_now(img);
+    Py_RETURN_NONE;
+}
+
+/* The NULL-ended key, value array of a sequence of (str, str) pairs (PyMem_Free it); the
+ * strings are the pairs', valid while `pairs` lives. */
+static const char **rbd_settings(PyObject *pairs)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(pairs);
+    const char **kv = PyMem_Calloc((size_t)n * 2 + 2, sizeof(*kv));
+    if (kv == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(pairs, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2
+            || (kv[2 * i] = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 0))) == NULL
+            || (kv[2 * i + 1] = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 1))) == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "settings are (str, str) pairs");
+            PyMem_Free(kv);
+            return NULL;
+        }
+    }
+    return kv;
+}
+
+static PyObject *fastpath_rbd_open(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"conf", "optional_conf", "client_id", "before", "after", "pool",
+                             "namespace", "image", "snapshot", "readonly", NULL};
+    struct fp_rbd_spec spec = {0};
+    PyObject *before, *after;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "zpsOOsssz$p", kwlist, &spec.conf,
+                                     &spec.optional_conf, &spec.client_id, &before, &after,
+                                     &spec.pool, &spec.nspace, &spec.name, &spec.snapshot,
+                                     &spec.readonly))
+        return NULL;
+    PyObject *before_seq = PySequence_Fast(before, "before: a sequence of pairs");
+    PyObject *after_seq = before_seq ? PySequence_Fast(after, "after: a sequence of pairs") : NULL;
+    const char **before_kv = after_seq ? rbd_settings(before_seq) : NULL;
+    const char **after_kv = before_kv ? rbd_settings(after_seq) : NULL;
+    struct fp_rbd_image *img = after_kv ? PyMem_RawCalloc(1, sizeof(*img)) : NULL;
+    PyObject *result = NULL;
+    if (after_kv != NULL && img == NULL)
+        PyErr_NoMemory();
+    if (img != NULL) {
+        spec.before = before_kv;
+        spec.after = after_kv;
+        char why[256];
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fp_rbd_image_open(img, &spec, why, sizeof(why));
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            PyObject *error = Py_BuildValue("(is)", -rc, why);
+            if (error != NULL) {
+                PyErr_SetObject(PyExc_OSError, error);
+                Py_DECREF(error);
+            }
+            PyMem_RawFree(img);
+        } else if ((result = PyCapsule_New(img, RBD_CAPSULE, rbd_image_destroy)) == NULL) {
+            fp_rbd_image_close(img);
+            PyMem_RawFree(img);
+        }
+    }
+    PyMem_Free(after_kv);
+    PyMem_Free(before_kv);
+    Py_XDECREF(after_seq);
+    Py_XDECREF(before_seq);
+    return result;
+}
+
+static PyMethodDef fastpath_functions[] = {
+    {"rbd_open", (PyCFunction)(void (*)(void))fastpath_rbd_open, METH_VARARGS | METH_KEYWORDS,
+     "rbd_open(conf, optional_conf, client_id, before, after, pool, namespace, image,\n"
+     "         snapshot, *, readonly) -> image\n\n"
+     "Connect to a Ceph cluster and open an RBD image for an RBD target (GIL released).\n"
+     "librados and librbd are loaded on first use. `conf`: the configuration file, or\n"
+     "None for librados' search (finding none is an error unless optional_conf);\n"
+     "`before`/`after`: (option, value) pairs set before connecting and after opening;\n"
+     "`namespace` '' for the default one, `snapshot` None for the image itself.\n"
+     "Raises OSError(errno, why) naming the step that failed (ENOSYS: no librbd).\n"
+     "rbd_close() closes it; so does dropping the last reference."},
+    {"rbd_close", (PyCFunction)fastpath_rbd_close, METH_O,
+     "rbd_close(image)\n\n"
+     "Close an image of rbd_open() (GIL released: librbd flushes and lets go of the\n"
+     "image's lock), at once if no FastPath's engine uses it, else when the last one\n"
+     "is closed; no new FastPath may use it. Idempotent."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pyvduse._fastpath",
     .m_doc = "The compiled data path of pyvduse's split virtqueues (virtio-blk).",
     .m_size = -1,
+    .m_methods = fastpath_functions,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)
@@ -772,6 +962,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         || PyModule_AddIntConstant(module, "TARGET_NULL", FP_TARGET_NULL) < 0
         || PyModule_AddIntConstant(module, "TARGET_FD", FP_TARGET_FD) < 0
         || PyModule_AddIntConstant(module, "TARGET_NBD", FP_TARGET_NBD) < 0
+        || PyModule_AddIntConstant(module, "TARGET_RBD", FP_TARGET_RBD) < 0
         || PyModule_AddIntConstant(module, "MAX_MAPPINGS", FP_MAX_MAPPINGS) < 0
         || PyModule_AddIntConstant(module, "MAX_SEGMENTS", FP_MAX_SEGMENTS) < 0
         || PyModule_AddIntConstant(module, "LOOP_PYTHON", FP_LOOP_PYTHON) < 0

@@ -36,7 +36,10 @@
 #define FP_MAX_CHAIN_BYTES 0xFFFFFFFFull
 #define FP_MAX_QUEUE_SIZE 32768u
 
-enum fp_target { FP_TARGET_NULL = 0, FP_TARGET_FD = 1, FP_TARGET_NBD = 2 };
+enum fp_target { FP_TARGET_NULL = 0, FP_TARGET_FD = 1, FP_TARGET_NBD = 2, FP_TARGET_RBD = 3 };
+
+/* NBD and RBD targets: every read, write and flush goes to the asynchronous engine. */
+#define FP_TARGET_REMOTE(target) ((target) == FP_TARGET_NBD || (target) == FP_TARGET_RBD)
 enum fp_op { FP_OP_READ = 0, FP_OP_WRITE = 1, FP_OP_FLUSH = 2 };
 
 #define FP_TAKE_PYTHON (-1) /* serve(): the Python path must take this request */
@@ -321,7 +324,7 @@ static int64_t serve_data(struct fp_queue *q, uint32_t head, int op, struct iove
     if (!range_ok(q, sector, length))
         return FP_TAKE_PYTHON;
     uint64_t offset = sector << FP_SECTOR_SHIFT;
-    if (q->target == FP_TARGET_NBD) /* every request goes to the connection's engine */
+    if (FP_TARGET_REMOTE(q->target)) /* every request goes to the engine */
         return stage(q, head, op, iov, n, offset, length, written, status);
     if (q->target == FP_TARGET_FD) {
         if (length >= q->submit_min || q->batching)
@@ -372,7 +375,7 @@ static int64_t serve(struct fp_queue *q, uint32_t head, int nr, int nw)
     if (type == FP_BLK_T_FLUSH) {
         if (nr != 1 || nw != 1 || !q->flush_offered)
             return FP_TAKE_PYTHON;
-        if (q->target == FP_TARGET_NBD)
+        if (FP_TARGET_REMOTE(q->target))
             return stage(q, head, FP_OP_FLUSH, NULL, 0, 0, 0, 1, status);
         if (q->target == FP_TARGET_FD) {
             if (q->asynchronous)

@@ -57,6 +57,7 @@ DATAPATHS = ("auto", "native", "python")
 TARGET_NULL = 0
 TARGET_FD = 1
 TARGET_NBD = 2
+TARGET_RBD = 3
 
 NBD_RETRY_INTERVAL = 1.0
 """Seconds between attempts to give a queue whose NBD connection broke a new one."""
@@ -72,6 +73,12 @@ LOOP_BROKEN = 4  #: the driver moved the avail index by more than the queue size
 def available() -> bool:
     """Whether the compiled module ``pyvduse._fastpath`` could be imported."""
     return _fastpath is not None
+
+
+def native_module() -> Any:
+    """The compiled module ``pyvduse._fastpath``, or None (for backends that open
+    what their target needs with its functions, e.g. ``rbd_open``)."""
+    return _fastpath
 
 
 def why_unavailable() -> str:
@@ -103,7 +110,8 @@ class NbdConnector:
 @dataclass(frozen=True)
 class NativeTarget:
     """Where the native path does a backend's I/O: a file descriptor, an NBD server
-    (a connection per queue), or nowhere (null).
+    (a connection per queue), an RBD image (a handle of the native path's own), or
+    nowhere (null).
 
     ``fd`` stays the backend's: the native path never closes it, and the
     backend keeps it open while any queue serves (until :meth:`Backend.close`).
@@ -112,6 +120,7 @@ class NativeTarget:
     kind: int
     fd: int = -1
     nbd: NbdConnector | None = None
+    image: object | None = None
 
     @classmethod
     def null(cls) -> NativeTarget:
@@ -131,6 +140,14 @@ class NativeTarget:
         Only for a server whose connections share one cache
         (``NBD_FLAG_CAN_MULTI_CONN``): a request may go to any of them."""
         return cls(TARGET_NBD, nbd=connector)
+
+    @classmethod
+    def rbd_image(cls, image: object) -> NativeTarget:
+        """``rbd_aio_readv``/``writev``/``flush`` on ``image`` (what
+        ``pyvduse._fastpath.rbd_open()`` returned; the queues share it, and it closes
+        when the last of them and the backend let go of it), completed in C; a request
+        that fails is served again by the backend's Python methods."""
+        return cls(TARGET_RBD, image=image)
 
 
 @dataclass(frozen=True)
@@ -214,8 +231,9 @@ class FastPath(Protocol):
     def close(self) -> None: ...
 
 
-def choose(datapath: str, target: NativeTarget | None, name: str) -> str:
-    """Resolve ``--datapath`` for export ``name`` whose backend offers ``target``.
+def choose(datapath: str, target: NativeTarget | None, name: str, why_not: str = "") -> str:
+    """Resolve ``--datapath`` for export ``name`` whose backend offers ``target``
+    (``why_not``: the backend's reason when it offers none, if it gave one).
 
     Returns ``"native"``, or ``"python"`` with the reason in parentheses when
     ``auto`` could not have the native path (for the export's start line).
@@ -227,8 +245,9 @@ def choose(datapath: str, target: NativeTarget | None, name: str) -> str:
         return "python"
     why = why_unavailable()
     if not why and target is None:
-        why = ("its backend has no native target (file, memory and null have, and nbd "
-               "with a server that allows several connections)")
+        why = (f"its backend has no native target ({why_not})" if why_not else
+               "its backend has no native target (file, memory, null and rbd have, and "
+               "nbd with a server that allows several connections)")
     if not why:
         return "native"
     if datapath == "native":
@@ -261,8 +280,13 @@ class NativeRing:
                 slots, plan.capacity, plan.target.kind)
         flags = (plan.block_size, plan.accepts_writes, plan.flush_offered, plan.submit_min,
                  plan.asynchronous)
-        if self._nbd is None:
-            self.fast: FastPath = _fastpath.FastPath(*args, plan.target.fd, *flags)
+        if plan.target.kind == TARGET_RBD:
+            self.fast: FastPath = _fastpath.FastPath(*args, -1, *flags,
+                                                     rbd_image=plan.target.image)
+            if self.fast.engine_error:
+                raise ValueError(self.fast.engine_error)
+        elif self._nbd is None:
+            self.fast = _fastpath.FastPath(*args, plan.target.fd, *flags)
         else:
             try:
                 sock = self._nbd.connect()

@@ -59,8 +59,10 @@ def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> Export:
             logical_block_size=spec.logical_block_size or max(512, backend.preferred_block_size),
             num_queues=spec.num_queues, queue_size=spec.queue_size, serial=spec.serial,
             readonly=spec.readonly)
-        datapath = choose_datapath(spec.datapath or default_datapath(), backend.native_target(),
-                                   spec.id)
+        requested = spec.datapath or default_datapath()
+        target = None if requested == "python" else backend.native_target()
+        datapath = choose_datapath(requested, target, spec.id,
+                                   backend.native_refusal)
         threads = spec.queue_threads or (spec.num_queues if datapath == "native" else 1)
         if spec.transport == "vhost-user":
             from pyvduse.vhost_user.export import VhostUserExport  # only when asked for

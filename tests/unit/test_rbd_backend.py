@@ -12,6 +12,14 @@ requests in flight, the whole device path, discard and write-zeroes
 librbd (I/O beyond an image that shrank, a client the cluster blocklisted),
 close, and one-line errors for bad options, missing pools, images and
 snapshots, an unreachable monitor and a pool whose data cannot be reached.
+
+The device tests run on both data paths. On the native one the queues send their
+reads, writes and flushes through librbd's C API on a handle of the native path's
+own; the tests check that they did (requests staged with the engine), that the
+backend's Python handle and the native one see each other's writes (discard and
+write-zeroes stay on the Python handle), that a request librbd fails natively is
+served again and reported by the Python path, and that ``cache=on`` keeps the
+Python path with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import errno
 import itertools
 import json
 import logging
+import os
 import random
 import shutil
 import subprocess
@@ -34,6 +43,7 @@ import pytest
 from conftest import Recorder
 from test_device import Rig, wait_until
 
+from pyvduse import native
 from pyvduse.backends import BACKENDS, open_backend
 from pyvduse.backends import rbd as rbd_module
 from pyvduse.backends.base import Done
@@ -87,15 +97,17 @@ class Cluster:
         self.client.shutdown()
 
     def new_image(self, size: int = 8 * MiB, content: bytes = b"", order: int | None = None,
-                  namespace: str = "") -> str:
-        """Create an image (optionally holding ``content`` from offset 0); its spec."""
+                  namespace: str = "", features: int | None = None) -> str:
+        """Create an image (optionally holding ``content`` from offset 0, with only the
+        ``features`` given, if given); its spec."""
         name = f"img{next(self._names)}"
         ioctx = self.ioctx
         if namespace:
             ioctx = self.client.open_ioctx("rbd")
             ioctx.set_namespace(namespace)
         try:
-            self.rbd.RBD().create(ioctx, name, size, order=order)
+            self.rbd.RBD().create(ioctx, name, size, order=order, old_format=False,
+                                  features=features)
             if content:
                 with self.rbd.Image(ioctx, name) as image:
                     image.write(content, 0)
@@ -445,14 +457,35 @@ def test_discarded_objects_read_back_as_zeroes(cluster: Cluster) -> None:
 
 # -- the whole device path --------------------------------------------------------------
 
+requires_native = pytest.mark.skipif(
+    not native.available() and os.environ.get("PYVDUSE_REQUIRE_NATIVE") != "1",
+    reason="the compiled data path is not built here")
+DATAPATHS = [pytest.param("python"), pytest.param("native", marks=requires_native)]
 
-def test_device_over_rbd_matches_the_image(cluster: Cluster) -> None:
+
+def device_rig(backend: RbdBackend, name: str, datapath: str) -> Rig:
+    """A started device over ``backend``, its queues served by ``datapath``."""
+    rig = Rig(name=name, backend=backend)
+    if datapath == "native":
+        rig.dev.model.serve_natively()
+        assert rig.dev.model.native is not None, backend.native_refusal
+    assert rig.ch.start() == RESULT_OK
+    return rig
+
+
+def staged(rig: Rig) -> list[int]:
+    """Requests each queue handed to librbd natively (0s on the Python path)."""
+    rings = [rig.dev.workers[q]._native for q in sorted(rig.dev.workers)]
+    return [ring.fast.staged if ring is not None else 0 for ring in rings]
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_device_over_rbd_matches_the_image(cluster: Cluster, datapath: str) -> None:
     size = 8 * MiB
     spec = cluster.new_image(size, order=20)
     backend = cluster.backend(spec)
-    rig = Rig(name="rbd0", backend=backend)
+    rig = device_rig(backend, "rbd0", datapath)
     try:
-        assert rig.ch.start() == RESULT_OK
         sizes = [512, 4096, 8192, 65536, 3 * 4096, 128 << 10]
         expected: list[tuple[int, bytes]] = []
         for q in (0, 1):
@@ -486,21 +519,80 @@ def test_device_over_rbd_matches_the_image(cluster: Cluster) -> None:
         want[512:7 * 512] = bytes(6 * 512)
         want[4 * MiB:5 * MiB] = bytes(MiB)
         assert exported == want
+        sent = staged(rig)
+        if datapath == "native":  # every read, write and flush: 18 + 1 + 18 per queue
+            assert sent == [37, 38], sent  # plus the flush after the discard
+        else:
+            assert sent == [0, 0]
     finally:
         rig.close()
+        backend.close()
+
+
+@requires_native
+@pytest.mark.parametrize("features", [None, 1], ids=["default-features", "no-exclusive-lock"])
+def test_the_native_and_python_handles_see_each_others_writes(
+        cluster: Cluster, features: int | None, tmp_path: Path) -> None:
+    # With the exclusive lock (a default feature) librbd keeps two handles coherent as
+    # the lock moves; without it only the backend's flushes and cache drops do.
+    spec = cluster.new_image(4 * MiB, order=20, features=features)
+    # The Python handle with librbd's cache on (its default), caching reads as well.
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(cluster.conf.read_text() + "\n[client]\nrbd cache policy = writeback\n")
+    backend = RbdBackend(spec, conf=str(conf))
+    rig = device_rig(backend, "rbd2", "native")
+    try:
+        backend.flush()  # from now on the Python handle's cache holds writes back
+        out = bytearray(4096)
+        for n in range(3):  # both ways, several times (the exclusive lock moves each time)
+            native_data, python_data = data(4096, 2 * n), data(4096, 2 * n + 1)
+            assert rig.run(n % 2, T_OUT, 8, native_data)[0] == OK
+            backend.read(8 * 512, memoryview(out))
+            assert out == native_data
+            backend.write(16 * 512, python_data)
+            assert rig.run(1 - n % 2, T_IN, 16, b"", 4096)[:2] == (OK, python_data)
+        # Write-zeroes and discard take the Python handle; native reads see them at once.
+        assert rig.run(0, T_OUT, 0, data(MiB, 9))[0] == OK
+        zero = v.virtio_blk_discard_write_zeroes.pack(0, 8, 0)
+        assert rig.run(0, T_WZ, 0, zero)[0] == OK
+        assert rig.run(1, T_IN, 0, b"", 8192)[:2] == (OK, bytes(4096) + data(MiB, 9)[4096:8192])
+        assert rig.run(0, T_OUT, 2 * 2048, data(MiB, 10))[0] == OK
+        discard = v.virtio_blk_discard_write_zeroes.pack(2 * 2048, 2048, 0)  # object 2
+        assert rig.run(1, T_DISCARD, 0, discard)[0] == OK
+        assert rig.run(0, T_IN, 2 * 2048, b"", 4096)[:2] == (OK, bytes(4096))
+        assert sum(staged(rig)) == 3 + 3 + 1 + 1 + 1 + 1
+    finally:
+        rig.close()
+        backend.close()
+
+
+@requires_native
+def test_cache_on_keeps_the_python_path_and_says_why(cluster: Cluster) -> None:
+    spec = cluster.new_image(MiB)
+    backend = cluster.backend(spec, cache=True)
+    try:
+        assert backend.native_target() is None
+        why = backend.native_refusal
+        assert why.startswith("cache=on keeps the Python path"), why
+        assert native.choose("auto", None, "e0", why) == (
+            f"python (its backend has no native target ({why}))")
+        with pytest.raises(ConfigError, match="e0: --datapath native: its backend has no "
+                                              "native target \\(cache=on"):
+            native.choose("native", None, "e0", why)
+    finally:
         backend.close()
 
 
 # -- errors from librbd -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("datapath", DATAPATHS)
 def test_io_beyond_an_image_that_shrank_fails_and_the_device_reports_ioerr(
-        cluster: Cluster) -> None:
+        cluster: Cluster, datapath: str) -> None:
     spec = cluster.new_image(8 * MiB, order=20)
     backend = cluster.backend(spec)
-    rig = Rig(name="rbd1", backend=backend)
+    rig = device_rig(backend, "rbd1", datapath)
     try:
-        assert rig.ch.start() == RESULT_OK
         assert rig.run(0, T_OUT, 7 * 2048, b"d" * 4096)[0] == OK  # at 7 MiB
         cluster.cli("resize", "--allow-shrink", "--size", "4M", spec)
 
@@ -515,10 +607,15 @@ def test_io_beyond_an_image_that_shrank_fails_and_the_device_reports_ioerr(
             return isinstance(error, OSError) and error.errno == errno.EINVAL
 
         wait_until(read_fails, timeout=10, what="librbd to see the shrink")
+        before = staged(rig)
+        # Natively, librbd fails them; the Python path serves them again and reports it.
         assert rig.run(0, T_IN, 6 * 2048, b"", 4096)[0] == IOERR
         assert rig.run(1, T_OUT, 6 * 2048, b"e" * 4096, 0)[0] == IOERR
         assert rig.run(0, T_IN, 0, b"", 4096)[:2] == (OK, bytes(4096))  # the rest works
         assert rig.run(1, T_OUT, 8, b"f" * 4096)[0] == OK
+        if datapath == "native":
+            assert [after - was for after, was in zip(staged(rig), before, strict=True)] \
+                == [2, 2]
     finally:
         rig.close()
         backend.close()

@@ -316,6 +316,10 @@ class Backend:
     def close(self) -> None:
         """Release resources; called once, after the last request. The default does nothing."""
 
+    #: Why :meth:`native_target` returned None, when the backend knows ('' otherwise):
+    #: the export's start line gives it.
+    native_refusal: str = ""
+
     def native_target(self) -> NativeTarget | None:
         """Where the compiled data path may do this backend's reads, writes and flushes
         itself (see :mod:`pyvduse.native`), or None (the default): every request goes

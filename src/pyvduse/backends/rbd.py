@@ -102,6 +102,7 @@ from pyvduse.backends.base import (
 )
 from pyvduse.backends.options import BackendOptions
 from pyvduse.errors import ConfigError
+from pyvduse.native import NativeTarget, native_module
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,20 @@ class ImageSpec:
     def __str__(self) -> str:
         where = f"{self.pool}/{self.namespace}/" if self.namespace else f"{self.pool}/"
         return where + self.image + (f"@{self.snapshot}" if self.snapshot is not None else "")
+
+
+@dataclass(frozen=True)
+class NativeOpen:
+    """How the backend reached the cluster, for the native path's own handle: the
+    configuration file (None: librados' search, ``optional`` when ``mon-host=`` makes
+    finding none fine), the client id, the options set before connecting and the
+    ones set back after opening."""
+
+    conf: str | None
+    optional: bool
+    client_id: str
+    before: tuple[tuple[str, str], ...]
+    after: tuple[tuple[str, str], ...]
 
 
 DEFAULT_POOL = "rbd"
@@ -269,6 +284,11 @@ class RbdBackend(AsynchronousBackend):
         self._lock = threading.Condition()
         self._closed = False
         self._submitting = 0  # submit_* calls inside the binding right now
+        self._cache = cache
+        #: The native path's image handle (see native_target()), once opened.
+        self._native_image: object | None = None
+        #: Why there is no native target ('' until native_target() was refused).
+        self.native_refusal = ""
         rados, rbd = import_librbd()
         self._rbd_error: type[BaseException] = rbd.Error
         self._cluster, self._ioctx, self._image = self._open(
@@ -353,6 +373,9 @@ class RbdBackend(AsynchronousBackend):
             for key, value in settings.items():
                 stage = f"setting {key}={value}"
                 cluster.conf_set(key, value)
+            self._native_open = NativeOpen(conf, conf is None and mon_host is not None,
+                                           client_id, tuple(settings.items()),
+                                           tuple(opening.items()))
             stage = "connecting"
             cluster.connect()
             stage = f"opening pool {spec.pool!r}"
@@ -461,10 +484,78 @@ class RbdBackend(AsynchronousBackend):
             self._submit(f"resize to {size} bytes", "resize", size)
             self.size()  # also what size() reports once the backend is closed
 
+    # -- the native path --------------------------------------------------------------
+
+    def native_target(self) -> NativeTarget | None:
+        """An image handle of the native path's own (see
+        :meth:`pyvduse.native.NativeTarget.rbd_image`), opened on first call with this
+        backend's options and librbd's cache off, when the compiled module and librbd
+        are there, ``cache=on`` was not asked for and the data methods are this class's.
+        Otherwise None, with :attr:`native_refusal` saying why.
+
+        From then on the two handles stay coherent: each write, discard and
+        write-zeroes of this object's is flushed to the cluster before it completes,
+        and each read first drops what this handle's cache holds, so that what one
+        handle wrote the other reads.
+        """
+        if self._native_image is not None:
+            return NativeTarget.rbd_image(self._native_image)
+        if self.native_refusal:
+            return None
+        self.native_refusal = self._open_native()
+        if self.native_refusal:
+            log.info("rbd %s: no native target: %s", self.spec, self.native_refusal)
+            return None
+        return NativeTarget.rbd_image(self._native_image)
+
+    def _open_native(self) -> str:
+        """Open the native path's handle; '' or why not."""
+        module = native_module()
+        if module is None or not hasattr(module, "rbd_open"):
+            return "the compiled data path is not built"
+        if self._cache:
+            return "cache=on keeps the Python path (the native path's handle has no cache)"
+        if not self._own_data_methods(RbdBackend, "submit_readv", "submit_writev",
+                                      "submit_flush"):
+            return "a subclass serves the data itself"
+        opened = self._native_open
+        spec = self.spec
+        try:
+            image = module.rbd_open(
+                opened.conf, opened.optional, opened.client_id,
+                (*opened.before, ("rbd_cache", "false")), opened.after, spec.pool,
+                spec.namespace, spec.image, spec.snapshot, readonly=self.readonly)
+        except OSError as exc:
+            return f"cannot open a handle of its own: {exc.strerror}"
+        with self._lock:
+            if self._closed:
+                return "the backend is closed"
+            self._native_image = image
+        return ""
+
+    def _flushed(self, what: str, done: Done) -> Done:
+        """``done``, called only once a successful request is also flushed to the
+        cluster, while the native path has a handle of its own (else ``done`` itself)."""
+        if self._native_image is None:
+            return done
+
+        def after_request(error: BaseException | None) -> None:
+            if error is not None:
+                _call_done(done, error)
+                return
+            try:
+                self._submit(f"{what} (flush)", "aio_flush",
+                             self._completion(f"{what} (flush)", done))
+            except OSError as exc:
+                _call_done(done, exc)
+
+        return after_request
+
     # -- asynchronous requests ----------------------------------------------------------
 
     def _submit(self, what: str, method: str, *args: Any, **kwargs: Any) -> None:
-        """Call the image's ``method`` (an ``aio_*`` one) unless the backend is closed.
+        """Call the image's ``method`` (an ``aio_*`` one, or ``invalidate_cache``) unless
+        the backend is closed.
 
         Errors the binding raises at once become :class:`OSError`.
         """
@@ -541,6 +632,8 @@ class RbdBackend(AsynchronousBackend):
         if not total:
             self._done_now(done)
             return
+        if self._native_image is not None:  # what the native path wrote is in the cluster
+            self._submit(what, "invalidate_cache")
         self._submit(what, "aio_read", offset, total, oncomplete)
 
     def submit_writev(self, offset: int, bufs: Sequence[memoryview], done: Done) -> None:
@@ -551,7 +644,7 @@ class RbdBackend(AsynchronousBackend):
         if not data:
             self._done_now(done)
             return
-        oncomplete = self._completion(what, done)
+        oncomplete = self._completion(what, self._flushed(what, done))
         self._submit(what, "aio_write", data, offset, oncomplete)
 
     def submit_flush(self, done: Done) -> None:
@@ -570,7 +663,7 @@ class RbdBackend(AsynchronousBackend):
         if not length:
             self._done_now(done)
             return
-        oncomplete = self._completion(what, done)
+        oncomplete = self._completion(what, self._flushed(what, done))
         self._submit(what, "aio_discard", offset, length, oncomplete)
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool,
@@ -581,6 +674,7 @@ class RbdBackend(AsynchronousBackend):
         if not length:
             self._done_now(done)
             return
+        done = self._flushed(what, done)
         if self.native_write_zeroes:
             flags = 0 if may_unmap else WRITE_ZEROES_FLAG_THICK_PROVISION
             oncomplete = self._completion(what, done)
@@ -615,6 +709,9 @@ class RbdBackend(AsynchronousBackend):
             self._closed = True
             self._lock.wait_for(lambda: not self._submitting)
         self._release()
+        image, self._native_image = self._native_image, None
+        if image is not None:  # now, or when the last queue serving it stops
+            native_module().rbd_close(image)
 
     def _release(self) -> None:
         image, self._image = self._image, None

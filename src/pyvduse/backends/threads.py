@@ -140,6 +140,11 @@ class ThreadPoolBackend(Backend):
         """The wrapped backend's: requests below ``min_bytes`` go straight to it anyway."""
         return self.backend.native_target()
 
+    @property
+    def native_refusal(self) -> str:  # type: ignore[override]
+        """The wrapped backend's."""
+        return self.backend.native_refusal
+
     def close(self) -> None:
         for _ in self._threads:
             self._jobs.put(None)
