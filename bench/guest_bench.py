@@ -798,13 +798,39 @@ def finish_peer(peer: Peer, served: Served, record: dict[str, Any]) -> None:
         record["stop_seconds"] = round(time.monotonic() - t, 2)
 
 
+def start_profile(pid: int, seconds: float, data: Path) -> subprocess.Popen[bytes]:
+    """``perf record -g`` of process ``pid`` (every thread, io_uring workers too) for
+    ``seconds``, into ``data``."""
+    data.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["perf", "record", "-q", "-g", "-p", str(pid), "-o", str(data),
+                             "--", "sleep", f"{seconds:.1f}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def finish_profile(recorder: subprocess.Popen[bytes], data: Path, report: Path) -> None:
+    """Wait for ``recorder``, then write its flat profile (threads, objects, symbols of
+    1 % of the samples or more) to ``report`` and delete ``data``."""
+    recorder.wait(timeout=120)
+    with report.open("w") as out:
+        subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
+                        "--percent-limit", "1", "--sort", "comm,dso,sym", "-g", "none"],
+                       stdout=out, stderr=subprocess.STDOUT, timeout=300, check=False)
+    data.unlink(missing_ok=True)
+
+
 def run_job(peer: Peer, served: Served, w: Workload, fio: Fio, args: argparse.Namespace,
             out: Path, queues: int) -> dict[str, Any]:
     fio_args = w.fio_args(served.device, args.runtime, args.ramp, str(out))
     cpu0 = cpu_seconds(served.pid) if served.pid else None
     server0 = cpu_seconds(served.server_pid) if served.server_pid else None
+    name = f"{out.parent.name}-{out.stem}"  # peer-job
+    profile = args.out / "perf" / f"{name}.perf.data"
+    recorder = (start_profile(served.pid, args.ramp + args.runtime, profile)
+                if args.perf and served.pid else None)
     t = time.monotonic()
     fio.run(fio_args, timeout=args.runtime + args.ramp + 600)
+    if recorder is not None:
+        finish_profile(recorder, profile, profile.with_name(f"{name}.perf.txt"))
     m = fio_metrics(json.loads(out.read_text()))
     m["wall_seconds"] = round(time.monotonic() - t, 2)
     seconds = args.runtime + args.ramp
@@ -917,6 +943,9 @@ def main() -> int:
                    "all but pyvduse-nolog)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
     p.add_argument("--pyvduse-args", default="", help="extra 'pyvduse serve' options")
+    p.add_argument("--perf", action="store_true",
+                   help="record each daemon with perf during each job (OUT/perf/*.perf.txt; "
+                        "perturbs the figures: for profiles, not for measurements)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every job this many times, peers alternating (default 1)")
     p.add_argument("--rbd-workloads",

@@ -194,6 +194,8 @@ def boot_guest(args: argparse.Namespace, raw_dir: Path, host: dict[str, Any]) ->
         guest_cmd += ["--rounds", str(args.rounds)]
     if args.pyvduse_args:
         guest_cmd += ["--pyvduse-args", args.pyvduse_args]
+    if args.perf:
+        guest_cmd.append("--perf")
     return run_guest(args, raw_dir, guest_cmd, host, say)
 
 
@@ -300,6 +302,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pyvduse-args", default="", metavar="ARGS",
                    help="extra 'pyvduse serve' options for every pyvduse peer, e.g. "
                         "'--poll-max-us 0' (they appear in the report's commands)")
+    p.add_argument("--perf", action="store_true",
+                   help="profile each daemon with perf during each job (the guest's "
+                        "OUT/perf/PEER-JOB.perf.txt); perf perturbs the figures, so use "
+                        "such a run for profiles only")
     p.add_argument("--rbd-workloads", metavar="IDS",
                    help="comma-separated workload ids the RBD peers (pyvduse-rbd, qsd-rbd, "
                         "kernel-rbd) run, or 'all' (default: the 4K QD1/QD32 and 1M jobs; "

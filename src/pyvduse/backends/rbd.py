@@ -72,6 +72,13 @@ when the first backend is built; if a plain ``import rbd`` fails,
 the system's Python 3 and also loads into other CPython builds of the same
 version), and only for that import.
 
+On the compiled data path (:meth:`RbdBackend.native_target`) the queues' reads,
+writes and flushes go to a second handle of the image instead, opened by the
+compiled module with librbd's C API and no cache; this object then serves
+discard, write-zeroes and the requests that failed there, keeping both handles
+coherent (its writes are flushed before they complete, its cache dropped before
+each read). ``cache=on`` keeps the Python path.
+
 Not supported: ``rbd_cache`` tuning beyond on/off
 (other settings go in the configuration file), encryption, FUA (flush is
 used instead).
