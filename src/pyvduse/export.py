@@ -32,6 +32,7 @@ from pyvduse.inflight import InflightLog
 from pyvduse.kernel import VduseKernel
 from pyvduse.netlink import VdpaClient
 from pyvduse.queue_worker import QueueWorker
+from pyvduse.virtio_device import VirtioDevice
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class ServedDevice(Protocol):
 
     @property
     def served(self) -> dict[int, int]: ...
+
+    @property
+    def virtio(self) -> VirtioDevice: ...
 
     def update_config(self, offset: int, data: bytes) -> None: ...
 

@@ -136,6 +136,11 @@ class LinuxVduse:
                 f"{self.control_path}: permission denied (run as root or grant access "
                 "to the device node)") from None
 
+    def check_available(self) -> None:
+        """Raise :class:`VduseUnavailableError` (saying what to do) if the control
+        device cannot be opened: checked before a backend contacts any server."""
+        os.close(self._open_control())
+
     def create_device(self, spec: DeviceSpec) -> None:
         name = _name_bytes(spec.name)
         header = u.vduse_dev_config.pack(name, spec.vendor_id, spec.device_id, spec.features,

@@ -774,6 +774,10 @@ def decode_mgmtdev_name(attrs: Attrs) -> str:
     return f"{bus}/{dev}" if bus else dev
 
 
+VDPA_BUS_DIR = "/sys/bus/vdpa"
+"""Exists while the kernel's vdpa module (and so its netlink family) is loaded."""
+
+
 class VdpaClient(GenericNetlink):
     """Client of the ``vdpa`` generic netlink family (attach/detach of vDPA devices).
 
@@ -789,10 +793,28 @@ class VdpaClient(GenericNetlink):
         "or module `vdpa` is not loaded (try `modprobe vduse`)"
     )
 
+    #: Why the family is missing when the kernel has it (``vdpa`` is loaded) but this
+    #: process cannot see it: the family exists only in the initial network namespace.
+    namespace_hint: ClassVar[str] = (
+        "The 'vdpa' generic netlink family exists only in the host's initial network "
+        "namespace, and this process runs in another one (a container without the host's "
+        "network): run pyvduse in the host's network namespace (e.g. docker --network host), "
+        "or serve with --attach none and attach from the host with "
+        "'vdpa dev add name NAME mgmtdev vduse'"
+    )
+
     def __init__(
         self, *, sock: socket.socket | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        super().__init__(VDPA_GENL_NAME, sock=sock, timeout=timeout, version=VDPA_GENL_VERSION)
+        try:
+            super().__init__(VDPA_GENL_NAME, sock=sock, timeout=timeout,
+                             version=VDPA_GENL_VERSION)
+        except FamilyNotFoundError:
+            # The bus exists once the vdpa module is loaded, and the family with it: if
+            # this process cannot see the family, it is in another network namespace.
+            if sock is None and os.path.isdir(VDPA_BUS_DIR):
+                raise FamilyNotFoundError(VDPA_GENL_NAME, self.namespace_hint) from None
+            raise
 
     def dev_add(self, name: str, mgmtdev: str = "vduse") -> None:
         """Create vDPA device ``name`` on management device ``mgmtdev`` (``vdpa dev add``).

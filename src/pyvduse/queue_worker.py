@@ -700,6 +700,12 @@ class QueueThread:
         """Start serving; work already in the rings is picked up at once."""
         self._thread.start()
 
+    @property
+    def dead(self) -> bool:
+        """Whether the thread ended without being stopped (it died of an error)."""
+        return not self._stopping and self._thread.ident is not None \
+            and not self._thread.is_alive()
+
     def stop(self, inflight_timeout: float | None = None,
              join_timeout: float = JOIN_TIMEOUT) -> bool:
         """Stop taking requests; wait for those in flight up to ``inflight_timeout``.

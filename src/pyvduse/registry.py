@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvduse.backends import open_backend
+from pyvduse.backends import BACKENDS, open_backend
 from pyvduse.backends.threads import ThreadPoolBackend
 from pyvduse.binding import find_attached
 from pyvduse.blk.config import BlkConfig
 from pyvduse.errors import ConfigError, PyvduseError
 from pyvduse.export import BlkExport, Export
-from pyvduse.kernel import VduseKernel
+from pyvduse.kernel import LinuxVduse, VduseKernel
 from pyvduse.native import choose as choose_datapath
 from pyvduse.spec import ExportSpec, default_datapath
 
@@ -129,6 +129,12 @@ class ExportRegistry:
                 raise ConfigError(f"an export with id {spec.id!r} exists already")
             self._changing.add(spec.id)
         try:
+            if spec.transport == "vduse" and spec.backend in BACKENDS and getattr(
+                    BACKENDS[spec.backend], "contacts_servers", False):
+                # before the backend connects: no server hears of a device that cannot be
+                check = getattr(self._kernel or LinuxVduse(), "check_available", None)
+                if check is not None:
+                    check()
             export = build_export(spec, self._kernel)
             export.backend.event_sink = self._backend_events(spec.id)
             try:
@@ -217,6 +223,32 @@ class ExportRegistry:
             "spec": entry.spec.summary(),
         }
 
+    def ids(self) -> list[str]:
+        """The exports' ids, oldest first."""
+        return list(self._entries)
+
+    def status(self, export_id: str) -> dict[str, Any]:
+        """What a user needs to reach export ``export_id`` (the daemon's status line):
+        its name, transport, the path to open (``/dev/vdX`` under ``virtio_vdpa``,
+        ``/dev/vhost-vdpa-N`` under ``vhost_vdpa``, the socket for vhost-user, None
+        when not attached), the driver bound, size in bytes, queues and data path."""
+        entry = self._entries.get(export_id)
+        if entry is None:
+            raise ConfigError(f"no export with id {export_id!r}")
+        export, spec = entry.export, entry.spec
+        attached = export.attached if spec.transport == "vduse" else None
+        return {
+            "name": export_id,
+            "transport": spec.transport,
+            "path": (spec.socket if spec.transport == "vhost-user" else
+                     attached.dev_path if attached is not None else None),
+            "driver": attached.driver if attached is not None else None,
+            "size": export.config.capacity,
+            "queues": export.config.num_queues,
+            "readonly": export.config.readonly,
+            "datapath": export.datapath.split(" ", 1)[0],  # without the reason
+        }
+
     def query(self) -> list[dict[str, Any]]:
         """Every export, oldest first."""
         return [self.describe(export_id) for export_id in list(self._entries)]
@@ -277,6 +309,19 @@ class ExportRegistry:
         export before it detaches and destroys it."""
         with self._lock:
             return self._entries.get(export_id) is entry
+
+    def troubles(self) -> list[str]:
+        """What keeps the daemon from serving every export, one line each (failed
+        exports, queue threads that died); empty while all is well. The daemon's
+        systemd watchdog pings only then."""
+        found = []
+        for export_id, entry in list(self._entries.items()):
+            device = entry.export.device
+            if device.failed.is_set():
+                found.append(f"{export_id}: {device.failure}")
+            found += [f"{export_id}: queue thread {name} died"
+                      for name in device.virtio.dead_threads()]
+        return found
 
     def failed(self) -> list[str]:
         """Ids of exports whose device can no longer be served."""

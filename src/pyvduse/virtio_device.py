@@ -229,6 +229,12 @@ class VirtioDevice:
                  len(found.heads), f", {found.cleared} completed" if found.cleared else "")
         return found.heads
 
+    def dead_threads(self) -> list[str]:
+        """The names of queue threads that ended without being stopped (none is
+        expected: a thread's error fails the device)."""
+        with self._lock:
+            return [thread.name for thread in self._threads.values() if thread.dead]
+
     def serve(self) -> None:
         """(Re)start the thread of every queue started with ``serve=False`` or paused."""
         with self._lock:

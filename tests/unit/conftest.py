@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pyvduse import inflight
+from pyvduse import inflight, registry
 from pyvduse.backends.base import Done
 from pyvduse.export import BlkExport
 from pyvduse.testing import FakeVduse
@@ -50,6 +50,7 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeVduse:
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(BlkExport, "__init__", init)
+    monkeypatch.setattr(registry, "LinuxVduse", lambda: fake)  # its check before backends
     monkeypatch.setattr(inflight, "DEFAULT_DIR", str(tmp_path / "run"))
     return fake
 

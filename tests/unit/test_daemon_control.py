@@ -58,8 +58,8 @@ COMMANDS = ["export-add", "export-del", "export-resize", "qmp_capabilities", "ca
 # -- the daemon on a thread -------------------------------------------------------------
 
 
-class _Stop(cli._StopSignal):
-    """The daemon's stop signal without the signal handlers (serve runs on a thread)."""
+class _Stop(cli.Signals):
+    """The daemon's signals without their handlers (serve runs on a thread)."""
 
     made: ClassVar[list[_Stop]] = []
 
@@ -131,7 +131,7 @@ def serve(fake_kernel: FakeVduse, tmp_path: Path, sockdir: Path,
     """``serve(*args, name=NAME)``: start ``pyvduse serve --name NAME --attach none
     --control SOCK ARGS`` on a thread and wait for its control socket. Every daemon is
     stopped at the end, and must have destroyed its devices and removed its logs."""
-    monkeypatch.setattr(cli, "_StopSignal", _Stop)
+    monkeypatch.setattr(cli, "Signals", _Stop)
     logger = logging.getLogger("pyvduse")  # cli.main sets it up for stderr: put it back
     saved = (list(logger.handlers), logger.propagate, logger.level)
     started: list[Daemon] = []
@@ -163,7 +163,7 @@ def serve(fake_kernel: FakeVduse, tmp_path: Path, sockdir: Path,
     try:
         yield start
         for daemon in started:
-            daemon.stop.event.set()
+            daemon.stop.stop()
             assert daemon.wait() == 0
         assert fake_kernel.devices == {}, "devices left behind"
         for daemon in started:
@@ -171,7 +171,7 @@ def serve(fake_kernel: FakeVduse, tmp_path: Path, sockdir: Path,
             assert not daemon.sock.exists(), "control socket left behind"
     finally:
         for daemon in started:
-            daemon.stop.event.set()
+            daemon.stop.stop()
             daemon.thread.join(30)
         logger.handlers[:] = saved[0]
         logger.propagate = saved[1]

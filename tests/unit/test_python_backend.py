@@ -403,3 +403,51 @@ def test_documented_backends_work(write_script: Any, document: str, heading: str
                          initial=lambda offset, length: bytes(length)) == [
         "geometry", "capabilities", "reads", "round_trip", "vectored", "write_zeroes",
         "concurrency"]
+
+
+# -- what every backend needs, checked at load -----------------------------------------
+
+READER = "    def read(self, offset, buf):\n        buf[:] = bytes(len(buf))\n"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (READER, "B in {script} has no size() method (it returns the disk's size in bytes)"),
+    ("    def size(self):\n        return 1 << 20\n",
+     "B in {script} has no read() method (define read or readv, or submit_readv for an "
+     "AsynchronousBackend)"),
+    ("    def size(self):\n        raise RuntimeError('no disk')\n" + READER,
+     "B.size() in {script} failed: RuntimeError: no disk (at {script}:6)"),
+    ("    def size(self):\n        return 'big'\n" + READER,
+     "B.size() in {script} returned 'big' (str), not an integer number of bytes"),
+    ("    def size(self):\n        return 1048576.0\n" + READER,
+     "B.size() in {script} returned 1048576.0 (float), not an integer number of bytes"),
+    ("    def size(self):\n        return None\n" + READER,
+     "B.size() in {script} returned None (NoneType), not an integer number of bytes"),
+])
+def test_a_backend_without_a_usable_size_or_read_is_refused_at_load(
+        write_script: Any, body: str, message: str) -> None:
+    closed = write_script("", "closed.flag")
+    closed.unlink()
+    script = write_script(HEADER + "from pathlib import Path\n\nclass B(Backend):\n" + body
+                          + f"    def close(self):\n        Path({str(closed)!r}).touch()\n")
+    assert fails(script=script) == "backend 'python': " + message.format(script=script)
+    assert closed.exists()  # built, refused, and closed again
+
+
+@pytest.mark.parametrize(("code", "message"), [
+    ("import sys\nsys.exit(3)\n", "{script} called sys.exit(3) while loading"),
+    ("raise SystemExit\n", "{script} called sys.exit(None) while loading"),
+    ("raise KeyboardInterrupt\n", "{script} raised KeyboardInterrupt while loading"),
+])
+def test_a_module_that_exits_while_loading_is_an_error(write_script: Any, code: str,
+                                                       message: str) -> None:
+    script = write_script(code)
+    assert fails(script=script) == "backend 'python': " + message.format(script=script)
+    module_dir = script.parent
+    sys.path.insert(0, str(module_dir))
+    try:
+        assert fails(module="user_backend") == (
+            "backend 'python': " + message.format(script="user_backend"))
+    finally:
+        sys.path.remove(str(module_dir))
+        sys.modules.pop("user_backend", None)

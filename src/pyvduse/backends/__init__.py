@@ -39,6 +39,7 @@ __all__ = [
     "NullBackend",
     "PythonBackendLoader",
     "RbdBackend",
+    "backend_help",
     "load_backend",
     "open_backend",
 ]
@@ -96,3 +97,16 @@ def open_backend(name: str, args: Sequence[str]) -> Backend:
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
     return BACKENDS[name].from_options(BackendOptions.parse(args, backend=name))
+
+
+def backend_help(name: str) -> str:
+    """What ``pyvduse serve NAME --help`` prints: the backend module's documentation
+    (its options first), with reST's double backquotes dropped. Raises
+    :class:`ConfigError` for an unknown backend."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
+    factory = BACKENDS[name]
+    module = import_module(getattr(factory, "__module__", f"{__name__}.{name}"))
+    text = (module.__doc__ or "").strip().replace("``", "")
+    return (f"usage: pyvduse serve [OPTIONS] {name} [key=value ...]\n\n{text}\n\n"
+            f"The serve options: pyvduse serve --help.\n")

@@ -316,6 +316,10 @@ class Backend:
     def close(self) -> None:
         """Release resources; called once, after the last request. The default does nothing."""
 
+    #: Whether building the backend contacts a server (nbd, rbd): the daemon then
+    #: checks that it can create the device first.
+    contacts_servers: bool = False
+
     #: Why :meth:`native_target` returned None, when the backend knows ('' otherwise):
     #: the export's start line gives it.
     native_refusal: str = ""

@@ -918,6 +918,7 @@ class NbdBackend(AsynchronousBackend):
     """
 
     name = "nbd"
+    contacts_servers = True
 
     def __init__(self, url: str, *, connections: int = 1, reconnect_delay: float = 1.0,
                  retry_timeout: float = 60.0, timeout: float = 10.0) -> None:

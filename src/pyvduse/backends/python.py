@@ -55,7 +55,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from types import ModuleType, TracebackType
 
-from pyvduse.backends.base import Backend
+from pyvduse.backends.base import AsynchronousBackend, Backend
 from pyvduse.backends.options import BackendOptions
 from pyvduse.errors import ConfigError
 
@@ -107,7 +107,47 @@ def load_backend(*, script: str | os.PathLike[str] | None = None, module: str | 
         label = module
         loaded = _import_module(module)
     target = _find_backend(loaded, label, class_name)
-    return _construct(target, label, full, dict(options or {}))
+    backend = _construct(target, label, full, dict(options or {}))
+    try:
+        _check_backend(backend, label, full)
+    except BaseException:
+        _close_quietly(backend)
+        raise
+    return backend
+
+
+_READERS = ("read", "readv", "submit_readv")
+
+
+def _check_backend(backend: Backend, label: str, full: str | None) -> None:
+    """What every backend needs, checked before any device exists: a ``size()`` that
+    returns an integer, and a way to read."""
+    cls = type(backend)
+    name = cls.__name__
+    if not any(getattr(cls, method) not in (getattr(Backend, method),
+                                            getattr(AsynchronousBackend, method))
+               for method in _READERS):
+        raise ConfigError(f"{_PREFIX}{name} in {label} has no read() method (define read "
+                          "or readv, or submit_readv for an AsynchronousBackend)")
+    if cls.size is Backend.size:
+        raise ConfigError(f"{_PREFIX}{name} in {label} has no size() method (it returns the "
+                          "disk's size in bytes)")
+    try:
+        size = backend.size()
+    except Exception as exc:
+        raise ConfigError(f"{_PREFIX}{name}.size() in {label} failed: "
+                          f"{_describe(exc, full, label)}") from None
+    if type(size) is not int:
+        raise ConfigError(f"{_PREFIX}{name}.size() in {label} returned {size!r} "
+                          f"({type(size).__name__}), not an integer number of bytes")
+
+
+def _close_quietly(backend: Backend) -> None:
+    """Close a backend that will not be served, ignoring its failure (logged)."""
+    try:
+        backend.close()
+    except Exception:
+        log.debug("closing the refused backend failed", exc_info=True)
 
 
 # -- loading ----------------------------------------------------------------------------
@@ -143,8 +183,16 @@ def _load_script(path: str) -> ModuleType:
             sys.modules[name] = previous
         if isinstance(exc, Exception):
             raise _load_error(exc, path, full) from None
-        raise
+        raise _abort_error(exc, path) from None
     return loaded
+
+
+def _abort_error(exc: BaseException, label: str) -> BaseException:
+    """The error for a module that called ``sys.exit()`` or raised KeyboardInterrupt
+    (or another BaseException) while loading (a Ctrl-C then ends the start too)."""
+    if isinstance(exc, SystemExit):
+        return ConfigError(f"{_PREFIX}{label} called sys.exit({exc.code!r}) while loading")
+    return ConfigError(f"{_PREFIX}{label} raised {type(exc).__name__} while loading")
 
 
 def _import_module(name: str) -> ModuleType:
@@ -160,6 +208,8 @@ def _import_module(name: str) -> ModuleType:
         raise _load_error(exc, name, None) from None
     except Exception as exc:
         raise _load_error(exc, name, None) from None
+    except BaseException as exc:
+        raise _abort_error(exc, name) from None
 
 
 def _load_error(exc: Exception, label: str, full: str | None) -> ConfigError:

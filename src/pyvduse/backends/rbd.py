@@ -274,6 +274,7 @@ class RbdBackend(AsynchronousBackend):
     """
 
     name = "rbd"
+    contacts_servers = True
 
     def __init__(self, image: str, *, conf: str | None = None, client_id: str = "admin",
                  keyring: str | None = None, mon_host: str | None = None,
