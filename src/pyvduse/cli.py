@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvduse import __version__
-from pyvduse.backends import BACKENDS, backend_help
+from pyvduse.backends import BACKENDS, backend_help, backend_summary
 from pyvduse.ctl import add_ctl_parser, run_ctl
 from pyvduse.errors import PyvduseError
 from pyvduse.host import Signals, exit_with_parent, status_lines, wait_for_nodes, write_status
@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         "daemon that was killed and will not be restarted. Refused while a process serves "
         "it, and while its block device is mounted or open (unless --force).")
     destroy.add_argument("device", metavar="NAME")
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script",
+        description="Print a completion script for SHELL, generated from this parser: "
+        "'source <(pyvduse completion bash)', or save it as "
+        "/usr/share/bash-completion/completions/pyvduse.")
+    completion.add_argument("shell", choices=("bash",), metavar="SHELL")
+    commands.add_parser(
+        "man", help="print the manual page (roff)",
+        description="Print pyvduse(1) in roff, generated from this parser: "
+        "'pyvduse man > pyvduse.1; man ./pyvduse.1'.")
     destroy.add_argument("--force", action="store_true",
                          help="remove it even while its block device is mounted or open "
                          "(its I/O then fails)")
@@ -287,6 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_list(args)
         if args.command == "destroy":
             return run_destroy(args)
+        if args.command in ("completion", "man"):
+            from pyvduse.cliref import bash_completion, manpage
+
+            names = sorted(BACKENDS)
+            sys.stdout.write(bash_completion(parser, names) if args.command == "completion"
+                             else manpage(parser, {n: backend_summary(n) for n in names}))
+            return 0
         return serve(args)
     except PyvduseError as exc:
         priority = "<3>" if used == "journal" else ""  # the journal's "error"

@@ -311,3 +311,42 @@ def test_a_remote_backend_is_not_contacted_when_no_device_can_be_made() -> None:
             server.accept()  # nobody came
     finally:
         server.close()
+
+
+def complete(script: str, *words: str) -> list[str]:
+    """What the completion script offers for the command line ``words`` (the last one
+    being completed)."""
+    program = (f"{script}\nCOMP_WORDS=({' '.join(map(repr, words))}); "
+               f"COMP_CWORD={len(words) - 1}; _pyvduse; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
+    done = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return sorted(done.stdout.split())
+
+
+def test_bash_completion_offers_commands_options_choices_and_backends() -> None:
+    script = run_cli("completion", "bash").stdout
+    assert "complete -F _pyvduse pyvduse" in script
+    assert complete(script, "pyvduse", "") == sorted(
+        ["serve", "ctl", "list", "destroy", "completion", "man", "-h", "--help", "-V",
+         "--version"])
+    assert complete(script, "pyvduse", "serve", "--log-f") == ["--log-format"]
+    assert complete(script, "pyvduse", "serve", "--log-format", "j") == ["journal", "json"]
+    assert complete(script, "pyvduse", "serve", "--name", "x", "r") == ["rbd"]
+    assert complete(script, "pyvduse", "destroy", "--f") == ["--force"]
+
+
+def test_the_man_page_has_every_command_and_option() -> None:
+    from pyvduse.cli import build_parser
+
+    page = run_cli("man").stdout
+    assert page.startswith(".TH PYVDUSE 1 ")
+    for section in ("NAME", "SYNOPSIS", "SERVE", "CTL", "LIST", "DESTROY", "BACKENDS",
+                    "EXIT STATUS", "SIGNALS"):
+        assert f"\n.SH {section}\n" in page, section
+    serve = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]
+    for action in serve._actions:
+        for option in action.option_strings:
+            if option not in ("-h", "--help"):
+                assert "\\fB" + option.replace("-", "\\-") + "\\fR" in page, option
+    assert "(default: pyvduse0)" in page and "%(default)s" not in page

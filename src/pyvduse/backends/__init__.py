@@ -40,6 +40,7 @@ __all__ = [
     "PythonBackendLoader",
     "RbdBackend",
     "backend_help",
+    "backend_summary",
     "load_backend",
     "open_backend",
 ]
@@ -97,6 +98,13 @@ def open_backend(name: str, args: Sequence[str]) -> Backend:
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
     return BACKENDS[name].from_options(BackendOptions.parse(args, backend=name))
+
+
+def backend_summary(name: str) -> str:
+    """The first line of backend ``name``'s documentation."""
+    factory = BACKENDS[name]
+    module = import_module(getattr(factory, "__module__", f"{__name__}.{name}"))
+    return (module.__doc__ or name).strip().splitlines()[0].replace("``", "")
 
 
 def backend_help(name: str) -> str:
