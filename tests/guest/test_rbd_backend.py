@@ -60,20 +60,23 @@ def test_rbd_image_byte_exact_with_a_file_system(ceph_conf: Path) -> None:
         device = daemon.device
         assert int(Path("/sys/block", daemon.disk, "size").read_text()) * 512 == IMAGE_SIZE
         rng = random.Random(9)
-        writes = {}
+        expected = bytearray(IMAGE_SIZE)  # a new image reads as zeroes; then the writes
+        writes = []
         for _ in range(16):
             length = rng.choice([4096, 65536, 1024 * 1024])
             offset = rng.randrange(0, IMAGE_SIZE - length, 4096)
             data = rng.randbytes(length)
             direct_io(device, offset, data)
-            writes[offset] = data
+            expected[offset:offset + length] = data
+            writes.append((offset, length))
         run("blkdiscard", "-z", "-o", str(40 * MiB), "-l", str(4 * MiB), device)
+        expected[40 * MiB:44 * MiB] = bytes(4 * MiB)
         run("sync")  # a flush: librbd's cache (if on) reaches the cluster
         stored = exported(ceph_conf, "vm0")
-        for offset, data in sorted(writes.items()):
-            got = direct_io(device, offset, length=len(data))
-            assert got == stored[offset:offset + len(data)], f"device and image differ at {offset}"
-        assert stored[40 * MiB:44 * MiB] == bytes(4 * MiB)
+        assert stored == expected, "the image differs from the data written"
+        for offset, length in writes:  # and the device reads back the data written
+            want = bytes(expected[offset:offset + length])
+            assert direct_io(device, offset, length=length) == want, f"device differs at {offset}"
 
         run("mkfs.ext4", "-q", "-F", device)
         mount = scratch_dir() / "rbd-mnt"
@@ -124,3 +127,22 @@ def test_rbd_resize_reaches_the_kernel(ceph_conf: Path) -> None:
         assert direct_io(daemon.device, 40 * MiB, length=len(data)) == data
         assert exported(ceph_conf, "grow0")[40 * MiB:40 * MiB + len(data)] == data
     assert "pv-rbdgrow: resized from 33554432 to 50331648 bytes" in daemon.output()
+
+
+def test_a_snapshot_is_a_read_only_disk_with_the_data_of_its_time(ceph_conf: Path) -> None:
+    rbd(ceph_conf, "create", "--size", "16", "rbd/snapimg")
+    before, after = os.urandom(MiB), os.urandom(MiB)
+    with serving("pv-snap0", "rbd", "image=rbd/snapimg", f"conf={ceph_conf}",
+                 "timeout=60") as daemon:
+        direct_io(daemon.device, 2 * MiB, before)
+        run("sync")
+    rbd(ceph_conf, "snap", "create", "rbd/snapimg@s1")
+    with serving("pv-snap1", "rbd", "image=rbd/snapimg", f"conf={ceph_conf}",
+                 "timeout=60") as daemon:
+        direct_io(daemon.device, 2 * MiB, after)
+        run("sync")
+    with serving("pv-snap2", "rbd", "image=rbd/snapimg@s1", f"conf={ceph_conf}",
+                 "timeout=60") as daemon:
+        assert Path("/sys/block", daemon.disk, "ro").read_text().strip() == "1"
+        assert direct_io(daemon.device, 2 * MiB, length=MiB) == before
+    assert exported(ceph_conf, "snapimg")[2 * MiB:3 * MiB] == after
