@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
@@ -109,10 +110,18 @@ def status_lines(statuses: Iterable[dict[str, Any]]) -> str:
 
 
 def write_status(text: str, path: str | None) -> None:
-    """``text`` to stdout (flushed), or atomically into ``path``."""
+    """``text`` to stdout (flushed), or atomically into ``path``.
+
+    A stdout that is closed or a pipe nobody reads costs the status line only (the
+    daemon serves all the same); a status file that cannot be written is an error.
+    """
     if path is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except (OSError, AttributeError, ValueError) as exc:  # closed, None, or EPIPE
+            logging.getLogger("pyvduse").warning("the status line could not be written to "
+                                                 "stdout: %s", exc)
         return
     temp = f"{path}.{os.getpid()}.tmp"
     try:

@@ -350,3 +350,10 @@ def test_the_man_page_has_every_command_and_option() -> None:
             if option not in ("-h", "--help"):
                 assert "\\fB" + option.replace("-", "\\-") + "\\fR" in page, option
     assert "(default: pyvduse0)" in page and "%(default)s" not in page
+
+
+def test_a_closed_stdout_costs_the_status_line_only(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(sys, "stdout", None)
+    write_status('{"name":"vd0"}\n', None)  # no exception
+    assert "the status line could not be written to stdout" in caplog.text

@@ -1,4 +1,4 @@
-"""The ``rbd`` backend: a Ceph RBD image, through librbd (its Python binding; its C API on the native path).
+"""The ``rbd`` backend: a Ceph RBD image through librbd (Python binding, or C on the native path).
 
 Options (``pyvduse serve rbd key=value ...``):
 
