@@ -357,3 +357,25 @@ def test_a_closed_stdout_costs_the_status_line_only(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sys, "stdout", None)
     write_status('{"name":"vd0"}\n', None)  # no exception
     assert "the status line could not be written to stdout" in caplog.text
+
+
+def test_a_vdpa_family_hidden_by_a_network_namespace_is_explained(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pyvduse import netlink
+
+    def missing(self: object, family: str, **_: object) -> None:
+        raise netlink.FamilyNotFoundError(family, netlink.VdpaClient.family_missing_hint)
+
+    monkeypatch.setattr(netlink.GenericNetlink, "__init__", missing)
+    # The vdpa module is not loaded: the old hint (load it).
+    monkeypatch.setattr(netlink, "VDPA_BUS_DIR", str(tmp_path / "absent"))
+    with pytest.raises(netlink.FamilyNotFoundError) as excinfo:
+        netlink.VdpaClient()
+    assert "modprobe" in str(excinfo.value)
+    # It is loaded (the bus exists), yet the family is not seen: another namespace.
+    monkeypatch.setattr(netlink, "VDPA_BUS_DIR", str(tmp_path))
+    with pytest.raises(netlink.FamilyNotFoundError) as excinfo:
+        netlink.VdpaClient()
+    text = str(excinfo.value)
+    assert "exists only in the host's initial network namespace" in text
+    assert "--attach none" in text and "modprobe" not in text
