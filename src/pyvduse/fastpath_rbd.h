@@ -211,7 +211,10 @@ struct fp_rbd_call {
 };
 
 struct fp_rbd {
-    struct fp_queue *q;
+    /* The queue's jobs, not the queue: a callback that comes after the queue's object
+     * is gone (its requests outlived close()) finds the jobs and the engine, which are
+     * then kept for good. */
+    const struct fp_job *jobs;
     fp_image_t image;
     int event_fd; /* written when done[] gets heads (the FastPath's, not closed here) */
     struct fp_rbd_call *calls; /* [size] */
@@ -252,7 +255,7 @@ static void fp_rbd_complete(fp_completion_t c, void *arg)
     struct fp_rbd *r = call->engine;
     ssize_t ret = fp_lib.rbd_aio_get_return_value(c);
     fp_lib.rbd_aio_release(c);
-    const struct fp_job *job = &r->q->jobs[call->head];
+    const struct fp_job *job = &r->jobs[call->head];
     int ok = job->op == FP_OP_READ ? ret >= 0 && (uint64_t)ret == job->length : ret >= 0;
     fp_rbd_finished(r, call->head, ok);
 }
@@ -274,7 +277,7 @@ static struct fp_rbd *fp_rbd_open(struct fp_queue *q, fp_image_t image, int even
     struct fp_rbd *r = calloc(1, sizeof(*r));
     if (r == NULL)
         return NULL;
-    r->q = q;
+    r->jobs = q->jobs;
     r->image = image;
     r->event_fd = event_fd;
     pthread_mutex_init(&r->lock, NULL);
@@ -313,7 +316,7 @@ static int fp_rbd_stage(struct fp_queue *q, uint32_t head)
 /* Start one staged job; librbd's result (negative: nothing started). */
 static int fp_rbd_start(struct fp_rbd *r, uint32_t head)
 {
-    const struct fp_job *job = &r->q->jobs[head];
+    const struct fp_job *job = &r->jobs[head];
     fp_completion_t c;
     int rc = fp_lib.rbd_aio_create_completion(&r->calls[head], fp_rbd_complete, &c);
     if (rc < 0)
