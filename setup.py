@@ -14,7 +14,7 @@ setup(
             ["src/pyvduse/_fastpath.c"],
             depends=["src/pyvduse/fastpath_core.h", "src/pyvduse/fastpath_uring.h",
                      "src/pyvduse/fastpath_loop.h", "src/pyvduse/fastpath_nbd.h",
-                     "src/pyvduse/fastpath_rbd.h"],
+                     "src/pyvduse/fastpath_rbd.h", "src/pyvduse/fastpath_done.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit"],
             optional=True,
         )

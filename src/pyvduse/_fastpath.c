@@ -145,7 +145,7 @@ static void quiesce_engine(FastPath *self)
     if (self->nbd != NULL)
         fp_nbd_stop(self->nbd);
     if (self->rbd != NULL)
-        fp_rbd_wait(self->rbd, CLOSE_WAIT_MS);
+        fp_done_wait(&self->rbd->list, CLOSE_WAIT_MS);
 }
 
 /* The engine's jobs, jobs' bookkeeping and eventfd, once nothing is in flight. */
@@ -171,15 +171,15 @@ static int close_engine(FastPath *self)
     unsigned used = 0;
     if (self->nbd != NULL) {
         fp_nbd_stop(self->nbd); /* the reader joined: what was in flight failed */
-        fp_nbd_reap_jobs(&self->q, 1, &used);
+        fp_done_reap(&self->nbd->list, &self->q, 1, &used);
         fp_nbd_free(self->nbd);
         self->nbd = NULL;
         free_engine_state(self);
         return 0;
     }
     if (self->rbd != NULL) {
-        fp_rbd_reap_jobs(&self->q, 1, &used);
-        if (fp_rbd_wait(self->rbd, 0) < 0)
+        fp_done_reap(&self->rbd->list, &self->q, 1, &used);
+        if (fp_done_wait(&self->rbd->list, 0) < 0)
             return -1; /* librbd still holds some: its callbacks need the engine */
         fp_rbd_free(self->rbd);
         self->rbd = NULL;
@@ -238,7 +238,7 @@ static void FastPath_dealloc(FastPath *self)
 
 /*
  * Start the engine: an NBD target's connection engine on `nbd_sock` (a descriptor of
- * the engine's own from then on), else the io_uring. Without one (engine_error says
+ * the engine's own from then on), an RBD target's on its image, else the io_uring. Without one (engine_error says
  * why) Python takes its share.
  */
 static void open_engine(FastPath *self, int nbd_sock, uint64_t nbd_max_payload, int nbd_flush)
@@ -255,12 +255,8 @@ static void open_engine(FastPath *self, int nbd_sock, uint64_t nbd_max_payload, 
     } else if (q->target == FP_TARGET_NBD) {
         self->nbd = fp_nbd_open(q, nbd_sock, efd, nbd_max_payload, nbd_flush);
         if (self->nbd != NULL) {
-            q->engine.ctx = self->nbd;
-            q->engine.stage = fp_nbd_stage;
-            q->engine.kick = fp_nbd_kick;
-            q->engine.reap = fp_nbd_reap;
-            q->engine.ready = fp_nbd_ready;
-            q->engine.event_fd = efd;
+            q->engine = (struct fp_engine){self->nbd, fp_nbd_stage, fp_nbd_kick,
+                                           fp_nbd_reap, fp_nbd_ready, efd};
             return;
         }
         snprintf(self->engine_error, sizeof(self->engine_error), "nbd: %s", strerror(errno));
@@ -272,12 +268,8 @@ static void open_engine(FastPath *self, int nbd_sock, uint64_t nbd_max_payload, 
         self->rbd = img != NULL && !img->closing ? fp_rbd_open(q, img->image, efd) : NULL;
         if (self->rbd != NULL) {
             img->users++;
-            q->engine.ctx = self->rbd;
-            q->engine.stage = fp_rbd_stage;
-            q->engine.kick = fp_rbd_kick;
-            q->engine.reap = fp_rbd_reap;
-            q->engine.ready = fp_rbd_ready;
-            q->engine.event_fd = efd;
+            q->engine = (struct fp_engine){self->rbd, fp_rbd_stage, fp_rbd_kick,
+                                           fp_rbd_reap, fp_rbd_ready, efd};
             return;
         }
         snprintf(self->engine_error, sizeof(self->engine_error), "rbd: %s",
@@ -290,12 +282,8 @@ static void open_engine(FastPath *self, int nbd_sock, uint64_t nbd_max_payload, 
                  strerror(errno));
     } else {
         self->uring_open = 1;
-        q->engine.ctx = &self->uring;
-        q->engine.stage = fp_uring_stage;
-        q->engine.kick = fp_uring_kick;
-        q->engine.reap = fp_uring_reap;
-        q->engine.ready = fp_uring_ready;
-        q->engine.event_fd = efd;
+        q->engine = (struct fp_engine){&self->uring, fp_uring_stage, fp_uring_kick,
+                                       fp_uring_reap, fp_uring_ready, efd};
         q->batch_small = self->uring.batch_small;
         return;
     }
@@ -608,8 +596,8 @@ static PyObject *FastPath_wait(FastPath *self, PyObject *args)
         Py_RETURN_TRUE;
     int rc, ms = timeout < 0 ? -1 : timeout * 1000 > INT_MAX ? INT_MAX : (int)(timeout * 1000);
     Py_BEGIN_ALLOW_THREADS
-    rc = self->nbd != NULL   ? fp_nbd_wait(self->nbd, ms)
-         : self->rbd != NULL ? fp_rbd_wait(self->rbd, ms)
+    rc = self->nbd != NULL   ? fp_done_wait(&self->nbd->list, ms)
+         : self->rbd != NULL ? fp_done_wait(&self->rbd->list, ms)
                              : fp_uring_wait(&self->q, ms);
     Py_END_ALLOW_THREADS
     if (rc < 0 && errno != ETIMEDOUT)

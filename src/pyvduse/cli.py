@@ -16,7 +16,14 @@ from pyvduse import __version__
 from pyvduse.backends import BACKENDS, backend_help, backend_summary
 from pyvduse.ctl import add_ctl_parser, run_ctl
 from pyvduse.errors import PyvduseError
-from pyvduse.host import Signals, exit_with_parent, status_lines, wait_for_nodes, write_status
+from pyvduse.host import (
+    Signals,
+    exit_with_parent,
+    status_lines,
+    wait_for_nodes,
+    write_atomically,
+    write_status,
+)
 from pyvduse.logs import LOG_FORMATS, setup_logging
 from pyvduse.ratelimit import flush_all
 from pyvduse.registry import ExportRegistry
@@ -166,20 +173,9 @@ def _pidfile(path: str | None) -> Iterator[None]:
     if path is None:
         yield
         return
-    temp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(temp, "w") as stream:
-            stream.write(f"{os.getpid()}\n")
-        os.replace(temp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise PyvduseError(f"cannot write pidfile {path}: {exc.strerror}") from None
-    try:
+    write_atomically(path, f"{os.getpid()}\n", "pidfile")
+    with _removed_at_exit(path):
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 def _log_info_signal(signum: int, registry: ExportRegistry) -> None:

@@ -35,6 +35,7 @@
 #include <time.h>
 
 #include "fastpath_core.h"
+#include "fastpath_done.h"
 
 #define FP_NBD_REQUEST_MAGIC 0x25609513u
 #define FP_NBD_SIMPLE_REPLY_MAGIC 0x67446698u
@@ -43,32 +44,25 @@
 #define FP_NBD_CMD_FLUSH 3u
 #define FP_NBD_REQUEST 28u
 #define FP_NBD_REPLY 16u
-#define FP_NBD_FAILED 0x80000000u /* in done[]: the request failed */
 #define FP_NBD_IOV_MAX 1024       /* iovecs per sendmsg (the kernel's UIO_MAXIOV) */
 
 struct fp_nbd {
     struct fp_queue *q;
     unsigned size;
-    int sock;     /* -1 once closed */
-    int event_fd; /* written when done[] gets heads (the FastPath's, not closed here) */
+    int sock; /* -1 once closed */
     uint64_t max_payload;
     int flush_supported;
     pthread_t reader;
-    int reader_running; /* started and not joined yet */
-    pthread_mutex_t lock;
-    pthread_cond_t idle; /* broadcast when nothing is in flight any more */
-    /* under lock */
+    int reader_running;       /* started and not joined yet */
+    struct fp_done_list list; /* finished heads; its lock guards what follows too */
+    /* under list.lock */
     unsigned char *sent; /* [size] the request went to the socket; its reply is due */
-    unsigned inflight;
-    uint32_t *done; /* [size] finished heads (FP_NBD_FAILED: failed), for reap */
-    unsigned ndone;
     int broken;
     char why[160];
     /* the queue thread's */
     uint32_t *staged; /* [size] heads staged since the last kick */
     unsigned nstaged;
     unsigned char (*headers)[FP_NBD_REQUEST]; /* [size] */
-    uint32_t *reaping;                        /* [size] scratch for reap */
     struct iovec *sendv;                      /* [FP_NBD_IOV_MAX] scratch for kick */
 };
 
@@ -90,21 +84,6 @@ static uint64_t fp_nbd_get(const unsigned char *p, int bytes)
     for (int i = 0; i < bytes; i++)
         v = v << 8 | p[i];
     return v;
-}
-
-static void fp_nbd_signal(struct fp_nbd *n)
-{
-    uint64_t one = 1;
-    if (write(n->event_fd, &one, sizeof(one)) < 0) {
-        /* EAGAIN: the counter is full, so the reader is woken anyway */
-    }
-}
-
-/* Under lock: queue `head` as finished. */
-static void fp_nbd_done_locked(struct fp_nbd *n, uint32_t head, int ok)
-{
-    n->done[n->ndone] = head | (ok ? 0 : FP_NBD_FAILED);
-    __atomic_store_n(&n->ndone, n->ndone + 1, __ATOMIC_RELEASE);
 }
 
 /* Move the iovecs (*iov, *cnt of them) past `done` bytes moved (a partial one advanced
@@ -165,9 +144,9 @@ static void *fp_nbd_reader(void *arg)
             snprintf(why, sizeof(why), "bad reply magic %#x", magic);
             break;
         }
-        pthread_mutex_lock(&n->lock);
+        pthread_mutex_lock(&n->list.lock);
         int due = handle < n->size && n->sent[handle];
-        pthread_mutex_unlock(&n->lock);
+        pthread_mutex_unlock(&n->list.lock);
         if (!due) {
             snprintf(why, sizeof(why), "reply for handle %#llx, not in flight",
                      (unsigned long long)handle);
@@ -180,16 +159,15 @@ static void *fp_nbd_reader(void *arg)
             if (fp_nbd_recv(n->sock, scratch, job->n, job->length, why, sizeof(why)) < 0)
                 break; /* failed below with the rest: its buffers may hold part of it */
         }
-        pthread_mutex_lock(&n->lock);
+        pthread_mutex_lock(&n->list.lock);
         n->sent[handle] = 0;
-        fp_nbd_done_locked(n, (uint32_t)handle, !error);
-        if (--n->inflight == 0)
-            pthread_cond_broadcast(&n->idle);
-        pthread_mutex_unlock(&n->lock);
-        fp_nbd_signal(n);
+        fp_done_push_locked(&n->list, (uint32_t)handle, !error);
+        fp_done_retire_locked(&n->list, 1);
+        pthread_mutex_unlock(&n->list.lock);
+        fp_done_signal(&n->list);
     }
     free(scratch);
-    pthread_mutex_lock(&n->lock);
+    pthread_mutex_lock(&n->list.lock);
     if (!n->broken) {
         n->broken = 1;
         memcpy(n->why, why, sizeof(why));
@@ -197,13 +175,12 @@ static void *fp_nbd_reader(void *arg)
     for (unsigned head = 0; head < n->size; head++) {
         if (n->sent[head]) {
             n->sent[head] = 0;
-            fp_nbd_done_locked(n, head, 0);
+            fp_done_push_locked(&n->list, head, 0);
         }
     }
-    n->inflight = 0;
-    pthread_cond_broadcast(&n->idle);
-    pthread_mutex_unlock(&n->lock);
-    fp_nbd_signal(n);
+    fp_done_retire_locked(&n->list, n->list.inflight);
+    pthread_mutex_unlock(&n->list.lock);
+    fp_done_signal(&n->list);
     return NULL;
 }
 
@@ -211,12 +188,12 @@ static void *fp_nbd_reader(void *arg)
  * what is in flight. */
 static void fp_nbd_break(struct fp_nbd *n, const char *why)
 {
-    pthread_mutex_lock(&n->lock);
+    pthread_mutex_lock(&n->list.lock);
     if (!n->broken) {
         n->broken = 1;
         snprintf(n->why, sizeof(n->why), "%s", why);
     }
-    pthread_mutex_unlock(&n->lock);
+    pthread_mutex_unlock(&n->list.lock);
     if (n->sock >= 0)
         shutdown(n->sock, SHUT_RDWR);
 }
@@ -257,13 +234,10 @@ static void fp_nbd_free(struct fp_nbd *n)
 {
     fp_nbd_stop(n);
     free(n->sent);
-    free(n->done);
     free(n->staged);
     free(n->headers);
-    free(n->reaping);
     free(n->sendv);
-    pthread_cond_destroy(&n->idle);
-    pthread_mutex_destroy(&n->lock);
+    fp_done_destroy(&n->list);
     free(n);
 }
 
@@ -277,23 +251,15 @@ static struct fp_nbd *fp_nbd_open(struct fp_queue *q, int sock, int event_fd,
     n->q = q;
     n->size = q->size;
     n->sock = -1;
-    n->event_fd = event_fd;
     n->max_payload = max_payload;
     n->flush_supported = flush_supported;
-    pthread_mutex_init(&n->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&n->idle, &attr);
-    pthread_condattr_destroy(&attr);
+    int listed = fp_done_init(&n->list, n->size, event_fd);
     n->sent = calloc(n->size, 1);
-    n->done = calloc(n->size, sizeof(*n->done));
     n->staged = calloc(n->size, sizeof(*n->staged));
     n->headers = calloc(n->size, sizeof(*n->headers));
-    n->reaping = calloc(n->size, sizeof(*n->reaping));
     n->sendv = calloc(FP_NBD_IOV_MAX, sizeof(*n->sendv));
-    if (n->sent == NULL || n->done == NULL || n->staged == NULL || n->headers == NULL
-        || n->reaping == NULL || n->sendv == NULL) {
+    if (listed < 0 || n->sent == NULL || n->staged == NULL || n->headers == NULL
+        || n->sendv == NULL) {
         fp_nbd_free(n);
         errno = ENOMEM;
         return NULL;
@@ -315,9 +281,9 @@ static struct fp_nbd *fp_nbd_open(struct fp_queue *q, int sock, int event_fd,
  */
 static int fp_nbd_attach(struct fp_nbd *n, int sock)
 {
-    pthread_mutex_lock(&n->lock);
-    int busy = !n->broken || n->inflight;
-    pthread_mutex_unlock(&n->lock);
+    pthread_mutex_lock(&n->list.lock);
+    int busy = !n->broken || n->list.inflight;
+    pthread_mutex_unlock(&n->list.lock);
     if (busy) {
         errno = EBUSY;
         return -1;
@@ -378,20 +344,20 @@ static void fp_nbd_kick(struct fp_queue *q)
     struct fp_nbd *n = q->engine.ctx;
     if (!n->nstaged)
         return;
-    pthread_mutex_lock(&n->lock);
+    pthread_mutex_lock(&n->list.lock);
     int broken = n->broken;
     for (unsigned i = 0; i < n->nstaged; i++) {
         if (broken) {
-            fp_nbd_done_locked(n, n->staged[i], 0);
+            fp_done_push_locked(&n->list, n->staged[i], 0);
         } else {
             n->sent[n->staged[i]] = 1;
-            n->inflight++;
+            n->list.inflight++;
         }
     }
-    pthread_mutex_unlock(&n->lock);
+    pthread_mutex_unlock(&n->list.lock);
     if (broken) {
         n->nstaged = 0;
-        fp_nbd_signal(n);
+        fp_done_signal(&n->list);
         return;
     }
     int cnt = 0;
@@ -421,67 +387,27 @@ failed:;
     n->nstaged = 0;
 }
 
-/* Finish the heads the reader queued (drop: write nothing anywhere); how many. */
-static unsigned fp_nbd_reap_jobs(struct fp_queue *q, int drop, unsigned *used_idx)
-{
-    struct fp_nbd *n = q->engine.ctx;
-    if (!__atomic_load_n(&n->ndone, __ATOMIC_ACQUIRE))
-        return 0;
-    pthread_mutex_lock(&n->lock);
-    unsigned count = n->ndone;
-    memcpy(n->reaping, n->done, count * sizeof(*n->done));
-    __atomic_store_n(&n->ndone, 0, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&n->lock);
-    for (unsigned i = 0; i < count; i++) {
-        uint32_t head = n->reaping[i] & ~FP_NBD_FAILED;
-        if (head < q->size && q->jobs[head].busy)
-            fp_finish(q, head, !(n->reaping[i] & FP_NBD_FAILED), drop, used_idx);
-    }
-    return count;
-}
-
 /* fp_engine.reap */
 static unsigned fp_nbd_reap(struct fp_queue *q, unsigned *used_idx)
 {
-    return fp_nbd_reap_jobs(q, 0, used_idx);
+    struct fp_nbd *n = q->engine.ctx;
+    return fp_done_reap(&n->list, q, 0, used_idx);
 }
 
 /* fp_engine.ready */
 static int fp_nbd_ready(struct fp_queue *q)
 {
     struct fp_nbd *n = q->engine.ctx;
-    return __atomic_load_n(&n->ndone, __ATOMIC_ACQUIRE) != 0;
-}
-
-/* Wait until nothing is in flight on the connection (finished heads stay to be
- * reaped), at most `timeout_ms` (negative: no limit). 0, or -1 with errno ETIMEDOUT. */
-static int fp_nbd_wait(struct fp_nbd *n, int timeout_ms)
-{
-    struct timespec deadline = fp_deadline(timeout_ms < 0 ? 0 : timeout_ms);
-    int rc = 0;
-    pthread_mutex_lock(&n->lock);
-    while (n->inflight && rc == 0) {
-        if (timeout_ms < 0)
-            pthread_cond_wait(&n->idle, &n->lock);
-        else
-            rc = pthread_cond_timedwait(&n->idle, &n->lock, &deadline);
-    }
-    int idle = n->inflight == 0;
-    pthread_mutex_unlock(&n->lock);
-    if (!idle) {
-        errno = ETIMEDOUT;
-        return -1;
-    }
-    return 0;
+    return fp_done_ready(&n->list);
 }
 
 /* Whether the engine refuses requests, and why (copied into why[why_len]). */
 static int fp_nbd_broken(struct fp_nbd *n, char *why, size_t why_len)
 {
-    pthread_mutex_lock(&n->lock);
+    pthread_mutex_lock(&n->list.lock);
     int broken = n->broken;
     snprintf(why, why_len, "%s", n->why);
-    pthread_mutex_unlock(&n->lock);
+    pthread_mutex_unlock(&n->list.lock);
     return broken;
 }
 

@@ -27,8 +27,7 @@
 #include <sys/types.h>
 
 #include "fastpath_core.h"
-
-#define FP_RBD_FAILED 0x80000000u /* in done[]: the request failed */
+#include "fastpath_done.h"
 
 typedef void *fp_rados_t;
 typedef void *fp_ioctx_t;
@@ -146,6 +145,19 @@ static void fp_rbd_image_close(struct fp_rbd_image *img)
     img->image = img->ioctx = img->cluster = NULL;
 }
 
+/* Set each option of the NULL-ended key, value array `kv`; 0, or librados' negative
+ * errno with *step naming the option refused. */
+static int fp_rbd_conf_set_all(fp_rados_t cluster, const char *const *kv, const char **step)
+{
+    for (; kv[0] != NULL; kv += 2) {
+        *step = kv[0];
+        int rc = fp_lib.rados_conf_set(cluster, kv[0], kv[1]);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 /* Connect and open; 0, or a negative errno with `why` naming the step (nothing open). */
 static int fp_rbd_image_open(struct fp_rbd_image *img, const struct fp_rbd_spec *spec,
                              char *why, size_t why_len)
@@ -164,12 +176,9 @@ static int fp_rbd_image_open(struct fp_rbd_image *img, const struct fp_rbd_spec 
     rc = fp_lib.rados_conf_read_file(img->cluster, spec->conf);
     if (rc < 0 && !(rc == -ENOENT && spec->optional_conf))
         goto failed;
-    for (const char *const *kv = spec->before; kv[0] != NULL; kv += 2) {
-        step = kv[0];
-        rc = fp_lib.rados_conf_set(img->cluster, kv[0], kv[1]);
-        if (rc < 0)
-            goto failed;
-    }
+    rc = fp_rbd_conf_set_all(img->cluster, spec->before, &step);
+    if (rc < 0)
+        goto failed;
     step = "connecting";
     rc = fp_lib.rados_connect(img->cluster);
     if (rc < 0)
@@ -189,12 +198,9 @@ static int fp_rbd_image_open(struct fp_rbd_image *img, const struct fp_rbd_spec 
         img->image = NULL;
         goto failed;
     }
-    for (const char *const *kv = spec->after; kv[0] != NULL; kv += 2) {
-        step = kv[0];
-        rc = fp_lib.rados_conf_set(img->cluster, kv[0], kv[1]);
-        if (rc < 0)
-            goto failed;
-    }
+    rc = fp_rbd_conf_set_all(img->cluster, spec->after, &step);
+    if (rc < 0)
+        goto failed;
     return 0;
 failed:
     snprintf(why, why_len, "%s: %s", step, strerror(-rc));
@@ -216,18 +222,11 @@ struct fp_rbd {
      * then kept for good. */
     const struct fp_job *jobs;
     fp_image_t image;
-    int event_fd; /* written when done[] gets heads (the FastPath's, not closed here) */
     struct fp_rbd_call *calls; /* [size] */
-    pthread_mutex_t lock;
-    pthread_cond_t idle; /* broadcast when nothing is in flight any more */
-    /* under lock */
-    unsigned inflight;
-    uint32_t *done; /* [size] finished heads (FP_RBD_FAILED: failed), for reap */
-    unsigned ndone;
+    struct fp_done_list list;  /* the heads librbd finished */
     /* the queue thread's */
     uint32_t *staged; /* [size] heads staged since the last kick */
     unsigned nstaged;
-    uint32_t *reaping; /* [size] scratch for reap */
 };
 
 /* Queue `head` as finished (ok or failed) and wake the queue's thread. Everything
@@ -235,16 +234,11 @@ struct fp_rbd {
  * free the engine and close the eventfd as soon as it has the lock. */
 static void fp_rbd_finished(struct fp_rbd *r, uint32_t head, int ok)
 {
-    uint64_t one = 1;
-    pthread_mutex_lock(&r->lock);
-    r->done[r->ndone] = head | (ok ? 0 : FP_RBD_FAILED);
-    __atomic_store_n(&r->ndone, r->ndone + 1, __ATOMIC_RELEASE);
-    if (write(r->event_fd, &one, sizeof(one)) < 0) {
-        /* EAGAIN: the counter is full, so the queue's thread is woken anyway */
-    }
-    if (--r->inflight == 0)
-        pthread_cond_broadcast(&r->idle);
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_lock(&r->list.lock);
+    fp_done_push_locked(&r->list, head, ok);
+    fp_done_signal(&r->list);
+    fp_done_retire_locked(&r->list, 1);
+    pthread_mutex_unlock(&r->list.lock);
 }
 
 /* librbd's completion callback, on a thread of librbd's. A read succeeded only if it
@@ -263,11 +257,8 @@ static void fp_rbd_complete(fp_completion_t c, void *arg)
 static void fp_rbd_free(struct fp_rbd *r)
 {
     free(r->calls);
-    free(r->done);
     free(r->staged);
-    free(r->reaping);
-    pthread_cond_destroy(&r->idle);
-    pthread_mutex_destroy(&r->lock);
+    fp_done_destroy(&r->list);
     free(r);
 }
 
@@ -279,18 +270,10 @@ static struct fp_rbd *fp_rbd_open(struct fp_queue *q, fp_image_t image, int even
         return NULL;
     r->jobs = q->jobs;
     r->image = image;
-    r->event_fd = event_fd;
-    pthread_mutex_init(&r->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&r->idle, &attr);
-    pthread_condattr_destroy(&attr);
+    int listed = fp_done_init(&r->list, q->size, event_fd);
     r->calls = calloc(q->size, sizeof(*r->calls));
-    r->done = calloc(q->size, sizeof(*r->done));
     r->staged = calloc(q->size, sizeof(*r->staged));
-    r->reaping = calloc(q->size, sizeof(*r->reaping));
-    if (r->calls == NULL || r->done == NULL || r->staged == NULL || r->reaping == NULL) {
+    if (listed < 0 || r->calls == NULL || r->staged == NULL) {
         fp_rbd_free(r);
         errno = ENOMEM;
         return NULL;
@@ -338,9 +321,9 @@ static void fp_rbd_kick(struct fp_queue *q)
     struct fp_rbd *r = q->engine.ctx;
     if (!r->nstaged)
         return;
-    pthread_mutex_lock(&r->lock);
-    r->inflight += r->nstaged; /* before any callback can take one off */
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_lock(&r->list.lock);
+    r->list.inflight += r->nstaged; /* before any callback can take one off */
+    pthread_mutex_unlock(&r->list.lock);
     for (unsigned i = 0; i < r->nstaged; i++) {
         if (fp_rbd_start(r, r->staged[i]) < 0)
             fp_rbd_finished(r, r->staged[i], 0);
@@ -348,58 +331,18 @@ static void fp_rbd_kick(struct fp_queue *q)
     r->nstaged = 0;
 }
 
-/* Finish the heads librbd completed (drop: write nothing anywhere); how many. */
-static unsigned fp_rbd_reap_jobs(struct fp_queue *q, int drop, unsigned *used_idx)
-{
-    struct fp_rbd *r = q->engine.ctx;
-    if (!__atomic_load_n(&r->ndone, __ATOMIC_ACQUIRE))
-        return 0;
-    pthread_mutex_lock(&r->lock);
-    unsigned count = r->ndone;
-    memcpy(r->reaping, r->done, count * sizeof(*r->done));
-    __atomic_store_n(&r->ndone, 0, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&r->lock);
-    for (unsigned i = 0; i < count; i++) {
-        uint32_t head = r->reaping[i] & ~FP_RBD_FAILED;
-        if (head < q->size && q->jobs[head].busy)
-            fp_finish(q, head, !(r->reaping[i] & FP_RBD_FAILED), drop, used_idx);
-    }
-    return count;
-}
-
 /* fp_engine.reap */
 static unsigned fp_rbd_reap(struct fp_queue *q, unsigned *used_idx)
 {
-    return fp_rbd_reap_jobs(q, 0, used_idx);
+    struct fp_rbd *r = q->engine.ctx;
+    return fp_done_reap(&r->list, q, 0, used_idx);
 }
 
 /* fp_engine.ready */
 static int fp_rbd_ready(struct fp_queue *q)
 {
     struct fp_rbd *r = q->engine.ctx;
-    return __atomic_load_n(&r->ndone, __ATOMIC_ACQUIRE) != 0;
-}
-
-/* Wait until librbd has called back for everything started (finished heads stay to be
- * reaped), at most `timeout_ms` (negative: no limit). 0, or -1 with errno ETIMEDOUT. */
-static int fp_rbd_wait(struct fp_rbd *r, int timeout_ms)
-{
-    struct timespec deadline = fp_deadline(timeout_ms < 0 ? 0 : timeout_ms);
-    int rc = 0;
-    pthread_mutex_lock(&r->lock);
-    while (r->inflight && rc == 0) {
-        if (timeout_ms < 0)
-            pthread_cond_wait(&r->idle, &r->lock);
-        else
-            rc = pthread_cond_timedwait(&r->idle, &r->lock, &deadline);
-    }
-    int idle = r->inflight == 0;
-    pthread_mutex_unlock(&r->lock);
-    if (!idle) {
-        errno = ETIMEDOUT;
-        return -1;
-    }
-    return 0;
+    return fp_done_ready(&r->list);
 }
 
 #endif /* PYVDUSE_FASTPATH_RBD_H */

@@ -29,7 +29,8 @@ from typing import Any
 
 from pyvduse.errors import PyvduseError
 
-__all__ = ["Signals", "exit_with_parent", "status_lines", "wait_for_nodes", "write_status"]
+__all__ = ["Signals", "exit_with_parent", "status_lines", "wait_for_nodes", "write_atomically",
+           "write_status"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 INFO_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -123,6 +124,13 @@ def write_status(text: str, path: str | None) -> None:
             logging.getLogger("pyvduse").warning("the status line could not be written to "
                                                  "stdout: %s", exc)
         return
+    write_atomically(path, text, "status file")
+
+
+def write_atomically(path: str, text: str, what: str) -> None:
+    """Replace ``path`` with a file holding ``text`` (a temporary file renamed: a
+    reader sees the old content or the new, never a part). Raises
+    :class:`PyvduseError` naming ``what`` on failure, leaving no temporary file."""
     temp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(temp, "w") as stream:
@@ -131,4 +139,4 @@ def write_status(text: str, path: str | None) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
-        raise PyvduseError(f"cannot write status file {path}: {exc.strerror}") from None
+        raise PyvduseError(f"cannot write {what} {path}: {exc.strerror}") from None
