@@ -10,6 +10,13 @@ send ``WATCHDOG=1`` more often than that, or systemd restarts it.
 :class:`Notifier` is a no-op where ``$NOTIFY_SOCKET`` is not set, and never
 raises: a notification that cannot be sent is logged once at debug level (the
 service goes on; systemd then times it out, which says more than a crash would).
+
+It never stalls the daemon either. A datagram socket whose reader has fallen
+behind holds only ``net.unix.max_dgram_qlen`` messages (10 unless systemd's
+sysctl raised it), after which a blocking send waits for the reader. So a
+notification waits at most :data:`SEND_TIMEOUT` for room, and a ``WATCHDOG=1``
+ping not at all: a ping that finds the queue full is dropped (the next one,
+half a timeout later, tries again).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 __all__ = ["Notifier"]
+
+#: Seconds a notification other than a watchdog ping waits for room in the socket.
+SEND_TIMEOUT = 1.0
 
 
 class Notifier:
@@ -58,9 +68,10 @@ class Notifier:
         """Seconds between ``WATCHDOG=1`` pings: half the timeout, as systemd advises."""
         return None if self.watchdog_usec is None else self.watchdog_usec / 2e6
 
-    def send(self, **fields: str | int) -> bool:
+    def send(self, wait: float = SEND_TIMEOUT, **fields: str | int) -> bool:
         """Send ``KEY=VALUE`` lines (``send(READY=1, STATUS="...")``); whether it was sent.
-        A newline in a value is replaced by a blank (one line per field)."""
+        A newline in a value is replaced by a blank (one line per field). It waits at
+        most ``wait`` seconds (0: not at all) for room in a full socket."""
         if self.address is None:
             return False
         text = "\n".join(f"{key}={str(value).replace(chr(10), ' ')}"
@@ -71,6 +82,7 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.settimeout(wait if wait > 0 else 0.0)
             self._sock.sendto(text.encode(), target)
         except OSError as exc:
             if not self._failed:
@@ -99,9 +111,9 @@ class Notifier:
         return (time.monotonic() if now is None else now) - self._last_watchdog >= interval
 
     def watchdog(self, now: float | None = None) -> bool:
-        """Send ``WATCHDOG=1`` and remember when."""
+        """Send ``WATCHDOG=1`` without waiting, and remember when."""
         self._last_watchdog = time.monotonic() if now is None else now
-        return self.send(WATCHDOG=1)
+        return self.send(wait=0, WATCHDOG=1)
 
     def close(self) -> None:
         """Close the socket (a later send opens a new one)."""

@@ -85,6 +85,24 @@ def test_the_watchdog_is_pinged_at_half_its_timeout(
     assert notifier.watchdog_due(now=101.5)
 
 
+def test_a_reader_that_falls_behind_never_stalls_the_daemon(
+        notify_socket: tuple[str, socket.socket]) -> None:
+    # A datagram socket queues only net.unix.max_dgram_qlen messages; a blocking send
+    # then waits for the reader, which kept the daemon's main loop (and its signal
+    # handling) waiting once. Pings are dropped instead, other notifications wait a bit.
+    path, sock = notify_socket
+    notifier = Notifier(path, watchdog_usec=1_000_000)
+    started = time.monotonic()
+    sent = [notifier.watchdog() for _ in range(2000)]
+    assert time.monotonic() - started < 2
+    assert sent[0] and not sent[-1]
+    started = time.monotonic()
+    assert not notifier.send(wait=0.2, STATUS="queue full")
+    assert 0.15 < time.monotonic() - started < 2
+    assert received(sock) == {"WATCHDOG": "1"}  # room again: the next ping goes
+    assert notifier.watchdog()
+
+
 def test_the_watchdog_of_another_process_is_not_ours() -> None:
     env = {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}
     assert Notifier.from_environ(env).watchdog_interval is None
