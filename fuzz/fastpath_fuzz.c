@@ -114,6 +114,8 @@ static void run_one(const uint8_t *data, size_t size)
     q->capacity = capacity;
     static const int never = 0;
     q->stop = &never;
+    uint64_t stats[FP_STAT_CELLS] = {0};
+    q->stats = stats; /* every request served is counted: checked against what was pushed */
 
     struct fp_desc *desc = malloc(qsize * sizeof(*desc));
     fill(&in, desc, qsize * sizeof(*desc));
@@ -169,6 +171,18 @@ static void run_one(const uint8_t *data, size_t size)
             abort();
     }
     if (q->pending)
+        abort();
+    uint64_t counted = 0;
+    for (int op = 0; op < 3; op++) {
+        const uint64_t *cells = stats + op * FP_STAT_TYPE_CELLS;
+        uint64_t in_buckets = 0;
+        for (int b = 0; b <= FP_LAT_BOUNDS; b++)
+            in_buckets += cells[3 + b];
+        if (in_buckets != cells[0] || (op == FP_OP_FLUSH && cells[1]))
+            abort();
+        counted += cells[0];
+    }
+    if (counted != pushed)
         abort();
     for (unsigned i = 0; i < pushed; i++)
         if (used[1 + 2 * ((before_used + i) & q->mask)] >= qsize)

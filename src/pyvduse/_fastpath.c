@@ -72,6 +72,7 @@ typedef struct {
     struct fp_queue q;
     /* what q points into, held as exports of private memoryviews */
     Py_buffer desc_buf, avail_buf, used_buf, slots_buf, capacity_buf;
+    Py_buffer stats_buf; /* the metrics cells, if given (q.stats) */
     Py_buffer map_bufs[FP_MAX_MAPPINGS];
     int held; /* the five ring and log buffers are held */
     struct fp_uring uring;
@@ -211,6 +212,10 @@ static void release_all(FastPath *self)
         PyBuffer_Release(&self->used_buf);
         PyBuffer_Release(&self->slots_buf);
         PyBuffer_Release(&self->capacity_buf);
+        if (self->q.stats != NULL) {
+            self->q.stats = NULL;
+            PyBuffer_Release(&self->stats_buf);
+        }
         self->held = 0;
     }
     for (int i = 0; i < self->q.nmaps; i++)
@@ -300,8 +305,8 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"desc", "avail", "used", "size", "indirect", "max_indirect",
                              "slots", "capacity", "target", "fd", "block_size",
                              "accepts_writes", "flush_offered", "submit_min", "asynchronous",
-                             "nbd_max_payload", "nbd_flush", "rbd_image", NULL};
-    PyObject *desc, *avail, *used, *slots, *capacity, *rbd_image = NULL;
+                             "nbd_max_payload", "nbd_flush", "rbd_image", "stats", NULL};
+    PyObject *desc, *avail, *used, *slots, *capacity, *rbd_image = NULL, *stats = NULL;
     unsigned int size, max_indirect, block_size;
     int indirect, target, fd, accepts_writes, flush_offered, asynchronous = 0, nbd_flush = 0;
     unsigned long long submit_min, nbd_max_payload = 0;
@@ -309,11 +314,11 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "FastPath is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|pKpO", kwlist, &desc,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOIpIOOiiIppK|pKpOO", kwlist, &desc,
                                      &avail, &used, &size, &indirect, &max_indirect, &slots,
                                      &capacity, &target, &fd, &block_size, &accepts_writes,
                                      &flush_offered, &submit_min, &asynchronous,
-                                     &nbd_max_payload, &nbd_flush, &rbd_image))
+                                     &nbd_max_payload, &nbd_flush, &rbd_image, &stats))
         return -1;
     if (size == 0 || size > 32768 || size & (size - 1)) {
         PyErr_Format(PyExc_ValueError, "queue size %u is not a power of two in 1..32768", size);
@@ -345,11 +350,21 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         goto fail_used;
     if (take_buffer(capacity, &self->capacity_buf, 0, 8, "capacity") < 0)
         goto fail_slots;
+    if (stats != NULL && stats != Py_None) {
+        if (take_buffer(stats, &self->stats_buf, 1, 8 * FP_STAT_CELLS, "stats") < 0)
+            goto fail_capacity;
+        if ((uintptr_t)self->stats_buf.buf & 7) {
+            PyErr_SetString(PyExc_ValueError, "misaligned stats buffer");
+            PyBuffer_Release(&self->stats_buf);
+            goto fail_capacity;
+        }
+        self->q.stats = self->stats_buf.buf;
+    }
     if ((uintptr_t)self->desc_buf.buf & 7 || (uintptr_t)self->avail_buf.buf & 1
         || (uintptr_t)self->used_buf.buf & 3
         || ((uintptr_t)self->slots_buf.buf | (uintptr_t)self->capacity_buf.buf) & 7) {
         PyErr_SetString(PyExc_ValueError, "misaligned ring or log buffer");
-        goto fail_capacity;
+        goto fail_stats;
     }
     self->held = 1;
     struct fp_queue *q = &self->q;
@@ -387,6 +402,11 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         open_engine(self, -1, 0, 0);
     }
     return 0;
+fail_stats:
+    if (self->q.stats != NULL) {
+        self->q.stats = NULL;
+        PyBuffer_Release(&self->stats_buf);
+    }
 fail_capacity:
     PyBuffer_Release(&self->capacity_buf);
 fail_slots:
@@ -957,8 +977,30 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         || PyModule_AddIntConstant(module, "LOOP_RETURNED", FP_LOOP_RETURNED) < 0
         || PyModule_AddIntConstant(module, "LOOP_WOKEN", FP_LOOP_WOKEN) < 0
         || PyModule_AddIntConstant(module, "LOOP_STOPPED", FP_LOOP_STOPPED) < 0
-        || PyModule_AddIntConstant(module, "LOOP_BROKEN", FP_LOOP_BROKEN) < 0) {
+        || PyModule_AddIntConstant(module, "LOOP_BROKEN", FP_LOOP_BROKEN) < 0
+        || PyModule_AddIntConstant(module, "STAT_CELLS", FP_STAT_CELLS) < 0
+        || PyModule_AddIntConstant(module, "STAT_POLL_HITS", FP_STAT_POLL_HITS) < 0) {
         Py_DECREF(&FastPathType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    /* The latency buckets' bounds, for pyvduse.metrics to check its own against. */
+    PyObject *bounds = PyTuple_New(FP_LAT_BOUNDS);
+    if (bounds == NULL) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    for (int i = 0; i < FP_LAT_BOUNDS; i++) {
+        PyObject *bound = PyLong_FromUnsignedLongLong(fp_latency_bounds[i]);
+        if (bound == NULL) {
+            Py_DECREF(bounds);
+            Py_DECREF(module);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(bounds, i, bound);
+    }
+    if (PyModule_AddObject(module, "LATENCY_BOUNDS_NS", bounds) < 0) {
+        Py_DECREF(bounds);
         Py_DECREF(module);
         return NULL;
     }

@@ -32,6 +32,7 @@ from pyvduse.spec import add_export_options, spec_from_namespace
 
 if TYPE_CHECKING:
     from pyvduse.control import ControlServer
+    from pyvduse.prometheus import MetricsServer
 
 log = logging.getLogger("pyvduse")
 
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--control", metavar="PATH",
                        help="serve a QMP-shaped control socket here (mode 0600; see "
                        "docs/control.md) to add, remove, resize and query exports")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (needs "
+                       "pyvduse[metrics]; see docs/metrics.md). With this or --control, "
+                       "every request is counted")
     serve.add_argument("--pidfile", metavar="PATH",
                        help="write the pid here once the device is ready")
     serve.add_argument("--status-file", metavar="PATH",
@@ -209,13 +214,19 @@ def serve(args: argparse.Namespace) -> int:
     _check_file_place(args.status_file, "status file")
     spec = spec_from_namespace(args.name, args)
     control: ControlServer | None = None  # imported only when asked for: a quicker start
+    metrics: MetricsServer | None = None
 
     def emit(event: str, data: dict[str, Any]) -> None:
         if control is not None:
             control.emit(event, data)
 
-    registry = ExportRegistry(emit=emit)
+    registry = ExportRegistry(emit=emit, metrics=bool(args.metrics or args.control))
     try:
+        if args.metrics:  # before any device: a port in use fails with nothing to undo
+            from pyvduse.prometheus import MetricsServer
+
+            metrics = MetricsServer(args.metrics, registry)
+            log.info("metrics at %s", metrics.start())
         registry.add(spec)
         if args.control:
             from pyvduse.commands import daemon_commands
@@ -255,6 +266,8 @@ def serve(args: argparse.Namespace) -> int:
         if control is not None:
             control.close()
         registry.close()
+        if metrics is not None:
+            metrics.close()
     if failure and not signals.stopping:
         raise PyvduseError(f"{args.name}: {failure}")
     log.info("stopped")

@@ -55,6 +55,25 @@ enum fp_op { FP_OP_READ = 0, FP_OP_WRITE = 1, FP_OP_FLUSH = 2 };
  */
 #define FP_BATCH_MIN 4u
 
+/*
+ * Metrics (pyvduse.metrics): with q->stats set, each request served here is counted in
+ * its type's cells (read, write, flush: FP_STAT_TYPE_CELLS each): requests, bytes,
+ * latency sum in ns, then a count per latency bucket (upper bounds, inclusive, below;
+ * the last bucket takes the rest). Then the serving loop's polling counts. Only the
+ * thread serving the queue writes them. Without q->stats nothing is counted or timed.
+ */
+#define FP_LAT_BOUNDS 20
+static const uint64_t fp_latency_bounds[FP_LAT_BOUNDS] = {
+    5000ull, 10000ull, 25000ull, 50000ull, 100000ull, 250000ull, 500000ull,
+    1000000ull, 2500000ull, 5000000ull, 10000000ull, 25000000ull, 50000000ull,
+    100000000ull, 250000000ull, 500000000ull,
+    1000000000ull, 2500000000ull, 5000000000ull, 10000000000ull,
+};
+#define FP_STAT_TYPE_CELLS (3 + FP_LAT_BOUNDS + 1)
+#define FP_STAT_POLL_HITS (3 * FP_STAT_TYPE_CELLS)
+#define FP_STAT_POLL_SLEEPS (FP_STAT_POLL_HITS + 1)
+#define FP_STAT_CELLS (FP_STAT_POLL_SLEEPS + 1)
+
 struct fp_desc {
     uint64_t addr;
     uint32_t len;
@@ -77,6 +96,7 @@ struct fp_job {
     uint64_t offset, length;
     uint32_t written;      /* the used element's length once it succeeded */
     unsigned char *status; /* the status byte, written only on success */
+    uint64_t started;      /* when it was taken from the ring (ns; with q->stats only) */
 };
 
 struct fp_queue;
@@ -123,11 +143,37 @@ struct fp_queue {
     uint32_t *returned;  /* [size]: heads whose job failed, for the Python path to serve */
     unsigned nreturned;
     const volatile int *stop; /* nonzero: stop at once (the queue is being given up) */
+    uint64_t *stats;          /* FP_STAT_CELLS metrics cells, or NULL: not counted */
+    uint64_t now;             /* with stats: when the current request was taken (ns) */
     /* scratch: one chain's buffers */
     struct iovec readable[FP_MAX_SEGMENTS], writable[FP_MAX_SEGMENTS];
 };
 
 /* -- helpers of the engines ------------------------------------------------------------- */
+
+static uint64_t fp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Count a request of `op` that succeeded, moving `bytes`, taken at `started` (q->stats
+ * set). Its end is the next request's start: q->now. */
+static void fp_account(struct fp_queue *q, int op, uint64_t bytes, uint64_t started)
+{
+    uint64_t now = fp_now_ns();
+    uint64_t ns = now > started ? now - started : 0;
+    uint64_t *cells = q->stats + op * FP_STAT_TYPE_CELLS;
+    unsigned bucket = 0;
+    while (bucket < FP_LAT_BOUNDS && ns > fp_latency_bounds[bucket])
+        bucket++;
+    cells[0]++;
+    cells[1] += bytes;
+    cells[2] += ns;
+    cells[3 + bucket]++;
+    q->now = now;
+}
 
 /* CLOCK_MONOTONIC now plus `timeout_ms` (non-negative). */
 static struct timespec fp_deadline(int timeout_ms)
@@ -305,6 +351,7 @@ static int64_t stage(struct fp_queue *q, uint32_t head, int op, const struct iov
     job->length = length;
     job->written = written;
     job->status = status;
+    job->started = q->now;
     if (q->engine.stage(q, head) < 0) {
         free(job->iov);
         job->iov = NULL;
@@ -337,6 +384,8 @@ static int64_t serve_data(struct fp_queue *q, uint32_t head, int op, struct iove
             memset(iov[i].iov_base, 0, iov[i].iov_len);
     }
     *status = 0;
+    if (q->stats)
+        fp_account(q, op, length, q->now);
     return written;
 }
 
@@ -386,6 +435,8 @@ static int64_t serve(struct fp_queue *q, uint32_t head, int nr, int nw)
             }
         }
         *status = 0;
+        if (q->stats)
+            fp_account(q, FP_OP_FLUSH, 0, q->now);
         return 1;
     }
     return FP_TAKE_PYTHON;
@@ -408,6 +459,8 @@ static unsigned fp_run(struct fp_queue *q, unsigned count, unsigned *last_avail,
     if (count > q->size)
         count = q->size;
     q->batching = q->asynchronous && q->batch_small && count >= FP_BATCH_MIN;
+    if (q->stats)
+        q->now = fp_now_ns(); /* then each request served here ends at the next's start */
     while (taken < count && !*q->stop) {
         uint16_t head = q->avail[2 + ((avail + taken) & q->mask)];
         if (head >= q->size)
@@ -466,6 +519,8 @@ static int fp_finish(struct fp_queue *q, uint32_t head, int ok, int drop, unsign
         return 0;
     }
     *job->status = 0;
+    if (q->stats)
+        fp_account(q, job->op, job->length, job->started);
     uint32_t slot = *used_idx & q->mask;
     q->used[1 + 2 * slot] = head;
     q->used[2 + 2 * slot] = job->written;

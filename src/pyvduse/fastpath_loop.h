@@ -74,13 +74,6 @@ struct fp_loop {
     volatile unsigned *avail_live; /* last_avail stored here as it goes, or NULL */
 };
 
-static uint64_t fp_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void fp_interrupt(struct fp_loop *l)
 {
     long rc;
@@ -170,6 +163,8 @@ static int fp_poll_window(struct fp_queue *q, struct fp_loop *l, uint64_t burst)
         if (q->avail[1] != (uint16_t)l->last_avail
             || (q->pending && q->engine.ready(q))) {
             l->polls_found++;
+            if (q->stats)
+                q->stats[FP_STAT_POLL_HITS]++;
             return 1;
         }
     } while (fp_now_ns() < deadline);
@@ -222,6 +217,8 @@ static enum fp_loop_reason fp_loop_run(struct fp_queue *q, struct fp_loop *l)
             {.fd = l->stop_fd, .events = POLLIN},
             {.fd = q->jobs != NULL ? q->engine.event_fd : -1, .events = POLLIN},
         };
+        if (q->stats)
+            q->stats[FP_STAT_POLL_SLEEPS]++;
         uint64_t slept_from = fp_now_ns();
         if (poll(fds, 4, -1) < 0 && errno != EINTR)
             return FP_LOOP_WOKEN; /* cannot wait: let the caller look */

@@ -105,6 +105,8 @@ class NbdConnector:
     usable: Callable[[], bool]
     max_payload: int
     flush: bool
+    #: Told each time a queue's broken connection was replaced (metrics).
+    reconnected: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,8 @@ class NativeRing:
                  "_taught", "fast")
 
     def __init__(self, queue: SplitQueue, plan: NativePlan, slots: memoryview,
-                 previous: NativeRing | None = None, name: str = "queue") -> None:
+                 previous: NativeRing | None = None, name: str = "queue",
+                 cells: memoryview | None = None) -> None:
         assert _fastpath is not None, "NativeRing without the compiled module"
         #: Requests served by the rings this one replaces (a remapped queue).
         self._served_before = previous.served_total if previous is not None else 0
@@ -280,13 +283,14 @@ class NativeRing:
                 slots, plan.capacity, plan.target.kind)
         flags = (plan.block_size, plan.accepts_writes, plan.flush_offered, plan.submit_min,
                  plan.asynchronous)
+        counted = {"stats": cells} if cells is not None else {}
         if plan.target.kind == TARGET_RBD:
             self.fast: FastPath = _fastpath.FastPath(*args, -1, *flags,
-                                                     rbd_image=plan.target.image)
+                                                     rbd_image=plan.target.image, **counted)
             if self.fast.engine_error:
                 raise ValueError(self.fast.engine_error)
         elif self._nbd is None:
-            self.fast = _fastpath.FastPath(*args, plan.target.fd, *flags)
+            self.fast = _fastpath.FastPath(*args, plan.target.fd, *flags, **counted)
         else:
             try:
                 sock = self._nbd.connect()
@@ -295,7 +299,7 @@ class NativeRing:
             with sock:  # the fast path keeps a duplicate
                 self.fast = _fastpath.FastPath(*args, sock.fileno(), *flags,
                                                nbd_max_payload=self._nbd.max_payload,
-                                               nbd_flush=self._nbd.flush)
+                                               nbd_flush=self._nbd.flush, **counted)
             if self.fast.engine_error:
                 raise ValueError(self.fast.engine_error)
         self._memory: GuestMemory = queue.memory
@@ -349,6 +353,7 @@ class NativeRing:
             log.debug("%s: no new native NBD connection yet: %s", self._name, exc)
             return
         self._nbd_retry = 0.0
+        self._nbd.reconnected()
         log.info("%s: its native NBD connection is back", self._name)
 
     def teach(self) -> None:

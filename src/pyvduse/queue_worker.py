@@ -38,6 +38,7 @@ from contextlib import contextmanager
 
 from pyvduse.errors import RingError
 from pyvduse.inflight import QueueLog
+from pyvduse.metrics import POLL_HITS, POLL_SLEEPS
 from pyvduse.native import LOOP_WOKEN, NativeIrq, NativePlan, NativeRing
 from pyvduse.ratelimit import RateLimitedLog
 from pyvduse.virtqueue import Chain, ChainError, SplitQueue
@@ -160,8 +161,11 @@ class QueueWorker:
     def __init__(self, name: str, queue: SplitQueue, handle: RequestHandler, kick_fd: int,
                  notify: Callable[[], None], plug: Callable[[], None] | None = None,
                  unplug: Callable[[], None] | None = None,
-                 log: QueueLog | None = None, native: NativePlan | None = None) -> None:
+                 log: QueueLog | None = None, native: NativePlan | None = None,
+                 cells: memoryview | None = None) -> None:
         self.name = name
+        #: The queue's metrics block (see :mod:`pyvduse.metrics`), or None: not counted.
+        self.cells = cells
         # Called around each batch of requests handled (Backend.plug/unplug), if given.
         self._plugs = plug is not None or unplug is not None
         self._plug = plug or _nothing
@@ -239,7 +243,7 @@ class QueueWorker:
         if self._plan is None:
             return None
         try:
-            ring = NativeRing(queue, self._plan, self._slots, previous, self.name)
+            ring = NativeRing(queue, self._plan, self._slots, previous, self.name, self.cells)
         except ValueError as exc:  # e.g. a ring the native code cannot address aligned
             log.warning("%s: the native data path cannot serve this ring (%s); the Python "
                         "path does", self.name, exc)
@@ -691,6 +695,9 @@ class QueueThread:
         self.poll_ns = 0
         #: Times polling found work, for tests and statistics.
         self.polls_found = 0
+        #: Where this thread's polling is counted for metrics (its first queue's block;
+        #: the compiled loop counts in it itself), or None.
+        self._cells = self.workers[0].cells if self.workers else None
         self._served_at_dry = 0  # the queues' requests when they last ran dry (_poll)
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
@@ -761,6 +768,8 @@ class QueueThread:
                     if busy:
                         continue
                     slept_from = time.monotonic_ns()
+                if not busy and self._cells is not None:
+                    self._cells[POLL_SLEEPS] += 1
                 ready = poller.poll(0 if busy else None)
                 if slept_from:
                     self._adapt(time.monotonic_ns() - slept_from)
@@ -806,6 +815,8 @@ class QueueThread:
             found = [w for w in workers if w.has_work()]
             if found:
                 self.polls_found += 1
+                if self._cells is not None:
+                    self._cells[POLL_HITS] += 1
                 return found
             if time.monotonic_ns() >= deadline:
                 break

@@ -42,8 +42,10 @@ def _no_events(event: str, data: dict[str, Any]) -> None:
     pass
 
 
-def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> Export:
-    """Open the backend of ``spec`` and wrap it in a (not yet started) export.
+def build_export(spec: ExportSpec, kernel: VduseKernel | None = None,
+                 metrics: bool = False) -> Export:
+    """Open the backend of ``spec`` and wrap it in a (not yet started) export; with
+    ``metrics``, one that counts its requests (see :mod:`pyvduse.metrics`).
 
     Raises :class:`PyvduseError` with one clear line for a bad backend or
     option; nothing is left open then.
@@ -80,6 +82,8 @@ def build_export(spec: ExportSpec, kernel: VduseKernel | None = None) -> Export:
         export.datapath = datapath
         if datapath == "native":
             export.model.serve_natively()
+        if metrics:
+            export.model.collect_metrics()
         return export
     except BaseException:
         backend.close()
@@ -99,12 +103,15 @@ class _Entry:
 class ExportRegistry:
     """The exports of one daemon, by id (the device name). Thread-safe.
 
-    ``kernel`` is the VDUSE seam (a fake in tests); ``emit`` receives events.
+    ``kernel`` is the VDUSE seam (a fake in tests); ``emit`` receives events. With
+    ``metrics`` every export counts its requests (:meth:`stats` reports them).
     """
 
-    def __init__(self, kernel: VduseKernel | None = None, emit: Emit | None = None) -> None:
+    def __init__(self, kernel: VduseKernel | None = None, emit: Emit | None = None,
+                 metrics: bool = False) -> None:
         self._kernel = kernel
         self.emit: Emit = emit or _no_events
+        self.metrics = metrics
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()  # guards _entries
         self._changing: set[str] = set()  # ids being added or removed
@@ -135,7 +142,7 @@ class ExportRegistry:
                 check = getattr(self._kernel or LinuxVduse(), "check_available", None)
                 if check is not None:
                     check()
-            export = build_export(spec, self._kernel)
+            export = build_export(spec, self._kernel, self.metrics)
             export.backend.event_sink = self._backend_events(spec.id)
             try:
                 export.start()
@@ -254,7 +261,10 @@ class ExportRegistry:
         return [self.describe(export_id) for export_id in list(self._entries)]
 
     def stats(self) -> dict[str, Any]:
-        """Per export and per queue: requests served, in flight, malformed chains."""
+        """Per export and per queue: requests served, in flight, malformed chains; per
+        export also requests in flight, backend reconnections and, when the registry
+        collects them, its ``metrics`` (:meth:`pyvduse.metrics.ExportMetrics.snapshot`;
+        else None)."""
         exports = []
         for export_id, entry in list(self._entries.items()):
             device = entry.export.device
@@ -266,8 +276,14 @@ class ExportRegistry:
                                "inflight": worker.in_backend if worker else 0,
                                "bad-chains": worker.bad_chains if worker else 0,
                                "running": worker is not None and not worker.broken})
+            collected = entry.export.model.metrics
             exports.append({"id": export_id, "uptime": round(time.time() - entry.started, 3),
-                            "requests": sum(q["requests"] for q in queues), "queues": queues})
+                            "requests": sum(q["requests"] for q in queues),
+                            "size": entry.export.config.capacity,
+                            "inflight": sum(q["inflight"] for q in queues),
+                            "reconnects": entry.export.backend.reconnections(),
+                            "metrics": collected.snapshot() if collected is not None else None,
+                            "queues": queues})
         return {"exports": exports}
 
     # -- watching -----------------------------------------------------------------------

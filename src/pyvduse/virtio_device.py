@@ -197,11 +197,13 @@ class VirtioDevice:
             elif queue_log is not None:
                 queue_log.clear()
             model = self.model
+            metrics = getattr(model, "metrics", None)
             worker = QueueWorker(
                 f"{self.name}-vq{index}", queue, model.handle, kick_fd, notify,
                 plug=model.plug if model.batches else None,
                 unplug=model.unplug if model.batches else None, log=queue_log,
-                native=getattr(model, "native", None))
+                native=getattr(model, "native", None),
+                cells=metrics.queue_cells(index) if metrics is not None else None)
             self.workers[index] = worker
             if heads:
                 worker.resubmit(heads)

@@ -316,6 +316,12 @@ class Backend:
     def close(self) -> None:
         """Release resources; called once, after the last request. The default does nothing."""
 
+    def reconnections(self) -> int:
+        """How many times the backend connected to its server(s) again after losing a
+        connection (the metrics' ``backend_reconnects``); 0, the default, for a
+        backend without connections. Called from any thread; must be cheap."""
+        return 0
+
     #: Whether building the backend contacts a server (nbd, rbd): the daemon then
     #: checks that it can create the device first.
     contacts_servers: bool = False

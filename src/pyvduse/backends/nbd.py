@@ -945,6 +945,7 @@ class NbdBackend(AsynchronousBackend):
         self._failure = ""  # why
         self._connecting: socket.socket | None = None
         self._next_number = 0
+        self._reconnections = 0  # connections replaced: by the reconnector, by native queues
         self._rr = 0
         self._batch = threading.local()  # .held: commands a plugged thread registered
         # Events: the state they last reported, and those waiting to be delivered (queued
@@ -1079,7 +1080,18 @@ class NbdBackend(AsynchronousBackend):
             return None
         return NativeTarget.nbd_server(NbdConnector(
             connect=self._native_connection, usable=lambda: self.live_connections > 0,
-            max_payload=self._max_payload, flush=self.info.has(FLAG_SEND_FLUSH)))
+            max_payload=self._max_payload, flush=self.info.has(FLAG_SEND_FLUSH),
+            reconnected=self._native_reconnected))
+
+    def reconnections(self) -> int:
+        """Connections opened again after a loss: the backend's own (each of
+        ``connections=N``) and the native queues' (see :mod:`pyvduse.native`)."""
+        with self._lock:
+            return self._reconnections
+
+    def _native_reconnected(self) -> None:
+        with self._lock:
+            self._reconnections += 1
 
     def _native_connection(self) -> socket.socket:
         """A new connection to the export for the native path: simple replies only,
@@ -1419,6 +1431,7 @@ class NbdBackend(AsynchronousBackend):
             if not self._activate(sock, info):
                 return
             with self._lock:
+                self._reconnections += 1
                 waiting = list(self._waiting)
                 self._waiting.clear()
                 self._down_since = None

@@ -140,6 +140,10 @@ class ThreadPoolBackend(Backend):
         """The wrapped backend's: requests below ``min_bytes`` go straight to it anyway."""
         return self.backend.native_target()
 
+    def reconnections(self) -> int:
+        """The wrapped backend's."""
+        return self.backend.reconnections()
+
     @property
     def native_refusal(self) -> str:  # type: ignore[override]
         """The wrapped backend's."""

@@ -7,6 +7,7 @@ import logging
 from pyvduse.backends.base import Backend
 from pyvduse.blk.config import BlkConfig
 from pyvduse.blk.handler import BlkHandler
+from pyvduse.metrics import ExportMetrics
 from pyvduse.native import NativePlan
 from pyvduse.uapi.virtio import VIRTIO_ID_BLOCK
 
@@ -30,6 +31,17 @@ class BlkDevice:
         self.batches = cls.plug is not Backend.plug or cls.unplug is not Backend.unplug
         #: How the compiled data path serves the queues (None: the Python path does).
         self.native: NativePlan | None = None
+        #: What is counted of the requests (None: nothing, see :meth:`collect_metrics`).
+        self.metrics: ExportMetrics | None = None
+
+    def collect_metrics(self) -> ExportMetrics:
+        """Count every request from now on (call it before the queues start: each
+        queue's block is handed to it when it starts, see :mod:`pyvduse.metrics`)."""
+        if self.metrics is None:
+            self.metrics = ExportMetrics()
+            self.handler.measure(self.metrics.requests)
+            self.handle = self.handler.handle_measured
+        return self.metrics
 
     def serve_natively(self) -> None:
         """Let the compiled data path serve the queues started from now on, if the

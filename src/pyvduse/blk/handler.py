@@ -30,6 +30,16 @@ from pyvduse.backends.base import Backend
 from pyvduse.blk.config import MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, BlkConfig
 from pyvduse.blk.segments import fill, split_back, split_front, total_length
 from pyvduse.errors import BackendError
+from pyvduse.metrics import (
+    DISCARD,
+    FLUSH,
+    GET_ID,
+    OTHER,
+    READ,
+    WRITE,
+    WRITE_ZEROES,
+    RequestCounters,
+)
 from pyvduse.native import NativePlan
 from pyvduse.queue_worker import PENDING, Completer
 from pyvduse.ratelimit import RateLimitedLog
@@ -52,6 +62,11 @@ S_IOERR = v.VIRTIO_BLK_S_IOERR
 S_UNSUPP = v.VIRTIO_BLK_S_UNSUPP
 
 _OK_BYTE = bytes([S_OK])
+
+#: The metrics' type index of each virtio-blk request type (others: OTHER).
+_KINDS = {_T_IN: READ, _T_OUT: WRITE, _T_FLUSH: FLUSH, v.VIRTIO_BLK_T_DISCARD: DISCARD,
+          v.VIRTIO_BLK_T_WRITE_ZEROES: WRITE_ZEROES, v.VIRTIO_BLK_T_GET_ID: GET_ID}
+_now_ns = time.monotonic_ns
 
 #: Malformed chains logged per interval before the rest are only counted.
 MALFORMED_LOG_BURST = 10
@@ -80,11 +95,12 @@ class _Pending:
     bug, logged and otherwise ignored.
     """
 
-    __slots__ = ("complete", "finished", "handler", "head", "req_type", "sector", "status_view",
-                 "written")
+    __slots__ = ("complete", "finished", "handler", "head", "nbytes", "req_type", "sector",
+                 "started", "status_view", "written")
 
     def __init__(self, handler: BlkHandler, head: int, status_view: memoryview,
-                 complete: Completer, req_type: int, sector: int, written: int) -> None:
+                 complete: Completer, req_type: int, sector: int, written: int,
+                 nbytes: int) -> None:
         self.handler = handler
         self.head = head
         self.status_view = status_view
@@ -92,6 +108,8 @@ class _Pending:
         self.req_type = req_type
         self.sector = sector
         self.written = written
+        self.nbytes = nbytes  # the data bytes it moves (metrics)
+        self.started = _now_ns() if handler.counters is not None else 0
         self.finished = False
 
     def __call__(self, error: BaseException | None) -> None:
@@ -101,20 +119,21 @@ class _Pending:
                 "than once", self.req_type, self.sector, bug=RuntimeError("done called again"))
             return
         self.finished = True
-        if error is None:
-            self.status_view[0] = S_OK
-            self.complete(self.head, self.written)
-        else:
-            self.status_view[0] = S_IOERR
+        status = S_OK if error is None else S_IOERR
+        self.status_view[0] = status
+        if error is not None:
             self.handler._note_backend_failure(self.req_type, self.sector, error)
-            self.complete(self.head, 1)
+        counters = self.handler.counters
+        if counters is not None:
+            counters.record(_KINDS.get(self.req_type, OTHER), status, self.nbytes, self.started)
+        self.complete(self.head, self.written if error is None else 1)
 
 
 class BlkHandler:
     """Serves virtio-blk requests from ``backend`` under ``config``.
 
     Thread-safe as long as the backend is: one handler serves every queue.
-    ``stats`` counts requests by outcome for logs and metrics.
+    With :meth:`measure`, :meth:`handle_measured` also counts each request.
     """
 
     #: Seconds between reports of failed requests (of each kind: rejected, or failed by
@@ -152,6 +171,14 @@ class BlkHandler:
                                          note="{count} more since the last report")
         self._malformed_log = RateLimitedLog(log, self.ERROR_LOG_INTERVAL,
                                              burst=MALFORMED_LOG_BURST, clock=_monotonic)
+        #: Where :meth:`handle_measured` counts requests (None: not measured).
+        self.counters: RequestCounters | None = None
+
+    def measure(self, counters: RequestCounters) -> None:
+        """Count every request from now on in ``counters``: serve through
+        :meth:`handle_measured` instead of :meth:`handle` (asynchronous completions
+        are counted either way once this is set)."""
+        self.counters = counters
 
     def set_capacity(self, capacity: int) -> None:
         """Serve ``capacity`` bytes from now on (a multiple of the logical block size)."""
@@ -216,7 +243,7 @@ class BlkHandler:
                         if length >= self._submit_min:
                             return self._submit(self.backend.submit_readv, (offset, [data]),
                                                 chain.head, status_view, complete, req_type,
-                                                sector, length + 1)
+                                                sector, length + 1, length)
                         self._read_one(offset, data)
                         status_view[0] = S_OK
                         return length + 1
@@ -230,7 +257,7 @@ class BlkHandler:
                         if length >= self._submit_min:
                             return self._submit(self.backend.submit_writev, (offset, [data]),
                                                 chain.head, status_view, complete, req_type,
-                                                sector, 1)
+                                                sector, 1, length)
                         self._write_one(offset, data)
                         status_view[0] = S_OK
                         return 1
@@ -248,6 +275,45 @@ class BlkHandler:
             return PENDING
         status_view[0] = S_OK
         return written + 1
+
+    def handle_measured(self, chain: Chain, complete: Completer) -> int:
+        """:meth:`handle`, counting the request in :attr:`counters` once it is answered
+        (here, or by the backend's ``done`` if it is asynchronous)."""
+        started = _now_ns()
+        written = self.handle(chain, complete)
+        if written != PENDING:
+            counters = self.counters
+            assert counters is not None, "handle_measured() without measure()"
+            kind, status, nbytes = self._outcome(chain, written)
+            counters.record(kind, status, nbytes, started)
+        return written
+
+    def _outcome(self, chain: Chain, written: int) -> tuple[int, int, int]:
+        """The metrics type, status and data bytes of a request :meth:`handle` answered
+        with ``written`` bytes, read back from its chain."""
+        writable = chain.writable
+        if not written or not writable:
+            return OTHER, S_IOERR, 0  # dropped: no status byte
+        status = split_back(writable)[0][0]
+        readable = chain.readable
+        if readable and len(readable[0]) == _HEADER_SIZE:
+            header: bytes | memoryview = readable[0]
+            data_out = readable[1:]
+        elif total_length(readable) >= _HEADER_SIZE:
+            header, data_out = split_front(readable, _HEADER_SIZE)
+        else:
+            return OTHER, status, 0
+        kind = _KINDS.get(_unpack_header(header)[0], OTHER)
+        if status != S_OK:
+            return kind, status, 0
+        if kind in (READ, GET_ID):
+            return kind, status, written - 1
+        if kind == WRITE:
+            return kind, status, total_length(data_out)
+        if kind in (DISCARD, WRITE_ZEROES):
+            return kind, status, _unpack_range(split_front(data_out, _RANGE_SIZE)[0])[1] \
+                << _SECTOR_SHIFT
+        return kind, status, 0
 
     def _handle_general(self, chain: Chain, complete: Completer) -> int:
         """:meth:`handle` for any layout: the header and status may share buffers with data."""
@@ -293,13 +359,14 @@ class BlkHandler:
 
     def _submit(self, start: Callable[..., None], args: Sequence[Any], head: int,
                 status_view: memoryview, complete: Completer, req_type: int, sector: int,
-                written: int) -> int:
+                written: int, nbytes: int) -> int:
         """Hand a request to ``start`` (a ``submit_*`` method) with a :class:`_Pending`.
 
         Returns :data:`PENDING`; if ``start`` raises before calling ``done`` the
         exception propagates and the request fails at once.
         """
-        pending = _Pending(self, head, status_view, complete, req_type, sector, written)
+        pending = _Pending(self, head, status_view, complete, req_type, sector, written,
+                           nbytes)
         try:
             start(*args, pending)
         except Exception as exc:
@@ -328,7 +395,7 @@ class BlkHandler:
             offset = self._check_range(sector, length)
             if length >= self._submit_min and length:
                 return self._submit(backend.submit_readv, (offset, data_in), head, status_view,
-                                    complete, req_type, sector, length + 1)
+                                    complete, req_type, sector, length + 1, length)
             if length and len(data_in) == 1:
                 self._read_one(offset, data_in[0])
             elif length:
@@ -341,7 +408,7 @@ class BlkHandler:
             offset = self._check_range(sector, length)
             if length >= self._submit_min and length:
                 return self._submit(backend.submit_writev, (offset, data_out), head,
-                                    status_view, complete, req_type, sector, 1)
+                                    status_view, complete, req_type, sector, 1, length)
             if length and len(data_out) == 1:
                 self._write_one(offset, data_out[0])
             elif length:
@@ -352,7 +419,7 @@ class BlkHandler:
                 raise RequestRejected(S_UNSUPP, "flush not offered")
             if self._async:
                 return self._submit(backend.submit_flush, (), head, status_view, complete,
-                                    req_type, sector, 1)
+                                    req_type, sector, 1, 0)
             backend.flush()
             return 0
         if req_type == v.VIRTIO_BLK_T_GET_ID:
@@ -411,11 +478,11 @@ class BlkHandler:
             may_unmap = bool(flags & v.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) and self.config.discard
             if self._async:
                 return self._submit(self.backend.submit_write_zeroes, (offset, length, may_unmap),
-                                    head, status_view, complete, req_type, sector, 1)
+                                    head, status_view, complete, req_type, sector, 1, length)
             self.backend.write_zeroes(offset, length, may_unmap)
         elif self._async:
             return self._submit(self.backend.submit_discard, (offset, length), head, status_view,
-                                complete, req_type, sector, 1)
+                                complete, req_type, sector, 1, length)
         else:
             self.backend.discard(offset, length)
         return 0
