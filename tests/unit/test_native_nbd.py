@@ -176,6 +176,7 @@ def test_server_killed_mid_io_loses_nothing_and_the_native_connection_comes_back
         server.kill()
         time.sleep(0.2)
         assert not rig.ch.rings[0].used_idx() > 1  # nothing completed with the server gone
+        assert backend.reconnections() == 0
         server.start(fast_argv)
         assert len(rig.ch.wait_used(0, len(writes), timeout=30)) == len(writes)
         assert [rig.status(w) for w in writes] == [OK] * len(writes)
@@ -192,6 +193,8 @@ def test_server_killed_mid_io_loses_nothing_and_the_native_connection_comes_back
             assert rig.run(0, T_IN, 8, b"", 65536)[:2] == (OK, payloads[0])
             time.sleep(0.05)
         assert fast.engine_broken == ""
+        # The backend's own connection and the queue's, each opened again once.
+        assert backend.reconnections() == 2
     finally:
         rig.close()
         backend.close()

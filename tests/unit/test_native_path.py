@@ -39,6 +39,7 @@ from pyvduse.backends.null import NullBackend
 from pyvduse.backends.threads import ThreadPoolBackend
 from pyvduse.blk import BlkConfig, BlkHandler
 from pyvduse.inflight import QueueLog
+from pyvduse.metrics import NATIVE_TYPES, TYPE_CELLS, ExportMetrics
 from pyvduse.queue_worker import QueueThread, QueueWorker
 from pyvduse.testing import DriverMemory, MockSplitRing
 from pyvduse.testing.mock_driver import Buffer
@@ -74,7 +75,7 @@ class World:
                  readonly: bool = False, split: bool = False, io_threads: bool = False,
                  block_size: int = 512,
                  file_backend: Callable[[str], FileBackend] = FileBackend,
-                 threaded: bool = False, poll_max_ns: int = 0) -> None:
+                 threaded: bool = False, poll_max_ns: int = 0, metrics: bool = False) -> None:
         rnd = random.Random(seed)
         self.dmem = DriverMemory(size=MEM, base=BASE)
         self.ring = MockSplitRing(self.dmem, QSIZE)
@@ -130,8 +131,15 @@ class World:
         notify: Any = lambda: self.interrupts.append(self.ring.used_idx())  # noqa: E731
         if threaded and use_native:
             notify = _EventfdInterrupt(self.irq_fd)
-        self.worker = QueueWorker("q", self.queue, self.handler.handle, self.kick, notify,
-                                  log=self.log, native=plan)
+        #: metrics: every request counted (pyvduse.metrics), in state() as "counted".
+        self.metrics = ExportMetrics() if metrics else None
+        handle = self.handler.handle
+        if self.metrics is not None:
+            self.handler.measure(self.metrics.requests)
+            handle = self.handler.handle_measured
+        self.worker = QueueWorker("q", self.queue, handle, self.kick, notify,
+                                  log=self.log, native=plan,
+                                  cells=self.metrics.queue_cells(0) if self.metrics else None)
         self.thread: QueueThread | None = None
         if threaded:
             self.thread = QueueThread("q", [self.worker], poll_max_ns=poll_max_ns)
@@ -189,10 +197,22 @@ class World:
             self.worker.drain()
         assert not self.worker.in_backend
 
+    def counted(self) -> dict[str, Any] | None:
+        """What the metrics counted, but for the time each request took."""
+        if self.metrics is None:
+            return None
+        snapshot = self.metrics.snapshot()
+        del snapshot["polls"]
+        snapshot["latency"] = {kind: timed["buckets"][-1]
+                               for kind, timed in snapshot["latency"].items()
+                               if kind != "bounds-ns"}
+        return snapshot
+
     def state(self) -> dict[str, Any]:
         """Everything the driver or a restarted daemon could observe."""
         self.file.seek(0)
         return {
+            "counted": self.counted(),
             "used": self.ring.take_used(),
             "interrupts": self.observed_interrupts(),
             "memory": self.dmem.read(BASE, MEM),
@@ -314,6 +334,34 @@ def compare(seed: int, rounds: int = 6, **options: Any) -> int:
 def test_native_path_gives_what_the_python_path_gives(seed: int,
                                                       options: dict[str, Any]) -> None:
     compare(seed, **options)
+
+
+@requires_native
+@pytest.mark.parametrize("options", [{}, {"backend": "null"}, {"readonly": True},
+                                     {"io_threads": True}, {"threaded": True},
+                                     {"threaded": True, "io_threads": True}],
+                         ids=["file", "null", "readonly", "io_uring", "loop", "loop-io_uring"])
+def test_the_native_path_counts_requests_as_the_python_path_does(
+        options: dict[str, Any]) -> None:
+    """Metrics: for the same streams, what the compiled core counts in the queue's
+    cells plus what the Python handler counts (the requests left to it) equals what
+    the Python path alone counts: requests, bytes and latency counts by type, errors
+    by status. The core must have counted a good part of them itself."""
+    by_core = 0
+    one_by_one = bool(options.get("io_threads") or options.get("threaded"))
+    for seed in range(5):
+        with worlds(seed, metrics=True, **options) as (python, compiled):
+            expected = play(python, seed, 4, one_by_one)
+            got = play(compiled, seed, 4, one_by_one)
+            for round_, (want, have) in enumerate(zip(expected, got, strict=True)):
+                for key in want:
+                    assert have[key] == want[key], f"seed {seed} round {round_}: {key} differs"
+            assert compiled.metrics is not None
+            cells = compiled.metrics.queue_cells(0)
+            by_core += sum(cells[kind * TYPE_CELLS] for kind in range(NATIVE_TYPES))
+            counted = compiled.counted()
+            assert counted is not None and sum(counted["requests"].values()) > 0
+    assert by_core > 8, by_core
 
 
 @requires_native

@@ -483,9 +483,11 @@ def test_server_killed_mid_io_requests_are_sent_again_after_restart(
         wait_until(lambda: backend.waiting == 18, what="18 requests waiting")
         time.sleep(0.05)
         assert not any(rec.results.values())
+        assert backend.reconnections() == 0
         server.start(fast)  # the same socket, no delay
         outcome = rec.wait()
         assert set(outcome.values()) == {None}, outcome
+        assert backend.reconnections() == 1  # the metrics' backend_reconnects
         # The read may have been served before or after the writes: read again.
         backend.read(0, memoryview(out))
         assert out == b"".join([*sources, more])
