@@ -381,7 +381,9 @@ class CephCluster:
 
 class PyvdusePeer(Peer):
     """pyvduse on a backend; ``log=False``: without its inflight log (the test-only
-    switch), to measure what the log costs against the same daemon with it."""
+    switch), to measure what the log costs against the same daemon with it;
+    ``metrics=True``: with ``--metrics`` (every request counted), to measure what
+    counting costs against the same daemon without it."""
 
     group = "pyvduse"
 
@@ -389,14 +391,21 @@ class PyvdusePeer(Peer):
     extra_args: ClassVar[list[str]] = []
 
     def __init__(self, work: Path, image: Path, backend: str,
-                 ceph: CephCluster | None = None, log: bool = True) -> None:
-        if not log and backend != "file":
-            raise ValueError("only the file backend has a peer without the inflight log")
-        self.id = f"pyvduse-{backend}" if log else "pyvduse-nolog"
+                 ceph: CephCluster | None = None, log: bool = True,
+                 metrics: bool = False) -> None:
+        if (not log or metrics) and backend != "file":
+            raise ValueError("only the file backend has peers without the inflight log "
+                             "or with metrics")
+        self.id = ("pyvduse-nolog" if not log else "pyvduse-metrics" if metrics
+                   else f"pyvduse-{backend}")
         self.label = {"file": "pyvduse file", "null": "pyvduse null",
                       "nbd": "pyvduse nbd", "rbd": "pyvduse rbd"}[backend]
         if not log:
             self.label += ", no inflight log"
+            self.optional = True
+        self.metrics = metrics
+        if metrics:
+            self.label += ", metrics on"
             self.optional = True
         self.log_on = log
         self.backend = backend
@@ -425,9 +434,10 @@ class PyvdusePeer(Peer):
         return ["null", f"size={SIZE}"]
 
     def command(self, queues: int) -> list[str]:
+        counted = ["--metrics", "127.0.0.1:0"] if self.metrics else []
         return [PYVDUSE, "serve", "--name", self.name, "--num-queues", str(queues),
                 "--queue-size", str(QUEUE_SIZE), "--pidfile", str(self.pidfile),
-                *self.extra_args, *self.backend_args(queues)]
+                *counted, *self.extra_args, *self.backend_args(queues)]
 
     def env(self) -> dict[str, str] | None:
         return None if self.log_on else dict(os.environ, **{NO_LOG_ENV: "1"})
@@ -655,6 +665,7 @@ def make_peers(work: Path, image: Path, ceph: CephCluster) -> list[Peer]:
     return [
         PyvdusePeer(work, image, "file"),
         PyvdusePeer(work, image, "file", log=False),
+        PyvdusePeer(work, image, "file", metrics=True),
         QsdPeer(work, image, "file", "threads"),
         QsdPeer(work, image, "file", "io_uring"),
         NbdPeer(work, image, "file"),
@@ -940,7 +951,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true",
                    help=f"only {', '.join(SMOKE_WORKLOADS)} per peer (use a short --runtime)")
     p.add_argument("--peers", help="comma-separated peer ids, started in this order (default: "
-                   "all but pyvduse-nolog)")
+                   "all but pyvduse-nolog and pyvduse-metrics)")
     p.add_argument("--workloads", help="comma-separated workload ids (default: all)")
     p.add_argument("--pyvduse-args", default="", help="extra 'pyvduse serve' options")
     p.add_argument("--perf", action="store_true",

@@ -14,6 +14,7 @@ from typing import Any
 PYVDUSE = "pyvduse-file"
 PYVDUSE_NULL = "pyvduse-null"
 PYVDUSE_NOLOG = "pyvduse-nolog"  # pyvduse file without its inflight log (test-only switch)
+PYVDUSE_METRICS = "pyvduse-metrics"  # pyvduse file with --metrics (every request counted)
 QSD_FILE = ("qsd-threads", "qsd-io_uring")
 NBD_PYTHON = "nbdkit-python"
 SCALING_FROM, SCALING_TO = "mixed-4k-qd16-1q1j", "mixed-4k-qd16-2q2j"
@@ -81,26 +82,29 @@ def _iops_by_round(entry: dict[str, Any], workload: str) -> dict[int, float]:
     return {int(r.get("round", i + 1)): float(r["iops"]) for i, r in enumerate(rounds)}
 
 
-def log_cost(peers: dict[str, Any], workloads: list[str]) -> list[dict[str, Any]]:
-    """What the inflight log costs: pyvduse file with it against without it, per workload.
+def feature_cost(peers: dict[str, Any], workloads: list[str], with_peer: str,
+                 without_peer: str) -> list[dict[str, Any]]:
+    """What a feature of pyvduse costs: the peer with it against the same command
+    without it (the inflight log: pyvduse-file against pyvduse-nolog; metrics:
+    pyvduse-metrics against pyvduse-file), per workload.
 
-    Each row: IOPS of every round with and without the log, the ratio of their
-    means and of each round's pair (the two ran one after the other), p99
-    latency and daemon CPU per I/O with and without. Empty unless both ran.
+    Each row: IOPS of every round with and without, the ratio of their means and
+    of each round's pair (the two ran one after the other), p99 latency and
+    daemon CPU per I/O with and without. Empty unless both ran.
     """
-    if PYVDUSE not in peers or PYVDUSE_NOLOG not in peers:
+    if with_peer not in peers or without_peer not in peers:
         return []
     rows = []
     for w in workloads:
-        on, off = peers[PYVDUSE]["results"].get(w), peers[PYVDUSE_NOLOG]["results"].get(w)
+        on, off = peers[with_peer]["results"].get(w), peers[without_peer]["results"].get(w)
         if on is None or off is None:
             continue
-        with_log = _iops_by_round(peers[PYVDUSE], w)
-        without = _iops_by_round(peers[PYVDUSE_NOLOG], w)
-        pairs = [_ratio(with_log[n], without[n]) for n in sorted(with_log) if n in without]
+        with_it = _iops_by_round(peers[with_peer], w)
+        without = _iops_by_round(peers[without_peer], w)
+        pairs = [_ratio(with_it[n], without[n]) for n in sorted(with_it) if n in without]
         rows.append({
             "workload": w,
-            "iops_with": [with_log[n] for n in sorted(with_log)],
+            "iops_with": [with_it[n] for n in sorted(with_it)],
             "iops_without": [without[n] for n in sorted(without)],
             "ratio": _ratio(float(on["iops"]), float(off["iops"])),
             "round_ratios": pairs,
@@ -261,7 +265,8 @@ def compute(raw: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
                                  if a in peers and b in peers],
         "scaling": {p["id"]: scaling(p["id"]) for p in raw["peers"]
                     if scheduled(p, SCALING_FROM) and scheduled(p, SCALING_TO)},
-        "log_cost": log_cost(peers, workloads),
+        "log_cost": feature_cost(peers, workloads, PYVDUSE, PYVDUSE_NOLOG),
+        "metrics_cost": feature_cost(peers, workloads, PYVDUSE_METRICS, PYVDUSE),
         "targets": targets,
         "targets_met": sum(1 for t in targets if t["met"]),
         "targets_total": len(targets),
@@ -352,6 +357,7 @@ def markdown(res: dict[str, Any]) -> str:
 
     remote_md(res, add)
     log_cost_md(res, add)
+    metrics_cost_md(res, add)
 
     add("## Every figure\n")
     add("IOPS and MiB/s: reads + writes. Latency: fio's total latency (submission to "
@@ -429,17 +435,32 @@ def targets_md(res: dict[str, Any], add: Any) -> None:
 
 def log_cost_md(res: dict[str, Any], add: Any) -> None:
     """The inflight log's cost: pyvduse file with and without it; nothing unless both ran."""
-    rows = res.get("log_cost") or []
+    rounds = res["guest"].get("rounds", 1)
+    cost_md(res, add, res.get("log_cost") or [], "the inflight log", "the log",
+            "pyvduse file (the inflight log in `/run/pyvduse`, the default) against the same "
+            "command with `PYVDUSE_TEST_NO_INFLIGHT_LOG=1` (no log, no crash recovery), on "
+            f"the same file, taking turns job by job, {rounds} round(s).")
+
+
+def metrics_cost_md(res: dict[str, Any], add: Any) -> None:
+    """What counting every request costs: pyvduse file with --metrics and without."""
+    rounds = res["guest"].get("rounds", 1)
+    cost_md(res, add, res.get("metrics_cost") or [], "metrics", "metrics",
+            "pyvduse file with `--metrics 127.0.0.1:0` (every request counted: type, bytes, "
+            "status, latency histogram) against the same command without it (nothing "
+            f"counted), on the same file, taking turns job by job, {rounds} round(s).")
+
+
+def cost_md(res: dict[str, Any], add: Any, rows: list[dict[str, Any]], title: str,
+            short: str, intro: str) -> None:
+    """A :func:`feature_cost` table; nothing without rows."""
     if not rows:
         return
     wl = {w["id"]: w["label"] for w in res["workloads"]}
-    rounds = res["guest"].get("rounds", 1)
-    add("## Cost of the inflight log\n")
-    add("pyvduse file (the inflight log in `/run/pyvduse`, the default) against the same "
-        "command with `PYVDUSE_TEST_NO_INFLIGHT_LOG=1` (no log, no crash recovery), on the "
-        f"same file, taking turns job by job, {rounds} round(s). IOPS of each round; ratio "
-        "with / without of the means, and of each round's pair.\n")
-    add("| workload | IOPS with the log | IOPS without | with / without | per round | "
+    add(f"## Cost of {title}\n")
+    add(f"{intro} IOPS of each round; ratio with / without of the means, and of each "
+        "round's pair.\n")
+    add(f"| workload | IOPS with {short} | IOPS without | with / without | per round | "
         "p99 µs with / without | daemon CPU µs/IO with / without |")
     add("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -293,3 +293,20 @@ def test_no_log_cost_without_both_peers() -> None:
     one_round = report.compute(raw([peer("pyvduse-file", flat(1000.0)),
                                     peer("pyvduse-nolog", flat(800.0))]), HOST)
     assert one_round["log_cost"][0]["round_ratios"] == [pytest.approx(1.25)]
+
+
+def test_metrics_cost_is_the_metrics_peer_against_pyvduse_file() -> None:
+    data = raw([rounds_entry("pyvduse-file", {"randread-4k-qd1": [1000.0, 1000.0]}),
+                rounds_entry("pyvduse-metrics", {"randread-4k-qd1": [950.0, 970.0]})])
+    data["meta"]["rounds"] = 2
+    res = report.compute(data, HOST)
+    (row,) = res["metrics_cost"]
+    assert row["iops_with"] == [950.0, 970.0] and row["iops_without"] == [1000.0, 1000.0]
+    assert row["ratio"] == pytest.approx(0.96)
+    assert row["round_ratios"] == [pytest.approx(0.95), pytest.approx(0.97)]
+    assert res["log_cost"] == []
+    md = report.markdown(res)
+    section = md.split("## Cost of metrics")[1].split("## ")[0]
+    assert "`--metrics 127.0.0.1:0`" in section and "2 round(s)" in section
+    assert "| randread-4k-qd1 | 950, 970 | 1,000, 1,000 | 0.96x | 0.95x, 0.97x |" in section
+    assert "Cost of the inflight log" not in md
