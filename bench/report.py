@@ -356,8 +356,7 @@ def markdown(res: dict[str, Any]) -> str:
             + ".\n")
 
     remote_md(res, add)
-    log_cost_md(res, add)
-    metrics_cost_md(res, add)
+    feature_costs_md(res, add)
 
     add("## Every figure\n")
     add("IOPS and MiB/s: reads + writes. Latency: fio's total latency (submission to "
@@ -433,22 +432,23 @@ def targets_md(res: dict[str, Any], add: Any) -> None:
     add(f"\n{res['targets_met']} of {res['targets_total']} targets met.\n")
 
 
-def log_cost_md(res: dict[str, Any], add: Any) -> None:
-    """The inflight log's cost: pyvduse file with and without it; nothing unless both ran."""
-    rounds = res["guest"].get("rounds", 1)
-    cost_md(res, add, res.get("log_cost") or [], "the inflight log", "the log",
-            "pyvduse file (the inflight log in `/run/pyvduse`, the default) against the same "
-            "command with `PYVDUSE_TEST_NO_INFLIGHT_LOG=1` (no log, no crash recovery), on "
-            f"the same file, taking turns job by job, {rounds} round(s).")
+#: The feature_cost() tables: (result key, title, "with ..." column, what was compared).
+FEATURE_COSTS = [
+    ("log_cost", "the inflight log", "the log",
+     "pyvduse file (the inflight log in `/run/pyvduse`, the default) against the same command "
+     "with `PYVDUSE_TEST_NO_INFLIGHT_LOG=1` (no log, no crash recovery)"),
+    ("metrics_cost", "metrics", "metrics",
+     "pyvduse file with `--metrics 127.0.0.1:0` (every request counted: type, bytes, status, "
+     "latency histogram) against the same command without it (nothing counted)"),
+]
 
 
-def metrics_cost_md(res: dict[str, Any], add: Any) -> None:
-    """What counting every request costs: pyvduse file with --metrics and without."""
+def feature_costs_md(res: dict[str, Any], add: Any) -> None:
+    """Each feature's cost table, for the features whose both peers ran."""
     rounds = res["guest"].get("rounds", 1)
-    cost_md(res, add, res.get("metrics_cost") or [], "metrics", "metrics",
-            "pyvduse file with `--metrics 127.0.0.1:0` (every request counted: type, bytes, "
-            "status, latency histogram) against the same command without it (nothing "
-            f"counted), on the same file, taking turns job by job, {rounds} round(s).")
+    for key, title, short, compared in FEATURE_COSTS:
+        cost_md(res, add, res.get(key) or [], title, short,
+                f"{compared}, on the same file, taking turns job by job, {rounds} round(s).")
 
 
 def cost_md(res: dict[str, Any], add: Any, rows: list[dict[str, Any]], title: str,
