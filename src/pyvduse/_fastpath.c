@@ -547,7 +547,7 @@ static PyObject *FastPath_reap(FastPath *self, PyObject *args)
     if (check_usable(self) < 0)
         return NULL;
     if (self->q.jobs != NULL && self->q.pending)
-        self->q.engine.reap(&self->q, &used_idx);
+        fp_reap(&self->q, &used_idx);
     if (!self->q.nreturned)
         return Py_BuildValue("(I())", used_idx);
     PyObject *heads = take_returned(&self->q);

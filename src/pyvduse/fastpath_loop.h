@@ -181,7 +181,7 @@ static enum fp_loop_reason fp_loop_run(struct fp_queue *q, struct fp_loop *l)
             used16[0] = FP_USED_F_NO_NOTIFY;
         unsigned reaped = 0;
         if (q->pending)
-            reaped = q->engine.reap(q, &l->used_idx);
+            reaped = fp_reap(q, &l->used_idx);
         unsigned count = (q->avail[1] - l->last_avail) & 0xFFFF;
         if (count > q->size) {
             fp_publish(q, l);
