@@ -16,7 +16,10 @@ keeps it) with ``--inflight-log``.
 
     python bench/datapath.py [--queue-size 256] [--batch 64] [--seconds 2] [--repeat 3]
                              [--variant NAME ...] [--json OUT [--label TEXT]] [--profile]
-                             [--inflight-log]
+                             [--inflight-log] [--metrics]
+
+``--metrics`` counts every request as the daemon does with ``--metrics`` or
+``--control`` (:mod:`pyvduse.metrics`), to measure what counting costs.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class Rig:
     """Driver memory, one ring of ``batch`` prepared requests and the device serving it."""
 
     def __init__(self, variant: Variant, queue_size: int, batch: int,
-                 log_file: bool = False, native: bool = False) -> None:
+                 log_file: bool = False, native: bool = False, metrics: bool = False) -> None:
         if batch * variant.descriptors() > queue_size:
             raise SystemExit(f"{variant.name}: {batch} requests of {variant.descriptors()} "
                              f"descriptors do not fit a queue of {queue_size}")
@@ -102,6 +105,15 @@ class Rig:
         backend = NullBackend(DISK_SIZE)
         self.handler = BlkHandler(backend, BlkConfig.for_backend(backend, queue_size=queue_size))
         plan = self.handler.native_plan() if native else None
+        handle = self.handler.handle
+        counted: dict[str, Any] = {}
+        if metrics:
+            from pyvduse.metrics import ExportMetrics
+
+            self.metrics = ExportMetrics()
+            self.handler.measure(self.metrics.requests)
+            handle = self.handler.handle_measured
+            counted["cells"] = self.metrics.queue_cells(0)
         self.interrupts = 0
         self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.log: Any = None
@@ -112,11 +124,12 @@ class Rig:
             self._log_dir = tempfile.TemporaryDirectory(prefix="datapath-")
             self.log = InflightLog.create(os.path.join(self._log_dir.name, "bench.inflight"), 1,
                                           queue_size, {"bench": True}, DISK_SIZE)
-            self.worker = QueueWorker("bench", self.queue, self.handler.handle, self._kick_fd,
-                                      self._notify, log=self.log.queues[0], native=plan)
+            self.worker = QueueWorker("bench", self.queue, handle, self._kick_fd,
+                                      self._notify, log=self.log.queues[0], native=plan,
+                                      **counted)
         else:
-            self.worker = QueueWorker("bench", self.queue, self.handler.handle, self._kick_fd,
-                                      self._notify, native=plan)
+            self.worker = QueueWorker("bench", self.queue, handle, self._kick_fd,
+                                      self._notify, native=plan, **counted)
         self.status: list[Buffer] = []
         self.heads: list[int] = []
         sectors = DISK_SIZE // 512
@@ -194,7 +207,7 @@ def measure(rig: Rig, seconds: float, drain: Callable[[], None] | None = None
 def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, object]:
     """Measure one variant ``args.repeat`` times; keep the best and the median."""
     rig = Rig(variant, args.queue_size, args.batch, args.inflight_log,
-              getattr(args, "datapath", "python") == "native")
+              getattr(args, "datapath", "python") == "native", getattr(args, "metrics", False))
     try:
         measure(rig, min(0.2, args.seconds))  # warm-up: faults the mappings in, fills caches
         rates = []
@@ -222,7 +235,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict[str, object]
 def profile_variant(variant: Variant, args: argparse.Namespace) -> None:
     """Run one variant under cProfile (device side only) and print the top 25 functions."""
     rig = Rig(variant, args.queue_size, args.batch, args.inflight_log,
-              getattr(args, "datapath", "python") == "native")
+              getattr(args, "datapath", "python") == "native", getattr(args, "metrics", False))
     profiler = cProfile.Profile()
 
     def drain() -> None:
@@ -256,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datapath", choices=("python", "native"), default="python",
                         help="serve through the pure-Python path (default) or the compiled "
                              "one (pyvduse._fastpath)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="count every request, as the daemon does with --metrics")
     parser.add_argument("--inflight-log", action="store_true",
                         help="mark the heads in a memory-mapped inflight log file, as the "
                              "daemon does, instead of the worker's in-memory record")
@@ -277,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"queue size {args.queue_size}, batch {args.batch}, {args.seconds:g} s x "
           f"{args.repeat} runs per variant, {args.datapath} data path, "
           f"{platform.python_implementation()} "
-          f"{platform.python_version()}, single thread, inflight record in {inflight_log}")
+          f"{platform.python_version()}, single thread, inflight record in {inflight_log}, "
+          f"metrics {'counted' if args.metrics else 'off'}")
     print("req/s per core: requests / CPU seconds of the drain() calls (best and median runs)")
     print(f"{'variant':<18} {'req/s (best)':>14} {'ns/req':>8} {'req/s (median)':>15} "
           f"{'req/s (wall)':>13}")
@@ -302,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             "clock": "thread CPU time around drain() (wall: perf_counter)",
             "inflight_record": inflight_log,
             "datapath": args.datapath,
+            "metrics": args.metrics,
             "results": results,
         }
         report: dict[str, Any] = {"benchmark": "bench/datapath.py", "runs": []}

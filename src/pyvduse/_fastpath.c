@@ -931,7 +931,48 @@ static PyObject *fastpath_rbd_open(PyObject *Py_UNUSED(module), PyObject *args, 
     return result;
 }
 
+/* count_request(): pyvduse.metrics.RequestCounters.record() for the Python path, in one
+ * call made with the GIL held (so without a lock of its own). */
+static PyObject *fastpath_count_request(PyObject *Py_UNUSED(module), PyObject *const *args,
+                                        Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "count_request(cells, kind, status, nbytes, started_ns)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[1]);
+    long status = PyLong_AsLong(args[2]);
+    unsigned long long nbytes = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long long started = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    /* The types' cells, then two error cells (ioerr, unsupp). */
+    Py_ssize_t cells = view.len / 8, types = (cells - 2) / FP_STAT_TYPE_CELLS;
+    if ((uintptr_t)view.buf & 7 || cells < 2 || kind < 0 || kind >= types) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "count_request: bad cells or kind");
+        return NULL;
+    }
+    uint64_t *cell = view.buf;
+    uint64_t now = fp_now_ns();
+    fp_count(cell + kind * FP_STAT_TYPE_CELLS, status == 0 ? nbytes : 0,
+             now > started ? now - started : 0);
+    if (status != 0)
+        cell[cells - (status == 2 ? 1 : 2)]++;
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef fastpath_functions[] = {
+    {"count_request", (PyCFunction)(void (*)(void))fastpath_count_request, METH_FASTCALL,
+     "count_request(cells, kind, status, nbytes, started_ns)\n\n"
+     "Count one request the Python path answered in `cells` (a writable buffer of u64:\n"
+     "per type STAT_TYPE_CELLS cells, then the ioerr and unsupp cells): type index\n"
+     "`kind`, virtio-blk `status`, `nbytes` (counted on success), taken at `started_ns`\n"
+     "(time.monotonic_ns()); its latency ends now. Atomic for Python threads (GIL)."},
     {"rbd_open", (PyCFunction)(void (*)(void))fastpath_rbd_open, METH_VARARGS | METH_KEYWORDS,
      "rbd_open(conf, optional_conf, client_id, before, after, pool, namespace, image,\n"
      "         snapshot, *, readonly) -> image\n\n"
@@ -979,7 +1020,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         || PyModule_AddIntConstant(module, "LOOP_STOPPED", FP_LOOP_STOPPED) < 0
         || PyModule_AddIntConstant(module, "LOOP_BROKEN", FP_LOOP_BROKEN) < 0
         || PyModule_AddIntConstant(module, "STAT_CELLS", FP_STAT_CELLS) < 0
-        || PyModule_AddIntConstant(module, "STAT_POLL_HITS", FP_STAT_POLL_HITS) < 0) {
+        || PyModule_AddIntConstant(module, "STAT_POLL_HITS", FP_STAT_POLL_HITS) < 0
+        || PyModule_AddIntConstant(module, "STAT_TYPE_CELLS", FP_STAT_TYPE_CELLS) < 0) {
         Py_DECREF(&FastPathType);
         Py_DECREF(module);
         return NULL;

@@ -158,15 +158,9 @@ static uint64_t fp_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Count a request of `op` that succeeded, moving `bytes`, taken at `started` and
- * answered at `now` (q->stats set). A clock read is not free (about 1 us in an
- * emulated guest), so each is shared: a request served in line ends when the next
- * one starts, and the completions of one reap share the reap's time (fp_reap()). */
-static void fp_account(struct fp_queue *q, int op, uint64_t bytes, uint64_t started,
-                       uint64_t now)
+/* One request in one type's FP_STAT_TYPE_CELLS cells: it moved `bytes`, took `ns`. */
+static void fp_count(uint64_t *cells, uint64_t bytes, uint64_t ns)
 {
-    uint64_t ns = now > started ? now - started : 0;
-    uint64_t *cells = q->stats + op * FP_STAT_TYPE_CELLS;
     unsigned bucket = 0;
     while (bucket < FP_LAT_BOUNDS && ns > fp_latency_bounds[bucket])
         bucket++;
@@ -174,6 +168,16 @@ static void fp_account(struct fp_queue *q, int op, uint64_t bytes, uint64_t star
     cells[1] += bytes;
     cells[2] += ns;
     cells[3 + bucket]++;
+}
+
+/* Count a request of `op` that succeeded, moving `bytes`, taken at `started` and
+ * answered at `now` (q->stats set). A clock read is not free (about 1 us in an
+ * emulated guest), so each is shared: a request served in line ends when the next
+ * one starts, and the completions of one reap share the reap's time (fp_reap()). */
+static void fp_account(struct fp_queue *q, int op, uint64_t bytes, uint64_t started,
+                       uint64_t now)
+{
+    fp_count(q->stats + op * FP_STAT_TYPE_CELLS, bytes, now > started ? now - started : 0);
 }
 
 /* CLOCK_MONOTONIC now plus `timeout_ms` (non-negative). */

@@ -24,9 +24,11 @@ from the ring; the Python path: when the handler gets it) to its answer.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -76,18 +78,37 @@ _S_OK, _S_IOERR, _S_UNSUPP = 0, 1, 2  # virtio-blk statuses
 _now_ns = time.monotonic_ns
 
 
-class RequestCounters:
-    """The Python path's requests of one export. Thread-safe."""
+def _compiled_counter() -> Callable[..., None] | None:
+    """The compiled module's ``count_request`` (the same cells, a quarter of the
+    time, no lock: it runs under the GIL), or None without the module."""
+    try:
+        from pyvduse import _fastpath  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    count: Callable[..., None] | None = getattr(_fastpath, "count_request", None)
+    return count
 
-    def __init__(self) -> None:
+
+_count_request = _compiled_counter()
+
+
+class RequestCounters:
+    """The Python path's requests of one export. Thread-safe.
+
+    ``compiled=False`` counts in Python even where the compiled module is there (the
+    two give the same cells; the tests hold them to it)."""
+
+    def __init__(self, compiled: bool = True) -> None:
         self._lock = threading.Lock()
-        self.cells = [0] * (_ERRORS + len(STATUSES))
+        self.cells = memoryview(bytearray(8 * (_ERRORS + len(STATUSES)))).cast("Q")
+        if compiled and _count_request is not None:
+            self.record = functools.partial(_count_request, self.cells)  # type: ignore[method-assign]
 
     def record(self, kind: int, status: int, nbytes: int, started_ns: int) -> None:
         """Count one answered request: type index ``kind`` (of :data:`TYPES`), its
         virtio-blk ``status``, the data bytes it moved (counted only on success), and
         when the daemon started on it (``time.monotonic_ns()``)."""
-        elapsed = max(0, _now_ns() - started_ns)
+        elapsed = _now_ns() - started_ns
         base = kind * TYPE_CELLS
         bucket = base + 3 + bisect_left(LATENCY_BOUNDS_NS, elapsed)
         with self._lock:
@@ -102,8 +123,8 @@ class RequestCounters:
 
     def copy(self) -> list[int]:
         """The cells as they are now."""
-        with self._lock:
-            return list(self.cells)
+        with self._lock:  # (the compiled counter holds the GIL: tolist() sees it whole)
+            return self.cells.tolist()
 
 
 class ExportMetrics:

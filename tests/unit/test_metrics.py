@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -176,7 +177,7 @@ def test_without_metrics_or_control_nothing_is_counted(fake_kernel: FakeVduse) -
 
 
 def test_latency_buckets_include_their_upper_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    counters = RequestCounters()
+    counters = RequestCounters(compiled=False)  # on the clock of the test
     for elapsed in (0, 5_000, 5_001, 10_000_000_000, 10_000_000_001):
         monkeypatch.setattr(metrics_module, "_now_ns", lambda e=elapsed: 1_000_000 + e)
         counters.record(0, OK, 512, 1_000_000)
@@ -235,3 +236,22 @@ def test_without_prometheus_client_metrics_says_what_to_install(tmp_path: Path) 
     assert done.returncode == 1
     assert "--metrics needs the prometheus-client package: pip install 'pyvduse[metrics]'" in (
         done.stderr)
+
+
+@pytest.mark.skipif(metrics_module._count_request is None, reason="no compiled module")
+def test_the_compiled_counter_counts_as_the_python_one() -> None:
+    python, compiled = RequestCounters(compiled=False), RequestCounters()
+    assert compiled.record is not python.record
+    cases = [(kind, status, nbytes, ago) for kind in range(len(TYPES))
+             for status in (OK, IOERR, UNSUPP) for nbytes in (0, 4096)
+             for ago in (3_500_000, 700_000_000)]  # mid-bucket: 2.5-5 ms, 0.5-1 s
+    for kind, status, nbytes, ago in cases:
+        for counters in (python, compiled):
+            counters.record(kind, status, nbytes, time.monotonic_ns() - ago)
+    got, want = compiled.copy(), python.copy()
+    sums = {kind * metrics_module.TYPE_CELLS + 2 for kind in range(len(TYPES))}
+    assert [c for i, c in enumerate(got) if i not in sums] == \
+        [c for i, c in enumerate(want) if i not in sums]
+    for i in sums:
+        assert abs(got[i] - want[i]) < 0.2 * want[i]
+    assert want[-2:] == [len(TYPES) * 4, len(TYPES) * 4]  # ioerr, unsupp

@@ -21,6 +21,7 @@ through says how many were left out.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _HEADER_SIZE = v.virtio_blk_outhdr.size
 _unpack_header = v.virtio_blk_outhdr.unpack
+_unpack_type = struct.Struct("<I").unpack_from  # a header's first field
 _unpack_range = v.virtio_blk_discard_write_zeroes.unpack_from
 _RANGE_SIZE = v.virtio_blk_discard_write_zeroes.size
 _SECTOR_SHIFT = v.VIRTIO_BLK_SECTOR_SHIFT
@@ -290,29 +292,29 @@ class BlkHandler:
 
     def _outcome(self, chain: Chain, written: int) -> tuple[int, int, int]:
         """The metrics type, status and data bytes of a request :meth:`handle` answered
-        with ``written`` bytes, read back from its chain."""
+        with ``written`` bytes, read back from its chain (the status byte is the last
+        byte the chain can take, the header its first 16 readable bytes)."""
         writable = chain.writable
         if not written or not writable:
             return OTHER, S_IOERR, 0  # dropped: no status byte
-        status = split_back(writable)[0][0]
+        status = writable[-1][-1]
         readable = chain.readable
-        if readable and len(readable[0]) == _HEADER_SIZE:
-            header: bytes | memoryview = readable[0]
-            data_out = readable[1:]
+        if readable and len(readable[0]) >= _HEADER_SIZE:
+            req_type = _unpack_type(readable[0])[0]
         elif total_length(readable) >= _HEADER_SIZE:
-            header, data_out = split_front(readable, _HEADER_SIZE)
+            req_type = _unpack_type(split_front(readable, _HEADER_SIZE)[0])[0]
         else:
             return OTHER, status, 0
-        kind = _KINDS.get(_unpack_header(header)[0], OTHER)
+        kind = _KINDS.get(req_type, OTHER)
         if status != S_OK:
             return kind, status, 0
         if kind in (READ, GET_ID):
             return kind, status, written - 1
         if kind == WRITE:
-            return kind, status, total_length(data_out)
+            return kind, status, total_length(readable) - _HEADER_SIZE
         if kind in (DISCARD, WRITE_ZEROES):
-            return kind, status, _unpack_range(split_front(data_out, _RANGE_SIZE)[0])[1] \
-                << _SECTOR_SHIFT
+            ranges = split_front(readable, _HEADER_SIZE + _RANGE_SIZE)[0][_HEADER_SIZE:]
+            return kind, status, _unpack_range(ranges)[1] << _SECTOR_SHIFT
         return kind, status, 0
 
     def _handle_general(self, chain: Chain, complete: Completer) -> int:
