@@ -145,6 +145,7 @@ struct fp_queue {
     const volatile int *stop; /* nonzero: stop at once (the queue is being given up) */
     uint64_t *stats;          /* FP_STAT_CELLS metrics cells, or NULL: not counted */
     uint64_t now;             /* with stats: when the current request was taken (ns) */
+    uint64_t reaped_at;       /* with stats: when this reap found its first completion, or 0 */
     /* scratch: one chain's buffers */
     struct iovec readable[FP_MAX_SEGMENTS], writable[FP_MAX_SEGMENTS];
 };
@@ -530,8 +531,11 @@ static int fp_finish(struct fp_queue *q, uint32_t head, int ok, int drop, unsign
         return 0;
     }
     *job->status = 0;
-    if (q->stats)
-        fp_account(q, job->op, job->length, job->started, q->now); /* fp_reap()'s time */
+    if (q->stats) {
+        if (!q->reaped_at) /* the first completion of this reap: the clock read once */
+            q->reaped_at = fp_now_ns();
+        fp_account(q, job->op, job->length, job->started, q->reaped_at);
+    }
     uint32_t slot = *used_idx & q->mask;
     q->used[1 + 2 * slot] = head;
     q->used[2 + 2 * slot] = job->written;
@@ -540,11 +544,11 @@ static int fp_finish(struct fp_queue *q, uint32_t head, int ok, int drop, unsign
 }
 
 /* Reap what the engine finished (fp_finish() for each); how many. With stats, one clock
- * read is the answer time of them all. */
+ * read, at the first completion found, is the answer time of them all (a reap that finds
+ * none, as the serving loop makes many while requests are out, reads no clock). */
 static unsigned fp_reap(struct fp_queue *q, unsigned *used_idx)
 {
-    if (q->stats)
-        q->now = fp_now_ns();
+    q->reaped_at = 0;
     return q->engine.reap(q, used_idx);
 }
 
