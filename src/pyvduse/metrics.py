@@ -8,8 +8,9 @@ control socket's ``query-stats`` and by the Prometheus endpoint
 Each export's numbers come from two places, added up when they are read:
 
 * :class:`RequestCounters`: the requests the Python path answers
-  (:class:`~pyvduse.blk.handler.BlkHandler`), recorded under a lock from
-  whichever thread finishes them;
+  (:class:`~pyvduse.blk.handler.BlkHandler`), recorded from whichever thread
+  finishes them by the compiled module's ``count_request()`` under the GIL (or,
+  without the module, by Python code under a lock);
 * one block of :data:`QUEUE_CELLS` unsigned 64-bit cells per queue
   (:meth:`ExportMetrics.queue_cells`), written without a lock by the one thread
   that serves the queue: the compiled path's reads, writes and flushes
@@ -113,7 +114,7 @@ class RequestCounters:
         bucket = base + 3 + bisect_left(LATENCY_BOUNDS_NS, elapsed)
         with self._lock:
             cells = self.cells
-            cells[base] += 1
+            cells[base + _COUNT] += 1
             cells[base + _SUM] += elapsed
             cells[bucket] += 1
             if status == _S_OK:

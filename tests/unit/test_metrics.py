@@ -255,3 +255,13 @@ def test_the_compiled_counter_counts_as_the_python_one() -> None:
     for i in sums:
         assert abs(got[i] - want[i]) < 0.2 * want[i]
     assert want[-2:] == [len(TYPES) * 4, len(TYPES) * 4]  # ioerr, unsupp
+
+
+@pytest.mark.skipif(metrics_module._count_request is None, reason="no compiled module")
+def test_the_compiled_core_has_the_same_cell_layout() -> None:
+    from pyvduse import _fastpath  # type: ignore[attr-defined]
+
+    assert _fastpath.LATENCY_BOUNDS_NS == LATENCY_BOUNDS_NS
+    assert _fastpath.STAT_TYPE_CELLS == metrics_module.TYPE_CELLS
+    assert _fastpath.STAT_POLL_HITS == metrics_module.POLL_HITS
+    assert _fastpath.STAT_CELLS == metrics_module.QUEUE_CELLS
